@@ -1,0 +1,63 @@
+"""The feature-pyramid backbones STFPM can use, with the input statistics and training
+recipe that suit each. Every backbone returns three feature maps at strides 4, 8 and 16."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from paddle import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Official STFPM recipe (paper / gdwang08): SGD lr 0.4, momentum 0.9, wd 1e-4, batch 32, 100 epochs.
+OFFICIAL_RECIPE = {
+    "optimizer": "sgd",
+    "lr": 0.4,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "batch_size": 32,
+    "epochs": 100,
+    "image_size": 256,
+    "holdout_fraction": 0.2,
+}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    channels: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    recipe: dict = field(default_factory=lambda: dict(OFFICIAL_RECIPE))
+
+
+def _resnet18() -> nn.Layer:
+    from stfpm.nn.resnet import ResNet18Features
+
+    return ResNet18Features()
+
+
+def _efficientnet_lite0() -> nn.Layer:
+    from stfpm.nn.efficientnet_lite import EfficientNetLite0Features
+
+    return EfficientNetLite0Features()
+
+
+_BUILDERS = {"resnet18": _resnet18, "efficientnet_lite0": _efficientnet_lite0}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec("resnet18", (64, 128, 256), IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+
+
+def build_backbone(name: str) -> nn.Layer:
+    backbone_spec(name)
+    return _BUILDERS[name]()

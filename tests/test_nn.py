@@ -1,0 +1,80 @@
+"""Pins the STFPM definitions of DESIGN.md §3 with small numeric checks."""
+import numpy as np
+import paddle
+import pytest
+
+from stfpm.nn import STFPM, anomaly_map, build_backbone, layer_distances, stfpm_loss
+
+
+def _np_distance(t, s):
+    tn = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    sn = s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
+    return 0.5 * ((tn - sn) ** 2).sum(axis=1)
+
+
+def _feats(rng, n=2, shapes=((8, 16, 16), (16, 8, 8), (32, 4, 4))):
+    return [rng.normal(size=(n, *sh)).astype(np.float32) for sh in shapes]
+
+
+@pytest.mark.parametrize("name,channels", [("resnet18", (64, 128, 256)), ("efficientnet_lite0", (24, 40, 112))])
+def test_backbone_pyramid_shapes(name, channels):
+    feats = build_backbone(name)(paddle.randn([2, 3, 64, 64]))
+    assert [tuple(f.shape) for f in feats] == [(2, c, 64 // s, 64 // s) for c, s in zip(channels, (4, 8, 16))]
+
+
+def test_resnet18_has_nothing_after_layer3():
+    names = {k.split(".")[0] for k in build_backbone("resnet18").state_dict()}
+    assert names == {"conv1", "bn1", "layer1", "layer2", "layer3"}
+
+
+def test_loss_matches_definition_and_is_zero_on_identical_features():
+    rng = np.random.default_rng(0)
+    t, s = _feats(rng), _feats(rng)
+    expected = sum(_np_distance(a, b).mean() for a, b in zip(t, s))
+    got = float(stfpm_loss([paddle.to_tensor(x) for x in t], [paddle.to_tensor(x) for x in s]))
+    assert got == pytest.approx(expected, rel=1e-5)
+    same = [paddle.to_tensor(x) for x in t]
+    assert float(stfpm_loss(same, same)) == pytest.approx(0.0, abs=1e-7)
+    # scale invariance: the features are L2-normalised along channels
+    scaled = [paddle.to_tensor(3.0 * x) for x in t]
+    assert float(stfpm_loss(same, scaled)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_anomaly_map_is_product_of_upsampled_layer_maps():
+    rng = np.random.default_rng(1)
+    t, s = _feats(rng), _feats(rng)
+    tt, ss = [paddle.to_tensor(x) for x in t], [paddle.to_tensor(x) for x in s]
+    amap = anomaly_map(tt, ss, (64, 64)).numpy()
+    assert amap.shape == (2, 64, 64)
+    import cv2  # bilinear, half-pixel centres: the same as align_corners=False
+    expected = np.ones((2, 64, 64), np.float32)
+    for a, b in zip(t, s):
+        d = _np_distance(a, b)
+        expected *= np.stack([cv2.resize(x, (64, 64), interpolation=cv2.INTER_LINEAR) for x in d])
+    np.testing.assert_allclose(amap, expected, rtol=1e-4, atol=1e-7)
+    dists = layer_distances(tt, ss)
+    assert [tuple(d.shape) for d in dists] == [(2, 16, 16), (2, 8, 8), (2, 4, 4)]
+    assert np.all(amap >= 0) and np.all(amap <= 8)
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode():
+    paddle.seed(0)
+    net = STFPM("resnet18")
+    before = {k: v.numpy().copy() for k, v in net.teacher.state_dict().items()}
+    opt = paddle.optimizer.Momentum(0.1, parameters=net.student.parameters())
+    net.train()
+    assert not net.teacher.training and net.student.training
+    loss = stfpm_loss(*net(paddle.randn([2, 3, 64, 64])))
+    loss.backward()
+    opt.step()
+    after = net.teacher.state_dict()
+    for k, v in before.items():  # weights AND batch-norm running statistics
+        np.testing.assert_array_equal(v, after[k].numpy(), err_msg=k)
+    assert all(p.grad is None for p in net.teacher.parameters())
+
+
+def test_score_maps_at_input_resolution():
+    net = STFPM("resnet18")
+    net.eval()
+    maps = net.score_maps(paddle.randn([3, 3, 96, 128]))
+    assert tuple(maps.shape) == (3, 96, 128)
