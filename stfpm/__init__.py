@@ -1,1 +1,16 @@
+"""stfpm: STFPM unsupervised image anomaly detection on PaddlePaddle."""
 __version__ = "0.1.0"
+
+
+def create_model(model_name: str = "STFPM", model_dir=None):
+    """PaddleX-style entry point; see stfpm.api.create_model."""
+    from stfpm.api import create_model as _create
+
+    return _create(model_name, model_dir)
+
+
+def load_model(path):
+    """Load a model directory (network + model.json); see stfpm.artifact.load_model."""
+    from stfpm.artifact import load_model as _load
+
+    return _load(path)

@@ -17,7 +17,7 @@ from stfpm.nn.backbones import build_backbone
 def layer_distances(teacher_feats, student_feats) -> list[paddle.Tensor]:
     """Per layer, 0.5 * squared distance of channel-normalised features: (N, h, w) each."""
     out = []
-    for t, s in zip(teacher_feats, student_feats, strict=True):
+    for t, s in zip(teacher_feats, student_feats):  # no strict=: breaks paddle.jit
         diff = F.normalize(t, axis=1) - F.normalize(s, axis=1)
         out.append(0.5 * paddle.sum(diff * diff, axis=1))
     return out

@@ -1,0 +1,103 @@
+"""The PaddleX-style Python API: `create_model(...).predict(...)` yielding results."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from stfpm.results import AnomalyResult
+
+MODEL_NAMES = ("STFPM",)
+
+
+def _expand(item: Any) -> Iterator[tuple[str | None, Any]]:
+    """Flatten what PaddleX accepts into (input_path, source) pairs, lazily and in order:
+    arrays, file paths, http(s)/s3 URLs, directories (images in sorted order, recursive),
+    {"img": ...} dicts and lists of these."""
+    from stfpm.data import IMAGE_EXTENSIONS
+
+    if isinstance(item, np.ndarray):
+        yield None, item
+    elif isinstance(item, dict):
+        if "img" not in item:
+            raise ValueError(f"an input dict needs the key 'img', got keys {sorted(item)}")
+        yield from _expand(item["img"])
+    elif isinstance(item, (list, tuple)):
+        for sub in item:
+            yield from _expand(sub)
+    elif isinstance(item, (str, Path)):
+        text = str(item)
+        if text.startswith(("http://", "https://", "s3://")):
+            yield text, text
+        elif Path(text).is_dir():
+            files = sorted(p for p in Path(text).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise FileNotFoundError(f"directory {text!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            for p in files:
+                yield str(p), str(p)
+        elif Path(text).is_file():
+            yield text, text
+        else:
+            raise FileNotFoundError(f"input {text!r} is neither a file, a directory nor a URL")
+    else:
+        raise TypeError(f"unsupported input of type {type(item).__name__}: pass a numpy image, "
+                        "a path, a URL, a directory, a dict {'img': ...} or a list of these")
+
+
+def _load(input_path: str | None, source: Any) -> np.ndarray:
+    from stfpm.data import decode_image, read_image, to_bgr_uint8
+
+    if isinstance(source, np.ndarray):
+        return to_bgr_uint8(source)
+    if source.startswith(("http://", "https://", "s3://")):
+        from stfpm.storage import read_bytes
+
+        return decode_image(read_bytes(source), source)
+    return read_image(source)
+
+
+class STFPMModel:
+    """A loaded model (our model directory or an exported inference model) with predict()."""
+
+    def __init__(self, model_dir: str | Path):
+        from stfpm.inference import Predictor
+
+        self.model_dir = str(model_dir)
+        self.predictor = Predictor.open(model_dir)
+
+    @property
+    def threshold(self) -> float:
+        return self.predictor.threshold
+
+    def predict(self, input: Any, batch_size: int = 1, threshold: float | None = None) -> Iterator[AnomalyResult]:
+        """Yield one result per image; each batch of `batch_size` images is ONE forward pass."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch, index = [], 0
+        for input_path, source in _expand(input):
+            batch.append((input_path, _load(input_path, source)))
+            if len(batch) == batch_size:
+                yield from self._run(batch, index, threshold)
+                index += len(batch)
+                batch = []
+        if batch:
+            yield from self._run(batch, index, threshold)
+
+    def _run(self, batch, index, threshold):
+        images = [image for _, image in batch]
+        p = self.predictor
+        for i, ((input_path, image), pred) in enumerate(zip(batch, p.predict(images, threshold))):
+            yield AnomalyResult(input_path, image, pred, p.score_min, p.score_max, index + i)
+
+
+def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None) -> STFPMModel:
+    """PaddleX's entry point. `model_dir` is a directory written by `stfpm train` (or by
+    `stfpm export`); there are no built-in downloadable models, so it is required."""
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model_name {model_name!r}; supported: {', '.join(MODEL_NAMES)}")
+    if model_dir is None:
+        raise ValueError("create_model needs model_dir: train a model with "
+                         "`stfpm train DATA --out MODEL_DIR` and pass model_dir=MODEL_DIR")
+    return STFPMModel(model_dir)

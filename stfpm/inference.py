@@ -1,0 +1,93 @@
+"""The one batched forward + post-processing used by predict, evaluate and batch scoring.
+
+A batch of decoded images goes through ONE forward pass; each map is then resized back to
+its own image's size, scored (max of the map), normalised (0.5 at the threshold, DESIGN §7)
+and thresholded into a 0/255 mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+import paddle
+
+from stfpm.artifact import LoadedModel
+from stfpm.data.images import preprocess
+
+
+@dataclass
+class Prediction:
+    score: float            # raw: max of the anomaly map
+    norm_score: float       # clip((score - threshold) / (max - min) + 0.5, 0, 1)
+    is_anomaly: bool
+    threshold: float
+    anomaly_map: np.ndarray  # float32 (H, W) at the input image's own size
+    pred: np.ndarray         # uint8 (H, W) 0/255 mask, map >= threshold
+
+
+def normalize_score(raw, threshold: float, score_min: float, score_max: float):
+    """anomalib's convention: 0.5 at the threshold, scaled by the calibration score range."""
+    span = max(float(score_max) - float(score_min), 1e-12)
+    return np.clip((np.asarray(raw, dtype=np.float64) - threshold) / span + 0.5, 0.0, 1.0)
+
+
+class Predictor:
+    """Post-processing around a forward function: the dynamic network of a model directory
+    or a Paddle Inference predictor of an exported model; both give the same maps."""
+
+    def __init__(self, meta: dict, forward: Callable[[np.ndarray], np.ndarray], threshold: float | None = None):
+        self.meta = meta
+        self.forward = forward  # (N, 3, S, S) float32 normalised input -> (N, S, S) float32 maps
+        self.size = int(meta["input"]["size"])
+        self.mean = tuple(meta["input"]["mean"])
+        self.std = tuple(meta["input"]["std"])
+        cal = meta["threshold"]
+        self.threshold = float(cal["value"] if threshold is None else threshold)
+        self.score_min = float(cal["score_min"])
+        self.score_max = float(cal["score_max"])
+
+    @classmethod
+    def from_model(cls, model: LoadedModel, threshold: float | None = None) -> "Predictor":
+        network = model.network
+        network.eval()
+
+        def forward(batch: np.ndarray) -> np.ndarray:
+            with paddle.no_grad():
+                return network.score_maps(paddle.to_tensor(batch)).numpy().astype(np.float32, copy=False)
+
+        return cls(model.meta, forward, threshold)
+
+    @classmethod
+    def open(cls, model_dir, threshold: float | None = None) -> "Predictor":
+        """A model directory from `stfpm train`, or an exported one from `stfpm export`."""
+        from stfpm.export import is_exported, load_exported
+
+        if is_exported(model_dir):
+            meta, forward = load_exported(model_dir)
+            return cls(meta, forward, threshold)
+        from stfpm.artifact import load_model
+
+        return cls.from_model(load_model(model_dir), threshold)
+
+    @property
+    def model_version(self) -> str:
+        return self.meta["model_version"]
+
+    def predict(self, images: list[np.ndarray], threshold: float | None = None) -> list[Prediction]:
+        """BGR uint8 images of any sizes -> one Prediction each, from a single forward pass."""
+        if not images:
+            return []
+        thr = self.threshold if threshold is None else float(threshold)
+        maps = self.forward(preprocess(images, self.size, self.mean, self.std))
+        scores = maps.reshape(len(maps), -1).max(axis=1)
+        norm = normalize_score(scores, thr, self.score_min, self.score_max)
+        out = []
+        for image, amap, score, ns in zip(images, maps, scores, norm):
+            h, w = image.shape[:2]
+            full = amap if (h, w) == amap.shape else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+            out.append(Prediction(score=float(score), norm_score=float(ns), is_anomaly=bool(score >= thr),
+                                  threshold=thr, anomaly_map=full,
+                                  pred=np.where(full >= thr, 255, 0).astype(np.uint8)))
+        return out

@@ -1,0 +1,110 @@
+"""PaddleX-style result objects: presentation kept out of the predictor.
+
+A result is a dict with PaddleX's keys (`input_path`, `pred`) plus the image-level score,
+decision and full-resolution anomaly map PaddleX lacks. Arrays are never dumped into JSON:
+they are summarised (shape, range, defect regions)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from stfpm.inference import Prediction
+
+SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold")
+
+
+def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 20) -> list[dict]:
+    """Connected regions of the predicted mask, largest first: bbox [x, y, w, h], area, peak score."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    regions = []
+    for i in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[i])
+        regions.append({"bbox": [x, y, w, h], "area": area,
+                        "max_score": float(anomaly_map[labels == i].max())})
+    return sorted(regions, key=lambda r: -r["area"])[:limit]
+
+
+def overlay(image: np.ndarray, prediction: Prediction, score_min: float, score_max: float) -> np.ndarray:
+    """The input with a heatmap of the normalised map (red = above threshold), the predicted
+    defect contours and a caption with score and decision."""
+    from stfpm.inference import normalize_score
+
+    heat = (normalize_score(prediction.anomaly_map, prediction.threshold, score_min, score_max) * 255).astype(np.uint8)
+    colored = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
+    out = cv2.addWeighted(image, 0.6, colored, 0.4, 0)
+    contours, _ = cv2.findContours((prediction.pred > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    thickness = max(1, round(max(image.shape[:2]) / 256))
+    cv2.drawContours(out, contours, -1, (255, 255, 255), thickness + 1)
+    cv2.drawContours(out, contours, -1, (0, 0, 255), thickness)
+    label = f"{'ANOMALY' if prediction.is_anomaly else 'OK'} {prediction.norm_score:.2f} (raw {prediction.score:.4g})"
+    scale = max(0.35, image.shape[1] / 640)
+    (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    cv2.rectangle(out, (0, 0), (tw + 6, th + base + 6), (0, 0, 0), -1)
+    cv2.putText(out, label, (3, th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                (0, 0, 255) if prediction.is_anomaly else (0, 255, 0), 1, cv2.LINE_AA)
+    return out
+
+
+class AnomalyResult(dict):
+    """One image's result: dict keys `input_path`, `score`, `norm_score`, `is_anomaly`,
+    `threshold`, `anomaly_map` (float32 HxW), `pred` (uint8 0/255 HxW)."""
+
+    def __init__(self, input_path: str | None, image: np.ndarray, prediction: Prediction,
+                 score_min: float, score_max: float, index: int = 0):
+        super().__init__(input_path=input_path, score=prediction.score, norm_score=prediction.norm_score,
+                         is_anomaly=prediction.is_anomaly, threshold=prediction.threshold,
+                         anomaly_map=prediction.anomaly_map, pred=prediction.pred)
+        self._image, self._prediction = image, prediction
+        self._score_range = (score_min, score_max)
+        self._index = index
+
+    @property
+    def json(self) -> dict:
+        amap, pred = self["anomaly_map"], self["pred"]
+        res = {k: self[k] for k in SUMMARY_KEYS}
+        res["anomaly_map"] = {"shape": list(amap.shape), "dtype": "float32", "min": float(amap.min()),
+                              "max": float(amap.max()), "mean": float(amap.mean())}
+        res["pred"] = {"shape": list(pred.shape), "dtype": "uint8",
+                       "defect_fraction": float((pred > 0).mean()),
+                       "regions": defect_regions(pred, amap)}
+        return {"res": res}
+
+    @property
+    def img(self) -> dict:
+        return {"res": overlay(self._image, self._prediction, *self._score_range)}
+
+    def _default_name(self) -> str:
+        return Path(self["input_path"]).stem if self["input_path"] else f"image_{self._index:06d}"
+
+    def _target(self, save_path: str | Path, suffix: str) -> Path:
+        path = Path(save_path)
+        if path.suffix.lower() != suffix and (path.is_dir() or not path.suffix):
+            path = path / f"{self._default_name()}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def print(self, format_json: bool = True, indent: int = 4, ensure_ascii: bool = False) -> None:
+        data = self.json
+        print(json.dumps(data, indent=indent if format_json else None, ensure_ascii=ensure_ascii))
+
+    def save_to_json(self, save_path: str | Path, indent: int = 4, ensure_ascii: bool = False) -> Path:
+        """A directory save_path gets `<input stem>.json`; a .json path is used as given."""
+        path = self._target(save_path, ".json")
+        path.write_text(json.dumps(self.json, indent=indent, ensure_ascii=ensure_ascii))
+        return path
+
+    def save_to_img(self, save_path: str | Path) -> Path:
+        """A directory save_path gets `<input stem>.png`; a file path is used as given."""
+        path = Path(save_path)
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+            path = self._target(save_path, ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(path), self.img["res"]):
+            raise OSError(f"could not write image {path}")
+        return path
+
+    def __repr__(self) -> str:
+        return json.dumps(self.json["res"])

@@ -1,0 +1,219 @@
+"""Training of one process. The same step and epoch functions run inside each Ray Train
+worker later; only where the batches come from and how gradients are averaged differ."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import paddle
+
+from stfpm.artifact import LoadedModel, save_model
+from stfpm.data import load_dataset, preprocess, read_image, split_holdout
+from stfpm.nn import STFPM, backbone_spec, stfpm_loss
+from stfpm.weights import apply_state, load_teacher_state
+
+
+@dataclass
+class TrainConfig:
+    """None means "the backbone's recipe default" (stfpm.nn.backbones)."""
+
+    backbone: str = "resnet18"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    image_size: int | None = None
+    optimizer: str | None = None
+    holdout_fraction: float | None = None
+    seed: int = 0
+    threshold_quantile: float = 0.99
+    teacher_weights: str | None = None
+
+    def resolved(self) -> "TrainConfig":
+        spec = backbone_spec(self.backbone)
+        cfg = copy.copy(self)
+        for key, default in spec.recipe.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, default)
+        if cfg.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
+        for key in ("epochs", "batch_size", "image_size"):
+            if getattr(cfg, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+        if not 0 < cfg.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
+        return cfg
+
+
+def build_network(backbone: str, teacher_weights: str | None = None, seed: int = 0) -> STFPM:
+    """Teacher from pretrained weights, student randomly initialised (seeded)."""
+    paddle.seed(seed)
+    network = STFPM(backbone)
+    apply_state(network.teacher, load_teacher_state(backbone, teacher_weights))
+    return network
+
+
+def make_optimizer(network: STFPM, cfg: TrainConfig):
+    params = network.student.parameters()
+    if cfg.optimizer == "adam":
+        return paddle.optimizer.Adam(learning_rate=cfg.lr, parameters=params,
+                                     weight_decay=cfg.weight_decay or None)
+    return paddle.optimizer.Momentum(learning_rate=cfg.lr, momentum=cfg.momentum, parameters=params,
+                                     weight_decay=paddle.regularizer.L2Decay(cfg.weight_decay))
+
+
+def train_step(network, optimizer, batch: np.ndarray) -> float:
+    """One optimisation step on a (N, 3, S, S) batch; returns the batch loss.
+    `network` may be a paddle.DataParallel wrapper: it is only called, never inspected."""
+    t_feats, s_feats = network(paddle.to_tensor(batch))
+    loss = stfpm_loss(t_feats, s_feats)
+    loss.backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    return float(loss)
+
+
+def iterate_batches(images: np.ndarray, batch_size: int, rng: np.random.Generator | None = None):
+    order = np.arange(len(images)) if rng is None else rng.permutation(len(images))
+    for start in range(0, len(order), batch_size):
+        yield images[order[start:start + batch_size]]
+
+
+def run_epoch(network, optimizer, batches: Iterable[np.ndarray]) -> tuple[float, int]:
+    """Mean loss over the epoch's images and the number of images seen."""
+    network.train()
+    total, count = 0.0, 0
+    for batch in batches:
+        total += train_step(network, optimizer, batch) * len(batch)
+        count += len(batch)
+    return total / max(count, 1), count
+
+
+def mean_loss(network: STFPM, images: np.ndarray, batch_size: int) -> float:
+    network.eval()
+    total = 0.0
+    with paddle.no_grad():
+        for batch in iterate_batches(images, batch_size):
+            total += float(stfpm_loss(*network(paddle.to_tensor(batch)))) * len(batch)
+    return total / len(images)
+
+
+def load_images(paths: list[str], size: int, mean, std) -> np.ndarray:
+    return np.concatenate([preprocess([read_image(p) for p in paths[i:i + 64]], size, mean, std)
+                           for i in range(0, len(paths), 64)])
+
+
+def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> dict:
+    """Threshold = a high quantile of held-out good images' scores; their range scales
+    the normalised score (DESIGN §7)."""
+    return {"value": float(np.quantile(holdout_scores, quantile)), "source": "holdout_quantile",
+            "quantile": quantile, "score_min": float(holdout_scores.min()),
+            "score_max": float(holdout_scores.max()), "n_images": int(len(holdout_scores))}
+
+
+def fingerprint(paths: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = Path(p).stat()
+        h.update(f"{Path(p).name}:{st.st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class ProgressLog:
+    """One line per epoch on stderr (readable in a terminal and in `ray job logs`) and one
+    JSON object per epoch in a JSON-lines file."""
+
+    def __init__(self, path: Path | None, total_epochs: int, stream=sys.stderr):
+        self.path, self.total, self.stream, self.start = path, total_epochs, stream, time.time()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def epoch(self, record: dict) -> None:
+        elapsed = time.time() - self.start
+        eta = elapsed / record["epoch"] * (self.total - record["epoch"])
+        best = " *" if record.get("best") else ""
+        print(f"epoch {record['epoch']:>3}/{self.total}  loss {record['loss']:.4f}  "
+              f"holdout {record['holdout_loss']:.4f}{best}  {record['images_per_s']:.1f} img/s  "
+              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=self.stream, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    best_epoch: int
+    best_holdout_loss: float
+    threshold: dict
+    history: list = field(default_factory=list)
+    metrics: dict | None = None
+
+
+def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train on DATA's good images, keep the student with the lowest held-out loss,
+    calibrate the threshold on the held-out images, write the model directory and, when
+    DATA has a labelled test split, evaluate on it."""
+    from stfpm.evaluate import evaluate_model
+    from stfpm.inference import Predictor
+
+    cfg = cfg.resolved()
+    spec = backbone_spec(cfg.backbone)
+    dataset = load_dataset(data)
+    train_samples, holdout_samples = split_holdout(dataset.train, cfg.holdout_fraction, cfg.seed)
+    train_images = load_images([s.image for s in train_samples], cfg.image_size, spec.mean, spec.std)
+    holdout_images = load_images([s.image for s in holdout_samples], cfg.image_size, spec.mean, spec.std)
+
+    network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
+    optimizer = make_optimizer(network, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    log = ProgressLog(Path(out_dir) / "train_log.jsonl", cfg.epochs, sys.stderr if progress else None)
+    best_loss, best_epoch, best_state, history = float("inf"), 0, None, []
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.time()
+        loss, seen = run_epoch(network, optimizer, iterate_batches(train_images, cfg.batch_size, rng))
+        holdout = mean_loss(network, holdout_images, cfg.batch_size)
+        record = {"epoch": epoch, "loss": loss, "holdout_loss": holdout,
+                  "images_per_s": seen / (time.time() - t0), "best": holdout < best_loss}
+        if holdout < best_loss:
+            best_loss, best_epoch = holdout, epoch
+            best_state = {k: v.clone() for k, v in network.student.state_dict().items()}
+        history.append(record)
+        if progress:
+            log.epoch(record)
+        if on_epoch:
+            on_epoch(record)
+    network.student.set_state_dict(best_state)
+    network.eval()
+
+    meta = {"input": {"size": cfg.image_size, "mean": list(spec.mean), "std": list(spec.std),
+                      "color": "RGB"},
+            "taps": list(spec.channels),
+            "recipe": asdict(cfg),
+            "training": {"data": str(data), "layout": dataset.layout,
+                         "n_train": len(train_samples), "n_holdout": len(holdout_samples),
+                         "data_fingerprint": fingerprint([s.image for s in dataset.train]),
+                         "best_epoch": best_epoch, "best_holdout_loss": best_loss,
+                         "final_loss": history[-1]["loss"]},
+            "threshold": {"value": 0.0, "score_min": 0.0, "score_max": 1.0},
+            "metrics": None}
+    model = LoadedModel(network=network, meta=meta, path=str(out_dir))
+    holdout_scores = Predictor.from_model(model).forward(holdout_images).reshape(len(holdout_images), -1).max(axis=1)
+    meta["threshold"] = calibrate_threshold(holdout_scores, cfg.threshold_quantile)
+    metrics = None
+    if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
+        metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
+        meta["metrics"] = metrics
+    save_model(network, out_dir, meta)
+    return TrainResult(str(out_dir), best_epoch, best_loss, meta["threshold"], history, metrics)
