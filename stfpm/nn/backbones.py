@@ -8,6 +8,11 @@ from paddle import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128 (TF's efficientnet-lite
+# builder: "inception-style mean and stddev for better post-quantization"). With ImageNet
+# statistics instead, the stem's outputs have ~6x the variance its batch norm was trained on.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
 
 # Official STFPM recipe (paper / gdwang08): SGD lr 0.4, momentum 0.9, wd 1e-4, batch 32, 100 epochs.
 OFFICIAL_RECIPE = {
@@ -47,7 +52,7 @@ _BUILDERS = {"resnet18": _resnet18, "efficientnet_lite0": _efficientnet_lite0}
 
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec("resnet18", (64, 128, 256), IMAGENET_MEAN, IMAGENET_STD),
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), LITE_MEAN, LITE_STD),
 }
 
 

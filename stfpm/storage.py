@@ -1,0 +1,215 @@
+"""URIs to bytes, files and filesystems, in one place: local paths, file://, s3:// and http(s)://.
+
+s3:// goes to AWS or to any S3-compatible server named by AWS_ENDPOINT_URL_S3 or
+AWS_ENDPOINT_URL (the AWS SDKs' variables, most specific first); an http:// endpoint means a
+plain-HTTP connection. Region comes from AWS_REGION / AWS_DEFAULT_REGION, credentials from
+the standard AWS chain; none of it is logged. Errors are `StorageError`s naming the URI.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pyarrow.fs as pafs
+
+_CHUNK = 1 << 20
+_HTTP_TIMEOUT_S = 60
+
+
+class StorageError(OSError):
+    """A URI could not be read or written; the message names the URI."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """Nothing exists at the URI."""
+
+
+class ChecksumError(StorageError):
+    """A transferred file does not have the expected checksum; nothing was kept."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _s3_options() -> dict:
+    options = {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme:
+            options["scheme"] = parsed.scheme
+            endpoint = parsed.netloc + parsed.path.rstrip("/")
+        options["endpoint_override"] = endpoint
+    return options
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path without scheme): `bucket/key` for s3://, an absolute path otherwise.
+
+    The S3FileSystem pickles, so it can be handed to Ray workers as it is. It opens files
+    lazily (`allow_delayed_open`), which lets a small write be one PutObject instead of a
+    three-request multipart upload: anomaly maps are many small objects.
+    """
+    if is_s3(uri):
+        return pafs.S3FileSystem(allow_delayed_open=True, **_s3_options()), uri[len("s3://"):]
+    if uri.startswith("file://"):
+        return pafs.LocalFileSystem(), unquote(urlparse(uri).path)
+    if "://" in uri:
+        raise ValueError(f"{uri}: unsupported scheme; use a local path, file://, s3:// or (to read) http(s)://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+@contextlib.contextmanager
+def _errors_name(uri: str):
+    """Re-raise I/O failures (pyarrow's and urllib's are OSErrors) as StorageErrors naming `uri`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as exc:
+        raise StorageNotFound(f"{uri}: no such file or object") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _open_input(uri: str):
+    """Yields (readable stream, size in bytes or None)."""
+    if is_http(uri):
+        with urllib.request.urlopen(uri, timeout=_HTTP_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            yield response, int(length) if length else None
+        return
+    fs, path = filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageNotFound(f"{uri}: no such file or object")
+    if info.type != pafs.FileType.File:
+        raise StorageError(f"{uri}: not a file")
+    with fs.open_input_stream(path) as stream:
+        yield stream, info.size
+
+
+def read_bytes(uri: str) -> bytes:
+    with _errors_name(uri), _open_input(uri) as (stream, _):
+        return stream.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to `uri`. Local files appear whole or not at all (temp file + os.replace);
+    an S3 object is replaced whole by nature."""
+    if is_http(uri):
+        raise ValueError(f"{uri}: cannot write to http(s)://")
+    fs, path = filesystem_for(uri)
+    with _errors_name(uri):
+        if is_s3(uri):
+            with fs.open_output_stream(path) as out:
+                out.write(data)
+            return
+        with _atomic_local_file(Path(path)) as out:
+            out.write(data)
+
+
+@contextlib.contextmanager
+def _atomic_local_file(dest: Path):
+    """A binary file object that becomes `dest` only if the block completes."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download_file(uri: str, dest: Path, md5: str | None = None, progress: bool = False) -> Path:
+    """Stream `uri` to the local file `dest` through a temp file beside it; with `md5`, a file
+    whose checksum differs is deleted and ChecksumError raised. `progress` draws a bar on stderr."""
+    dest = Path(dest)
+    digest = hashlib.md5()
+    with _errors_name(uri), _open_input(uri) as (stream, size), _atomic_local_file(dest) as out:
+        bar = _ProgressBar(dest.name, size) if progress else None
+        while chunk := stream.read(_CHUNK):
+            out.write(chunk)
+            digest.update(chunk)
+            if bar:
+                bar.advance(len(chunk))
+        if bar:
+            bar.close()
+        if md5 is not None and digest.hexdigest() != md5.lower():
+            raise ChecksumError(f"{uri}: md5 {digest.hexdigest()} differs from the expected {md5}")
+    return dest
+
+
+class _ProgressBar:
+    def __init__(self, label: str, total: int | None):
+        self.label, self.total, self.done, self.shown = label, total, 0, -1
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        step = self.done * 100 // self.total if self.total else self.done >> 20
+        if step != self.shown:
+            self.shown = step
+            of = f" / {self.total / 1e6:.1f} MB ({step}%)" if self.total else " MB"
+            sys.stderr.write(f"\rdownloading {self.label}: {self.done / 1e6:.1f}{of}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+def fetch_to_cache(uri: str, cache_dir: Path) -> Path:
+    """A local path holding the file or directory at `uri`.
+
+    Local paths and file:// come back as they are. s3:// and http(s):// are downloaded under
+    `cache_dir` as `<hash of the URI>-<basename>`; an s3:// directory (a prefix, such as a model
+    directory) is copied file by file. An S3 file already cached with the object's size and
+    modification time is not fetched again; http(s) is always fetched (no cheap freshness check).
+    """
+    if not (is_s3(uri) or is_http(uri)):
+        fs, path = filesystem_for(uri)
+        with _errors_name(uri):
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                raise StorageNotFound(f"{uri}: no such file or directory")
+        return Path(path)
+    name = urlparse(uri).path.rstrip("/").rsplit("/", 1)[-1] or "object"
+    dest = Path(cache_dir) / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{name}"
+    if is_http(uri):
+        return download_file(uri, dest)
+    fs, root = filesystem_for(uri.rstrip("/"))
+    with _errors_name(uri):
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageNotFound(f"{uri}: no such object or prefix")
+        if info.type == pafs.FileType.File:
+            _fetch_s3_file(info, dest)
+            return dest
+        for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            if item.type == pafs.FileType.File:
+                _fetch_s3_file(item, dest / os.path.relpath(item.path, root))
+    return dest
+
+
+def _fetch_s3_file(info: pafs.FileInfo, dest: Path) -> None:
+    """Download one object unless `dest` already matches its size and modification time,
+    which it is then stamped with."""
+    if dest.is_file() and dest.stat().st_size == info.size and dest.stat().st_mtime_ns == info.mtime_ns:
+        return
+    download_file(f"s3://{info.path}", dest)
+    os.utime(dest, ns=(info.mtime_ns, info.mtime_ns))
