@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 import paddle
 
-from stfpm.artifact import LoadedModel, save_model
+from stfpm.artifact import LoadedModel, read_meta, save_model, write_meta
 from stfpm.data import load_dataset, preprocess, read_image, split_holdout
 from stfpm.nn import STFPM, backbone_spec, stfpm_loss
 from stfpm.weights import apply_state, load_teacher_state
@@ -211,9 +211,11 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
     model = LoadedModel(network=network, meta=meta, path=str(out_dir))
     holdout_scores = Predictor.from_model(model).forward(holdout_images).reshape(len(holdout_images), -1).max(axis=1)
     meta["threshold"] = calibrate_threshold(holdout_scores, cfg.threshold_quantile)
+    save_model(network, out_dir, meta)
     metrics = None
     if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
+        model = LoadedModel(network=network, meta=read_meta(out_dir), path=str(out_dir))
         metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
-        meta["metrics"] = metrics
-    save_model(network, out_dir, meta)
+        model.meta["metrics"] = metrics
+        write_meta(out_dir, model.meta)
     return TrainResult(str(out_dir), best_epoch, best_loss, meta["threshold"], history, metrics)
