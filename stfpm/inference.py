@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 
 from stfpm.artifact import LoadedModel
-from stfpm.data.images import preprocess
+from stfpm.data.images import normalize_batch, preprocess
 
 
 @dataclass
@@ -79,13 +79,23 @@ class Predictor:
         """BGR uint8 images of any sizes -> one Prediction each, from a single forward pass."""
         if not images:
             return []
-        thr = self.threshold if threshold is None else float(threshold)
         maps = self.forward(preprocess(images, self.size, self.mean, self.std))
+        return self.postprocess(maps, [image.shape[:2] for image in images], threshold)
+
+    def predict_resized(self, batch: np.ndarray, sizes: list[tuple[int, int]],
+                        threshold: float | None = None) -> list[Prediction]:
+        """For pipelines that decode and resize elsewhere (Ray Data CPU tasks): `batch` is
+        uint8 (N, S, S, 3) RGB from `resize_for_model`, `sizes` the (h, w) to return maps at."""
+        return self.postprocess(self.forward(normalize_batch(batch, self.mean, self.std)), sizes, threshold)
+
+    def postprocess(self, maps: np.ndarray, sizes: list[tuple[int, int]],
+                    threshold: float | None = None) -> list[Prediction]:
+        """(N, S, S) maps -> Predictions with maps and masks resized to each (h, w)."""
+        thr = self.threshold if threshold is None else float(threshold)
         scores = maps.reshape(len(maps), -1).max(axis=1)
         norm = normalize_score(scores, thr, self.score_min, self.score_max)
         out = []
-        for image, amap, score, ns in zip(images, maps, scores, norm):
-            h, w = image.shape[:2]
+        for (h, w), amap, score, ns in zip(sizes, maps, scores, norm):
             full = amap if (h, w) == amap.shape else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
             out.append(Prediction(score=float(score), norm_score=float(ns), is_anomaly=bool(score >= thr),
                                   threshold=thr, anomaly_map=full,

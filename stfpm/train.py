@@ -88,7 +88,7 @@ def iterate_batches(images: np.ndarray, batch_size: int, rng: np.random.Generato
 
 def run_epoch(network, optimizer, batches: Iterable[np.ndarray]) -> tuple[float, int]:
     """Mean loss over the epoch's images and the number of images seen."""
-    network.train()
+    getattr(network, "_layers", network).train()  # unwrap DataParallel: STFPM.train keeps the teacher in eval
     total, count = 0.0, 0
     for batch in batches:
         total += train_step(network, optimizer, batch) * len(batch)
@@ -129,25 +129,20 @@ def fingerprint(paths: list[str]) -> str:
 
 
 class ProgressLog:
-    """One line per epoch on stderr (readable in a terminal and in `ray job logs`) and one
-    JSON object per epoch in a JSON-lines file."""
+    """One line per epoch, flushed: reads well in a terminal and in `ray job logs`."""
 
-    def __init__(self, path: Path | None, total_epochs: int, stream=sys.stderr):
-        self.path, self.total, self.stream, self.start = path, total_epochs, stream, time.time()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+    def __init__(self, total_epochs: int, first_epoch: int = 1, stream=sys.stderr):
+        self.total, self.first, self.stream, self.start = total_epochs, first_epoch, stream, time.time()
 
     def epoch(self, record: dict) -> None:
-        elapsed = time.time() - self.start
-        eta = elapsed / record["epoch"] * (self.total - record["epoch"])
+        if self.stream is None:
+            return
+        done = record["epoch"] - self.first + 1
+        eta = (time.time() - self.start) / done * (self.total - record["epoch"])
         best = " *" if record.get("best") else ""
         print(f"epoch {record['epoch']:>3}/{self.total}  loss {record['loss']:.4f}  "
               f"holdout {record['holdout_loss']:.4f}{best}  {record['images_per_s']:.1f} img/s  "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=self.stream, flush=True)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -160,26 +155,36 @@ class TrainResult:
     metrics: dict | None = None
 
 
-def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train on DATA's good images, keep the student with the lowest held-out loss,
-    calibrate the threshold on the held-out images, write the model directory and, when
-    DATA has a labelled test split, evaluate on it."""
-    from stfpm.evaluate import evaluate_model
-    from stfpm.inference import Predictor
+@dataclass
+class TrainSplit:
+    """The dataset and its deterministic train / held-out split (the same in every process)."""
 
-    cfg = cfg.resolved()
-    spec = backbone_spec(cfg.backbone)
+    dataset: object
+    train: list
+    holdout: list
+
+
+def split_dataset(data: str, cfg: TrainConfig) -> TrainSplit:
     dataset = load_dataset(data)
     train_samples, holdout_samples = split_holdout(dataset.train, cfg.holdout_fraction, cfg.seed)
-    train_images = load_images([s.image for s in train_samples], cfg.image_size, spec.mean, spec.std)
-    holdout_images = load_images([s.image for s in holdout_samples], cfg.image_size, spec.mean, spec.std)
+    return TrainSplit(dataset, train_samples, holdout_samples)
+
+
+def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train on DATA's good images in this process, keep the student with the lowest
+    held-out loss, then `finalize` the model directory."""
+    cfg = cfg.resolved()
+    spec = backbone_spec(cfg.backbone)
+    split = split_dataset(data, cfg)
+    train_images = load_images([s.image for s in split.train], cfg.image_size, spec.mean, spec.std)
+    holdout_images = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std)
 
     network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
     optimizer = make_optimizer(network, cfg)
     rng = np.random.default_rng(cfg.seed)
-    log = ProgressLog(Path(out_dir) / "train_log.jsonl", cfg.epochs, sys.stderr if progress else None)
-    best_loss, best_epoch, best_state, history = float("inf"), 0, None, []
+    log = ProgressLog(cfg.epochs, stream=sys.stderr if progress else None)
+    best_loss, best_state, history = float("inf"), None, []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
         loss, seen = run_epoch(network, optimizer, iterate_batches(train_images, cfg.batch_size, rng))
@@ -187,24 +192,36 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
         record = {"epoch": epoch, "loss": loss, "holdout_loss": holdout,
                   "images_per_s": seen / (time.time() - t0), "best": holdout < best_loss}
         if holdout < best_loss:
-            best_loss, best_epoch = holdout, epoch
+            best_loss = holdout
             best_state = {k: v.clone() for k, v in network.student.state_dict().items()}
         history.append(record)
-        if progress:
-            log.epoch(record)
+        log.epoch(record)
         if on_epoch:
             on_epoch(record)
     network.student.set_state_dict(best_state)
-    network.eval()
+    return finalize(network, cfg, split, holdout_images, out_dir, history)
 
+
+def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images: np.ndarray,
+             out_dir: str, history: list[dict]) -> TrainResult:
+    """Shared by single-process and Ray Train training: calibrate the threshold on the
+    held-out images, write the model directory and, when the dataset has a labelled test
+    split, evaluate on it and store the metrics."""
+    from stfpm.evaluate import evaluate_model
+    from stfpm.inference import Predictor
+
+    spec = backbone_spec(cfg.backbone)
+    network.eval()
+    best = min(history, key=lambda r: r["holdout_loss"])
+    dataset = split.dataset
     meta = {"input": {"size": cfg.image_size, "mean": list(spec.mean), "std": list(spec.std),
                       "color": "RGB"},
             "taps": list(spec.channels),
             "recipe": asdict(cfg),
-            "training": {"data": str(data), "layout": dataset.layout,
-                         "n_train": len(train_samples), "n_holdout": len(holdout_samples),
+            "training": {"data": str(dataset.root), "layout": dataset.layout,
+                         "n_train": len(split.train), "n_holdout": len(split.holdout),
                          "data_fingerprint": fingerprint([s.image for s in dataset.train]),
-                         "best_epoch": best_epoch, "best_holdout_loss": best_loss,
+                         "best_epoch": best["epoch"], "best_holdout_loss": best["holdout_loss"],
                          "final_loss": history[-1]["loss"]},
             "threshold": {"value": 0.0, "score_min": 0.0, "score_max": 1.0},
             "metrics": None}
@@ -212,10 +229,11 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
     holdout_scores = Predictor.from_model(model).forward(holdout_images).reshape(len(holdout_images), -1).max(axis=1)
     meta["threshold"] = calibrate_threshold(holdout_scores, cfg.threshold_quantile)
     save_model(network, out_dir, meta)
+    (Path(out_dir) / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     metrics = None
     if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
         model = LoadedModel(network=network, meta=read_meta(out_dir), path=str(out_dir))
         metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
         model.meta["metrics"] = metrics
         write_meta(out_dir, model.meta)
-    return TrainResult(str(out_dir), best_epoch, best_loss, meta["threshold"], history, metrics)
+    return TrainResult(str(out_dir), best["epoch"], best["holdout_loss"], meta["threshold"], history, metrics)

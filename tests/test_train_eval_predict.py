@@ -1,0 +1,165 @@
+"""Train a real EfficientNet-Lite0 STFPM on synthetic data once, then check evaluation,
+the PaddleX-style prediction API, the model directory and the exported inference model."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from stfpm import create_model, load_model
+from stfpm.artifact import ModelDirError
+from stfpm.data import load_dataset, make_synthetic_dataset
+from stfpm.evaluate import evaluate_model
+from stfpm.train import TrainConfig, train
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic_dataset(root, n_train=64, n_test=32, size=128, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(synth_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "synth"
+    result = train(str(synth_data), str(out), TrainConfig(backbone="efficientnet_lite0", epochs=20,
+                                                          image_size=128, seed=0), progress=False)
+    return out, result
+
+
+def test_model_directory_contents(trained):
+    model_dir, result = trained
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["backbone"] == "efficientnet_lite0" and meta["input"]["size"] == 128
+    assert set(meta["weights"]) == {"teacher.safetensors", "student.safetensors"}
+    thr = meta["threshold"]
+    assert thr["source"] == "holdout_quantile" and thr["score_min"] <= thr["value"] <= thr["score_max"]
+    assert meta["training"]["n_holdout"] == 13 and meta["training"]["n_train"] == 51
+    assert 1 <= meta["training"]["best_epoch"] <= 20
+    log = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, 21))
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert not list(model_dir.glob("*.pdparams")) and not list(model_dir.glob("*.pkl"))
+
+
+def test_accuracy_on_synthetic_textures(trained, synth_data):
+    """Issue 2's bar for the offline teacher on the small synthetic set."""
+    metrics = evaluate_model(load_model(trained[0]), load_dataset(synth_data))["metrics"]
+    print(json.dumps({k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")}))
+    assert metrics["image_auroc"] >= 0.90
+    assert metrics["pixel_auroc"] >= 0.95
+    assert 0 < metrics["aupro"] <= 1
+    assert set(metrics["per_defect_type_image_auroc"]) == {s.defect_type for s in load_dataset(synth_data).test
+                                                         if s.label == 1}
+    assert trained[1].metrics["image_auroc"] == pytest.approx(metrics["image_auroc"])
+
+
+def test_training_is_deterministic_for_a_seed(synth_data, tmp_path):
+    cfg = TrainConfig(backbone="efficientnet_lite0", epochs=2, image_size=64, batch_size=16, seed=3)
+    versions = [load_model(train(str(synth_data), str(tmp_path / name), cfg, progress=False).model_dir).version
+                for name in ("a", "b")]
+    assert versions[0] == versions[1]
+
+
+def test_tampered_weights_are_rejected(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy)
+    data = bytearray((copy / "student.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "student.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match="sha256"):
+        load_model(copy)
+
+
+def test_create_model_errors_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="stfpm train"):
+        create_model(model_name="STFPM")
+    with pytest.raises(ValueError, match="does not exist"):
+        create_model(model_dir=tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown model_name"):
+        create_model(model_name="PaDiM", model_dir=tmp_path)
+    with pytest.raises(ValueError, match="no model.json"):
+        create_model(model_dir=tmp_path)
+
+
+def test_predict_accepts_paddlex_inputs_and_batches(trained, synth_data, monkeypatch):
+    model = create_model(model_name="STFPM", model_dir=str(trained[0]))
+    calls = []
+    forward = model.predictor.forward
+    monkeypatch.setattr(model.predictor, "forward", lambda b: calls.append(len(b)) or forward(b))
+    good = sorted((synth_data / "test" / "good").glob("*.png"))
+    array = cv2.resize(cv2.imread(str(good[0])), (200, 150))  # non-square, not the model size
+    inputs = [str(good[1]), str(synth_data / "test" / "good"), array, {"img": str(good[2])}]
+    results = list(model.predict(inputs, batch_size=4))
+    assert len(results) == 3 + len(good)
+    assert calls == [4] * (len(results) // 4) + ([len(results) % 4] if len(results) % 4 else [])
+    assert [r["input_path"] for r in results[:2]] == [str(good[1]), str(good[0])]
+    arr_res = results[1 + len(good)]
+    assert arr_res["input_path"] is None
+    assert arr_res["anomaly_map"].shape == (150, 200) and arr_res["anomaly_map"].dtype == np.float32
+    assert arr_res["pred"].shape == (150, 200) and set(np.unique(arr_res["pred"])) <= {0, 255}
+    for r in results:
+        if r["anomaly_map"].shape == (128, 128):  # the model's own size: no resampling
+            assert r["score"] == pytest.approx(float(r["anomaly_map"].max()))
+        assert r["is_anomaly"] == (r["score"] >= r["threshold"])
+        assert (r["norm_score"] >= 0.5) == r["is_anomaly"]
+    # batching does not change scores
+    single = [r["score"] for r in model.predict(inputs, batch_size=1)]
+    np.testing.assert_allclose(single, [r["score"] for r in results], rtol=1e-4)
+
+
+def test_threshold_override(trained, synth_data):
+    model = create_model(model_dir=trained[0])
+    path = str(next((synth_data / "test" / "good").glob("*.png")))
+    res = next(model.predict(path, threshold=0.0))
+    assert res["threshold"] == 0.0 and res["is_anomaly"]
+    res = next(model.predict(path, threshold=1e9))
+    assert not res["is_anomaly"] and res["pred"].max() == 0
+
+
+def test_bad_inputs_are_named(trained, tmp_path):
+    model = create_model(model_dir=trained[0])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        list(model.predict(str(tmp_path / "missing.png")))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        list(model.predict(str(bad)))
+    with pytest.raises(TypeError, match="unsupported input"):
+        list(model.predict(42))
+
+
+def test_result_presentation(trained, synth_data, tmp_path, capsys):
+    model = create_model(model_dir=trained[0])
+    defect = next(p for p in sorted((synth_data / "test").rglob("*.png")) if p.parent.name != "good")
+    res = next(model.predict(str(defect)))
+    res.print()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["res"]["input_path"] == str(defect) and "regions" in printed["res"]["pred"]
+    img_path = res.save_to_img(tmp_path / "out")
+    json_path = res.save_to_json(tmp_path / "out")
+    assert img_path.name == defect.stem + ".png" and json_path.name == defect.stem + ".json"
+    assert json_path.stat().st_size < 20_000  # arrays summarised, never dumped
+    overlay = cv2.imread(str(img_path))
+    assert overlay.shape == cv2.imread(str(defect)).shape
+    assert res.save_to_json(tmp_path / "named.json").name == "named.json"
+    assert set(res.json["res"]) >= {"input_path", "score", "norm_score", "is_anomaly", "threshold"}
+    assert res.img["res"].shape == overlay.shape
+
+
+def test_export_matches_dynamic_model(trained, synth_data, tmp_path):
+    from stfpm.export import export_model
+
+    export_dir = export_model(trained[0], tmp_path / "inference")
+    assert (export_dir / "inference.yml").is_file() and (export_dir / "inference.pdiparams").is_file()
+    paths = [str(p) for p in sorted((synth_data / "test").rglob("*.png"))[:8]]
+    dynamic = list(create_model(model_dir=trained[0]).predict(paths, batch_size=4))
+    static = list(create_model(model_dir=export_dir).predict(paths, batch_size=4))
+    for d, s in zip(dynamic, static):
+        assert s["score"] == pytest.approx(d["score"], rel=1e-4)
+        np.testing.assert_allclose(s["anomaly_map"], d["anomaly_map"], rtol=1e-4,
+                                   atol=1e-4 * float(d["anomaly_map"].max()))
+        assert s["is_anomaly"] == d["is_anomaly"]
