@@ -140,9 +140,11 @@ class ProgressLog:
         done = record["epoch"] - self.first + 1
         eta = (time.time() - self.start) / done * (self.total - record["epoch"])
         best = " *" if record.get("best") else ""
-        print(f"epoch {record['epoch']:>3}/{self.total}  loss {record['loss']:.4f}  "
-              f"holdout {record['holdout_loss']:.4f}{best}  {record['images_per_s']:.1f} img/s  "
-              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=self.stream, flush=True)
+        # write(), not print(): Ray Train patches print() and would log every line twice
+        self.stream.write(f"epoch {record['epoch']:>3}/{self.total}  loss {record['loss']:.4f}  "
+                          f"holdout {record['holdout_loss']:.4f}{best}  {record['images_per_s']:.1f} img/s  "
+                          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}\n")
+        self.stream.flush()
 
 
 @dataclass

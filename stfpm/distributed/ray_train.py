@@ -1,0 +1,194 @@
+"""Data-parallel STFPM training on Ray Train: the single-process step and epoch functions
+of stfpm.train, run in every worker under paddle.DataParallel, fed by Ray Data.
+
+Images are decoded and resized once in Ray Data CPU tasks and materialised; each worker
+streams its shard of the training images and sees all held-out images. Every epoch is
+reported with a checkpoint (student, best student, optimizer state, history) so a rerun
+with the same name resumes and a replaced worker continues from the last epoch."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from stfpm.train import TrainConfig, TrainResult, finalize, split_dataset
+
+CHECKPOINT_STATE = "state.json"
+
+
+def _decode_resize(batch: dict, size: int) -> dict:
+    from stfpm.data import decode_image, resize_for_model
+
+    images = [resize_for_model(decode_image(bytes(data), str(path)), size)
+              for data, path in zip(batch["bytes"], batch["path"])]
+    return {"image": np.stack(images), "path": batch["path"]}
+
+
+def image_dataset(paths: list[str], size: int):
+    """Decoded, resized uint8 (S, S, 3) RGB images, materialised in the object store so
+    epochs do not decode again."""
+    import ray.data
+
+    ds = ray.data.read_binary_files(sorted(paths), include_paths=True)
+    return ds.map_batches(_decode_resize, fn_kwargs={"size": size}, batch_format="numpy").materialize()
+
+
+def _save_tensors(path: Path, state: dict) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v.numpy()) for k, v in state.items() if hasattr(v, "numpy")}, str(path))
+
+
+def _load_tensors(path: Path) -> dict:
+    import paddle
+    from safetensors.numpy import load_file
+
+    return {k: paddle.to_tensor(v) for k, v in load_file(str(path)).items()}
+
+
+def _all_reduce_mean(value: float, weight: int) -> float:
+    """Weighted mean over workers (the epoch loss over all images seen by all workers)."""
+    import paddle
+    import paddle.distributed as dist
+
+    if dist.get_world_size() <= 1:
+        return value
+    t = paddle.to_tensor([value * weight, float(weight)], dtype="float64")
+    dist.all_reduce(t)
+    total, count = t.numpy()
+    return float(total / count)
+
+
+def _average_batchnorm_statistics(layer) -> None:
+    """DataParallel averages gradients but each worker's batch-norm running statistics
+    follow its own shard; averaging them keeps every replica identical, so the held-out
+    loss (and the model kept) is the same on every worker."""
+    import paddle
+    import paddle.distributed as dist
+
+    world = dist.get_world_size()
+    if world <= 1:
+        return
+    with paddle.no_grad():
+        for name, buffer in layer.named_buffers():
+            if name.endswith(("_mean", "_variance")):
+                dist.all_reduce(buffer)
+                buffer.set_value(buffer / world)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import sys
+
+    import paddle
+    import ray.train
+
+    from stfpm.data import normalize_batch
+    from stfpm.distributed.paddle_backend import init_process_group
+    from stfpm.nn import backbone_spec
+    from stfpm.train import ProgressLog, build_network, make_optimizer, mean_loss, run_epoch
+
+    cfg = TrainConfig(**config["cfg"])
+    spec = backbone_spec(cfg.backbone)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = init_process_group()
+    network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
+    optimizer = make_optimizer(network, cfg)
+    start, best_loss, best_state, history = 1, float("inf"), None, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
+            if state["cfg"] != config["cfg"]:
+                raise ValueError("the checkpoint under this run name was made with another training "
+                                 f"configuration ({state['cfg']}); use another --name to start afresh")
+            network.student.set_state_dict(_load_tensors(Path(d) / "student.safetensors"))
+            optimizer.set_state_dict(_load_tensors(Path(d) / "optimizer.safetensors"))
+            best_state = _load_tensors(Path(d) / "best_student.safetensors")
+            start, best_loss, history = state["epoch"] + 1, state["best_holdout_loss"], state["history"]
+    model = paddle.DataParallel(network) if world > 1 else network
+    per_worker_batch = max(1, cfg.batch_size // world)
+    holdout = np.concatenate([normalize_batch(b["image"], spec.mean, spec.std) for b in
+                              ray.train.get_dataset_shard("holdout").iter_batches(batch_size=256, batch_format="numpy")])
+    shard = ray.train.get_dataset_shard("train")
+    log = ProgressLog(cfg.epochs, first_epoch=start, stream=sys.stderr if rank == 0 else None)
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        batches = (normalize_batch(b["image"], spec.mean, spec.std) for b in shard.iter_batches(
+            batch_size=per_worker_batch, batch_format="numpy",
+            local_shuffle_buffer_size=4 * per_worker_batch, local_shuffle_seed=cfg.seed * 1000 + epoch + rank))
+        loss, seen = run_epoch(model, optimizer, batches)
+        loss = _all_reduce_mean(loss, seen)
+        _average_batchnorm_statistics(network.student)
+        elapsed = time.time() - t0
+        holdout_loss = mean_loss(network, holdout, cfg.batch_size)  # identical on every worker
+        record = {"epoch": epoch, "loss": loss, "holdout_loss": holdout_loss,
+                  "images_per_s": seen * world / elapsed, "best": holdout_loss < best_loss,
+                  "workers": world, "device": device, "segment_start": start}
+        if record["best"]:
+            best_loss = holdout_loss
+            best_state = {k: v.clone() for k, v in network.student.state_dict().items()}
+        history.append(record)
+        log.epoch(record)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                d = Path(tmp)
+                _save_tensors(d / "student.safetensors", network.student.state_dict())
+                _save_tensors(d / "best_student.safetensors", best_state)
+                _save_tensors(d / "optimizer.safetensors", optimizer.state_dict())
+                (d / CHECKPOINT_STATE).write_text(json.dumps(
+                    {"cfg": config["cfg"], "epoch": epoch, "best_holdout_loss": best_loss, "history": history}))
+                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(record)
+
+
+def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
+                      storage: str | None = None, name: str | None = None, max_failures: int = 0,
+                      threads_per_worker: int | None = None, cpus_per_worker: float = 1) -> TrainResult:
+    """Train with `num_workers` Ray Train workers (Ray must be initialised, or is started
+    locally), then finalize the model directory exactly as single-process training does."""
+    import ray
+    import ray.train
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from stfpm.distributed.paddle_backend import PaddleConfig
+    from stfpm.nn import backbone_spec
+    from stfpm.train import build_network, load_images
+
+    cfg = cfg.resolved()
+    split = split_dataset(data, cfg)
+    if not ray.is_initialized():
+        ray.init()
+    datasets = {"train": image_dataset([s.image for s in split.train], cfg.image_size),
+                "holdout": image_dataset([s.image for s in split.holdout], cfg.image_size)}
+    storage_filesystem = None
+    if storage and storage.startswith("s3://"):
+        from stfpm.storage import filesystem_for
+
+        storage_filesystem, storage = filesystem_for(storage)
+    run_config = ray.train.RunConfig(
+        name=name or f"stfpm-{Path(out_dir).name}",
+        storage_path=storage, storage_filesystem=storage_filesystem,
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    trainer = DataParallelTrainer(
+        train_loop_per_worker, train_loop_config={"cfg": asdict(cfg)},
+        backend_config=PaddleConfig(threads_per_worker=threads_per_worker),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=run_config, datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
+        network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
+        network.student.set_state_dict(_load_tensors(Path(d) / "best_student.safetensors"))
+    spec = backbone_spec(cfg.backbone)
+    holdout_images = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std)
+    return finalize(network, cfg, split, holdout_images, out_dir, state["history"])
