@@ -213,3 +213,10 @@ def _fetch_s3_file(info: pafs.FileInfo, dest: Path) -> None:
         return
     download_file(f"s3://{info.path}", dest)
     os.utime(dest, ns=(info.mtime_ns, info.mtime_ns))
+
+
+def upload_dir(local_dir: Path, uri: str) -> None:
+    """Copy the files of a local directory (e.g. a model directory) under `uri`."""
+    for path in sorted(Path(local_dir).rglob("*")):
+        if path.is_file():
+            write_bytes(uri.rstrip("/") + "/" + path.relative_to(local_dir).as_posix(), path.read_bytes())

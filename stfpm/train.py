@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ import paddle
 from stfpm.artifact import LoadedModel, read_meta, save_model, write_meta
 from stfpm.data import load_dataset, preprocess, read_image, split_holdout
 from stfpm.nn import STFPM, backbone_spec, stfpm_loss
-from stfpm.weights import apply_state, load_teacher_state
+from stfpm.storage import fetch_to_cache, is_s3, upload_dir
+from stfpm.weights import apply_state, default_cache_dir, load_teacher_state
 
 
 @dataclass
@@ -159,17 +161,29 @@ class TrainResult:
 
 @dataclass
 class TrainSplit:
-    """The dataset and its deterministic train / held-out split (the same in every process)."""
+    """The dataset and its deterministic train / held-out split (the same in every process).
+    An s3:// dataset is mirrored into the local cache for discovery; `uri` maps a sample's
+    local path back to its s3:// URI for readers on other nodes."""
 
     dataset: object
     train: list
     holdout: list
+    source: str
+    local_root: str
+
+    def uri(self, path: str) -> str:
+        if self.source == self.local_root:
+            return path
+        return self.source.rstrip("/") + "/" + Path(path).relative_to(self.local_root).as_posix()
 
 
 def split_dataset(data: str, cfg: TrainConfig) -> TrainSplit:
-    dataset = load_dataset(data)
+    local_root = str(data)
+    if is_s3(str(data)):
+        local_root = str(fetch_to_cache(str(data), default_cache_dir() / "datasets"))
+    dataset = load_dataset(local_root)
     train_samples, holdout_samples = split_holdout(dataset.train, cfg.holdout_fraction, cfg.seed)
-    return TrainSplit(dataset, train_samples, holdout_samples)
+    return TrainSplit(dataset, train_samples, holdout_samples, str(data), local_root)
 
 
 def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
@@ -230,12 +244,16 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
     model = LoadedModel(network=network, meta=meta, path=str(out_dir))
     holdout_scores = Predictor.from_model(model).forward(holdout_images).reshape(len(holdout_images), -1).max(axis=1)
     meta["threshold"] = calibrate_threshold(holdout_scores, cfg.threshold_quantile)
-    save_model(network, out_dir, meta)
-    (Path(out_dir) / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    metrics = None
-    if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
-        model = LoadedModel(network=network, meta=read_meta(out_dir), path=str(out_dir))
-        metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
-        model.meta["metrics"] = metrics
-        write_meta(out_dir, model.meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        local_dir = Path(tmp) if is_s3(str(out_dir)) else Path(out_dir)
+        save_model(network, local_dir, meta)
+        (local_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        metrics = None
+        if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
+            model = LoadedModel(network=network, meta=read_meta(local_dir), path=str(local_dir))
+            metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
+            model.meta["metrics"] = metrics
+            write_meta(local_dir, model.meta)
+        if local_dir != Path(out_dir):
+            upload_dir(local_dir, str(out_dir))
     return TrainResult(str(out_dir), best["epoch"], best["holdout_loss"], meta["threshold"], history, metrics)

@@ -29,12 +29,16 @@ def _decode_resize(batch: dict, size: int) -> dict:
     return {"image": np.stack(images), "path": batch["path"]}
 
 
-def image_dataset(paths: list[str], size: int):
+def image_dataset(uris: list[str], size: int):
     """Decoded, resized uint8 (S, S, 3) RGB images, materialised in the object store so
-    epochs do not decode again."""
+    epochs do not decode again. Local paths or s3:// URIs, read by Ray's workers."""
     import ray.data
 
-    ds = ray.data.read_binary_files(sorted(paths), include_paths=True)
+    from stfpm.storage import filesystem_for
+
+    filesystem, _ = filesystem_for(uris[0])
+    paths = sorted(filesystem_for(u)[1] for u in uris)
+    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem)
     return ds.map_batches(_decode_resize, fn_kwargs={"size": size}, batch_format="numpy").materialize()
 
 
@@ -165,8 +169,8 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     split = split_dataset(data, cfg)
     if not ray.is_initialized():
         ray.init()
-    datasets = {"train": image_dataset([s.image for s in split.train], cfg.image_size),
-                "holdout": image_dataset([s.image for s in split.holdout], cfg.image_size)}
+    datasets = {"train": image_dataset([split.uri(s.image) for s in split.train], cfg.image_size),
+                "holdout": image_dataset([split.uri(s.image) for s in split.holdout], cfg.image_size)}
     storage_filesystem = None
     if storage and storage.startswith("s3://"):
         from stfpm.storage import filesystem_for
@@ -192,3 +196,68 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     spec = backbone_spec(cfg.backbone)
     holdout_images = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std)
     return finalize(network, cfg, split, holdout_images, out_dir, state["history"])
+
+
+def find_categories(root: str) -> list[str]:
+    """Category folders under `root` (local or s3://): those holding train/ or train.txt."""
+    import pyarrow.fs as pafs
+
+    from stfpm.storage import filesystem_for
+
+    fs, path = filesystem_for(root)
+    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    found = []
+    for entry in sorted(entries, key=lambda e: e.path):
+        if entry.type != pafs.FileType.Directory:
+            continue
+        marks = fs.get_file_info([entry.path + "/train", entry.path + "/train.txt"])
+        if any(m.type != pafs.FileType.NotFound for m in marks):
+            found.append(entry.base_name)
+    if not found:
+        raise ValueError(f"{root}: no category folders (folders holding train/good or train.txt) found")
+    return found
+
+
+def train_categories(root: str, out: str, cfg: TrainConfig, num_workers: int = 0, parallel: int | None = None,
+                     **distributed) -> dict:
+    """One model per category folder of ROOT into OUT/<category>, then OUT/registry.yaml
+    (the scoring job's registry, paths relative to it). With Ray workers, as many categories
+    train at once as the cluster has CPUs for; in-process training runs them one by one.
+    A failing category does not stop the others: failures are returned and named."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+
+    from stfpm.storage import write_bytes
+    from stfpm.train import train
+
+    categories = find_categories(root)
+    run_prefix = distributed.pop("name", None) or "stfpm"
+    join = lambda base, name: base.rstrip("/") + "/" + name  # noqa: E731
+    if num_workers:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        per_run = num_workers * distributed.get("cpus_per_worker", 1)
+        parallel = parallel or max(1, int(ray.cluster_resources().get("CPU", 1) // per_run))
+    parallel = parallel or 1
+
+    def run(category: str):
+        try:
+            if num_workers:
+                train_distributed(join(root, category), join(out, category), cfg, num_workers=num_workers,
+                                  name=f"{run_prefix}-{category}", **distributed)
+            else:
+                train(join(root, category), join(out, category), cfg)
+            return category, None
+        except Exception as e:  # reported per category below; the others go on
+            return category, f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        outcomes = list(pool.map(run, categories))
+    trained = {c: c for c, err in outcomes if err is None}
+    failed = {c: err for c, err in outcomes if err is not None}
+    if trained:
+        write_bytes(join(out, "registry.yaml"), yaml.safe_dump({"models": trained}, sort_keys=True).encode())
+    return {"trained": sorted(trained), "failed": failed, "registry": join(out, "registry.yaml") if trained else None}

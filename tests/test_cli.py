@@ -1,0 +1,67 @@
+"""The `stfpm` command line, end to end on tiny generated data."""
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from stfpm.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_cli_workflow(tmp_path):
+    data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "out"
+    code, text = invoke("synth", data, "--n-train", 16, "--n-test", 8, "--size", 64, "--seed", 0)
+    assert code == 0, text
+    code, text = invoke("check-dataset", data, "--out", out / "check")
+    assert code == 0 and "Check dataset passed" in text, text
+    assert json.loads((out / "check" / "check_dataset_result.json").read_text())["check_pass"]
+    code, text = invoke("train", data, "--out", model, "--backbone", "efficientnet_lite0", "--epochs", 2,
+                        "--image-size", 64, "--batch-size", 8)
+    assert code == 0 and "model written" in text, text
+    code, text = invoke("evaluate", model, data, "--out", out / "eval", "--set-threshold")
+    assert code == 0, text
+    metrics = json.loads((out / "eval" / "evaluate_result.json").read_text())["metrics"]
+    assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold",
+            "per_defect_type_image_auroc"} <= set(metrics)
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["threshold"]["source"] == "f1_test" and meta["threshold"]["value"] == metrics["image_f1_threshold"]
+    code, text = invoke("predict", model, data / "test", "--out", out / "pred", "--batch-size", 4)
+    assert code == 0 and "8 images" in text, text
+    assert len(list((out / "pred").glob("*.png"))) == 8 and len(list((out / "pred").glob("*.json"))) == 8
+    code, text = invoke("export", model, "--out", model / "inference")
+    assert code == 0 and (model / "inference" / "inference.yml").is_file(), text
+    code, text = invoke("predict", model / "inference", data / "test" / "good", "--out", out / "pred2")
+    assert code == 0, text
+
+
+def test_train_all_writes_a_registry(tmp_path):
+    root = tmp_path / "cats"
+    for i, name in enumerate(("alpha", "beta")):
+        assert invoke("synth", root / name, "--n-train", 8, "--n-test", 4, "--size", 64, "--seed", i)[0] == 0
+    (root / "not_a_category").mkdir()
+    code, text = invoke("train-all", root, "--out", tmp_path / "models", "--backbone", "efficientnet_lite0",
+                        "--epochs", 1, "--image-size", 64, "--batch-size", 8)
+    assert code == 0, text
+    registry = yaml.safe_load((tmp_path / "models" / "registry.yaml").read_text())
+    assert registry == {"models": {"alpha": "alpha", "beta": "beta"}}
+    assert (tmp_path / "models" / "beta" / "model.json").is_file()
+
+
+def test_errors_name_what_is_wrong(tmp_path):
+    code, text = invoke("train", tmp_path / "nowhere", "--out", tmp_path / "m")
+    assert code == 2 and "nowhere" in text and "Traceback" not in text
+    code, text = invoke("evaluate", tmp_path / "no_model", tmp_path)
+    assert code == 2 and "no_model" in text and "stfpm train" in text
+    code, text = invoke("train", tmp_path, "--out", tmp_path / "m", "--backbone", "vgg16")
+    assert code == 2 and "vgg16" in text
+    (tmp_path / "empty").mkdir()
+    code, text = invoke("check-dataset", tmp_path / "empty", "--out", tmp_path / "chk")
+    assert code == 2 and "empty" in text
+    code, text = invoke("train-all", tmp_path / "empty", "--out", tmp_path / "models")
+    assert code == 2 and "no category folders" in text
