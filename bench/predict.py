@@ -98,7 +98,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many passes")
     args = ap.parse_args()
-    print(f"paddle {paddle.__version__}, threads: {paddle.get_flags(['FLAGS_paddle_num_threads'])}")
+    from stfpm.runtime import configure_threads
+
+    threads = configure_threads()  # the same for baseline and ours (Paddle's default is 1)
+    print(f"paddle {paddle.__version__}, {threads} CPU threads for both")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_images(tmp, args.n, args.image_size)

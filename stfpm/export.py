@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import paddle
 import yaml
 
 from stfpm.artifact import MODEL_JSON, ModelDirError, load_model
+from stfpm.runtime import cpu_threads
 
 PROGRAM, PARAMS, INFERENCE_YML = "inference.json", "inference.pdiparams", "inference.yml"
 
@@ -83,7 +83,7 @@ def load_exported(model_dir: str | Path):
     config.disable_gpu()
     # oneDNN cannot run the bilinear-interpolate attributes of this graph in Paddle 3.3.
     config.disable_mkldnn()
-    config.set_cpu_math_library_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    config.set_cpu_math_library_num_threads(cpu_threads())
     config.disable_glog_info()
     predictor = inference.create_predictor(config)
     input_handle = predictor.get_input_handle(predictor.get_input_names()[0])

@@ -50,6 +50,9 @@ class Predictor:
 
     @classmethod
     def from_model(cls, model: LoadedModel, threshold: float | None = None) -> "Predictor":
+        from stfpm.runtime import configure_threads
+
+        configure_threads()
         network = model.network
         network.eval()
 

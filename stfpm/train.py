@@ -17,6 +17,7 @@ import paddle
 from stfpm.artifact import LoadedModel, read_meta, save_model, write_meta
 from stfpm.data import load_dataset, preprocess, read_image, split_holdout
 from stfpm.nn import STFPM, backbone_spec, stfpm_loss
+from stfpm.runtime import configure_threads
 from stfpm.storage import fetch_to_cache, is_s3, upload_dir
 from stfpm.weights import apply_state, default_cache_dir, load_teacher_state
 
@@ -191,6 +192,7 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
     """Train on DATA's good images in this process, keep the student with the lowest
     held-out loss, then `finalize` the model directory."""
     cfg = cfg.resolved()
+    configure_threads()
     spec = backbone_spec(cfg.backbone)
     split = split_dataset(data, cfg)
     train_images = load_images([s.image for s in split.train], cfg.image_size, spec.mean, spec.std)

@@ -70,9 +70,9 @@ def init_process_group() -> str:
     limit and join the collective. Returns the device string."""
     import paddle
 
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        paddle.base.core.set_num_threads(int(threads))
+    from stfpm.runtime import configure_threads
+
+    configure_threads()  # threads_per_worker, via OMP_NUM_THREADS, or the worker's cores
     device = "cpu"
     if os.environ.get("STFPM_RAY_GPU_IDS") and paddle.device.is_compiled_with_cuda():
         device = "gpu:0"  # the first (only) GPU visible to this worker: the one Ray assigned
