@@ -59,35 +59,118 @@ def check_dataset(data: Path = typer.Argument(..., help="Dataset root (MVTec cat
     typer.echo(f"Check dataset passed ! Report: {out / 'check_dataset_result.json'}")
 
 
+def _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size, holdout,
+                  seed, threshold_quantile, teacher_weights):
+    from stfpm.train import TrainConfig
+
+    return TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                       weight_decay=weight_decay, optimizer=optimizer, image_size=image_size,
+                       holdout_fraction=holdout, seed=seed, threshold_quantile=threshold_quantile,
+                       teacher_weights=teacher_weights)
+
+
+def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker):
+    if workers < 1:
+        return {}
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address) if ray_address else ray.init()
+    return {"use_gpu": gpu, "storage": storage, "name": name, "max_failures": max_failures,
+            "threads_per_worker": threads_per_worker}
+
+
+# Options shared by `train` and `train-all`.
+RECIPE_OPTIONS = dict(
+    backbone=typer.Option("resnet18", help="resnet18 | efficientnet_lite0"),
+    epochs=typer.Option(None, help="Default: the backbone's recipe (100)"),
+    batch_size=typer.Option(None, help="Global batch size (split across workers); default 32"),
+    lr=typer.Option(None, help="Default: 0.4 (SGD)"),
+    momentum=typer.Option(None, help="Default: 0.9"),
+    weight_decay=typer.Option(None, help="Default: 1e-4"),
+    optimizer=typer.Option(None, help="sgd | adam; default sgd"),
+    image_size=typer.Option(None, help="Default: 256"),
+    holdout=typer.Option(None, help="Fraction of train/good held out (default 0.2)"),
+    seed=typer.Option(0),
+    threshold_quantile=typer.Option(0.99, help="Threshold = this quantile of held-out good scores"),
+    teacher_weights=typer.Option(None, help="Teacher weights: PATH or s3:// URI (.pdparams, .safetensors, legacy .pth)"),
+    workers=typer.Option(0, help="Ray Train workers; 0 trains in this process"),
+    gpu=typer.Option(False, "--gpu", help="One GPU per worker (nccl)"),
+    storage=typer.Option(None, help="Checkpoint storage for Ray Train: path or s3:// (default ~/ray_results)"),
+    name=typer.Option(None, help="Ray Train run name; rerunning with the same name resumes"),
+    max_failures=typer.Option(0, help="Worker failures to recover from by restarting from the last checkpoint"),
+    threads_per_worker=typer.Option(None, help="Intra-op threads per worker"),
+    ray_address=typer.Option(None, help="Ray cluster to join, e.g. auto; default: a local Ray"),
+)
+
+
 @app.command()
 @_user_errors
-def train(data: str = typer.Argument(..., help="Dataset root"),
-          out: Path = typer.Option(..., help="Model directory to write"),
-          backbone: str = typer.Option("resnet18", help="resnet18 | efficientnet_lite0"),
-          epochs: Optional[int] = typer.Option(None, help="Default: the backbone's recipe (100)"),
-          batch_size: Optional[int] = typer.Option(None, help="Default: 32"),
-          lr: Optional[float] = typer.Option(None, help="Default: 0.4 (SGD)"),
-          momentum: Optional[float] = typer.Option(None, help="Default: 0.9"),
-          weight_decay: Optional[float] = typer.Option(None, help="Default: 1e-4"),
-          optimizer: Optional[str] = typer.Option(None, help="sgd | adam; default sgd"),
-          image_size: Optional[int] = typer.Option(None, help="Default: 256"),
-          holdout: Optional[float] = typer.Option(None, help="Fraction of train/good held out (default 0.2)"),
-          seed: int = typer.Option(0),
-          threshold_quantile: float = typer.Option(0.99, help="Threshold = this quantile of held-out good scores"),
-          teacher_weights: Optional[str] = typer.Option(None, help="Teacher weights: PATH or s3:// URI "
-                                                        "(.pdparams, .safetensors or a legacy .pth)")):
-    """Train an STFPM model on the good images of DATA."""
-    from stfpm.train import TrainConfig, train as run_train
+def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
+          out: str = typer.Option(..., help="Model directory to write: local or s3://"),
+          backbone: str = RECIPE_OPTIONS["backbone"], epochs: Optional[int] = RECIPE_OPTIONS["epochs"],
+          batch_size: Optional[int] = RECIPE_OPTIONS["batch_size"], lr: Optional[float] = RECIPE_OPTIONS["lr"],
+          momentum: Optional[float] = RECIPE_OPTIONS["momentum"],
+          weight_decay: Optional[float] = RECIPE_OPTIONS["weight_decay"],
+          optimizer: Optional[str] = RECIPE_OPTIONS["optimizer"],
+          image_size: Optional[int] = RECIPE_OPTIONS["image_size"],
+          holdout: Optional[float] = RECIPE_OPTIONS["holdout"], seed: int = RECIPE_OPTIONS["seed"],
+          threshold_quantile: float = RECIPE_OPTIONS["threshold_quantile"],
+          teacher_weights: Optional[str] = RECIPE_OPTIONS["teacher_weights"],
+          workers: int = RECIPE_OPTIONS["workers"], gpu: bool = RECIPE_OPTIONS["gpu"],
+          storage: Optional[str] = RECIPE_OPTIONS["storage"], name: Optional[str] = RECIPE_OPTIONS["name"],
+          max_failures: int = RECIPE_OPTIONS["max_failures"],
+          threads_per_worker: Optional[int] = RECIPE_OPTIONS["threads_per_worker"],
+          ray_address: Optional[str] = RECIPE_OPTIONS["ray_address"]):
+    """Train an STFPM model on the good images of DATA (in this process or on Ray Train)."""
+    from stfpm.train import train as run_train
 
-    cfg = TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                      weight_decay=weight_decay, optimizer=optimizer, image_size=image_size,
-                      holdout_fraction=holdout, seed=seed, threshold_quantile=threshold_quantile,
-                      teacher_weights=teacher_weights)
-    result = run_train(data, str(out), cfg)
+    cfg = _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size,
+                        holdout, seed, threshold_quantile, teacher_weights)
+    ray_options = _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker)
+    if ray_options:
+        from stfpm.distributed.ray_train import train_distributed
+
+        result = train_distributed(data, out, cfg, num_workers=workers, **ray_options)
+    else:
+        result = run_train(data, out, cfg)
     typer.echo(f"model written to {out} (best epoch {result.best_epoch}, "
                f"threshold {result.threshold['value']:.6g})")
     if result.metrics:
         typer.echo(json.dumps(_headline(result.metrics), indent=2))
+
+
+@app.command("train-all")
+@_user_errors
+def train_all(root: str = typer.Argument(..., help="Folder (local or s3://) of category folders"),
+              out: str = typer.Option(..., help="Folder for one model per category and registry.yaml"),
+              backbone: str = RECIPE_OPTIONS["backbone"], epochs: Optional[int] = RECIPE_OPTIONS["epochs"],
+              batch_size: Optional[int] = RECIPE_OPTIONS["batch_size"], lr: Optional[float] = RECIPE_OPTIONS["lr"],
+              momentum: Optional[float] = RECIPE_OPTIONS["momentum"],
+              weight_decay: Optional[float] = RECIPE_OPTIONS["weight_decay"],
+              optimizer: Optional[str] = RECIPE_OPTIONS["optimizer"],
+              image_size: Optional[int] = RECIPE_OPTIONS["image_size"],
+              holdout: Optional[float] = RECIPE_OPTIONS["holdout"], seed: int = RECIPE_OPTIONS["seed"],
+              threshold_quantile: float = RECIPE_OPTIONS["threshold_quantile"],
+              teacher_weights: Optional[str] = RECIPE_OPTIONS["teacher_weights"],
+              workers: int = RECIPE_OPTIONS["workers"], gpu: bool = RECIPE_OPTIONS["gpu"],
+              storage: Optional[str] = RECIPE_OPTIONS["storage"], name: Optional[str] = RECIPE_OPTIONS["name"],
+              max_failures: int = RECIPE_OPTIONS["max_failures"],
+              threads_per_worker: Optional[int] = RECIPE_OPTIONS["threads_per_worker"],
+              ray_address: Optional[str] = RECIPE_OPTIONS["ray_address"],
+              parallel: Optional[int] = typer.Option(None, help="Categories at once (default: as the cluster fits)")):
+    """Train one model per category folder and write OUT/registry.yaml for `stfpm score`."""
+    from stfpm.distributed.ray_train import train_categories
+
+    cfg = _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size,
+                        holdout, seed, threshold_quantile, teacher_weights)
+    ray_options = _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker)
+    summary = train_categories(root, out, cfg, num_workers=workers, parallel=parallel, **ray_options)
+    typer.echo(f"trained: {', '.join(summary['trained']) or 'none'}; registry: {summary['registry']}")
+    if summary["failed"]:
+        for category, error in summary["failed"].items():
+            typer.secho(f"failed: {category}: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -131,9 +214,11 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
     model = create_model(model_dir=model_dir)
     typer.echo(f"{'image':<48} {'score':>10} {'norm':>6}  decision")
     n = n_anomalous = 0
+    used: set[str] = set()
     for res in model.predict(inputs, batch_size=batch_size, threshold=threshold):
-        res.save_to_img(out)
-        res.save_to_json(out)
+        stem = _unique_stem(res["input_path"], n, used)
+        res.save_to_img(out / f"{stem}.png")
+        res.save_to_json(out / f"{stem}.json")
         name = res["input_path"] or f"image_{n:06d}"
         name = name if len(name) <= 48 else "..." + name[-45:]
         typer.echo(f"{name:<48} {res['score']:>10.4g} {res['norm_score']:>6.3f}  "
@@ -142,6 +227,22 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
         n_anomalous += res["is_anomaly"]
     typer.echo(f"{n} images, {n_anomalous} anomalous at threshold {model.threshold if threshold is None else threshold:.6g}; "
                f"overlays and JSON in {out}")
+
+
+def _unique_stem(input_path: str | None, index: int, used: set[str]) -> str:
+    """Output name per input: its stem, prefixed by its folder when two inputs share a stem
+    (MVTec's test/good/000.png and test/crack/000.png)."""
+    if input_path is None:
+        stem = f"image_{index:06d}"
+    else:
+        stem = Path(input_path).stem
+        if stem in used:
+            stem = f"{Path(input_path).parent.name}_{stem}"
+    base, k = stem, 1
+    while stem in used:
+        stem, k = f"{base}_{k}", k + 1
+    used.add(stem)
+    return stem
 
 
 @app.command()
@@ -157,29 +258,74 @@ def export(model_dir: Path = typer.Argument(..., help="Model directory from `stf
 
 @app.command()
 @_user_errors
+def score(model: str = typer.Argument(..., help="Model directory (local or s3://) or a registry YAML "
+                                      "mapping category -> model directory"),
+          source: str = typer.Argument(..., help="Folder, s3://bucket/prefix, manifest (.parquet, or text "
+                                       "with one URI per line) or one image"),
+          output: str = typer.Argument(..., help="Output folder or s3:// prefix (scores/, maps/, _SUCCESS)"),
+          partitions: Optional[str] = typer.Option(None, help="Names of the folder levels under SOURCE, kept "
+                                                   "as columns, e.g. category,line,date (a registry needs category)"),
+          ext: Optional[str] = typer.Option(None, help="Extensions to list, e.g. .png,.jpg (default: all images)"),
+          batch_size: int = typer.Option(32, help="Images per forward pass"),
+          actors: str = typer.Option("1", help="Scoring actors: N, or MIN..MAX to autoscale"),
+          gpus_per_actor: float = typer.Option(0, help="GPUs per actor (Ray assigns them)"),
+          cpus_per_actor: float = typer.Option(1, help="CPUs per actor (Paddle's threads on a CPU actor)"),
+          threshold: Optional[float] = typer.Option(None, help="Override the stored threshold(s)"),
+          overlays: bool = typer.Option(False, "--overlays", help="Also write overlays of anomalous inputs"),
+          ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto; "
+                                                    "default: start a local Ray"),
+          run_id: Optional[str] = typer.Option(None, help="Default: UTC time + random suffix"),
+          s3_endpoint: Optional[str] = typer.Option(None, help="S3-compatible endpoint, e.g. http://minio:9000 "
+                                                    "(default: AWS_ENDPOINT_URL)"),
+          s3_region: Optional[str] = typer.Option(None, help="Default: AWS_REGION")):
+    """Score every image of SOURCE on Ray Data: a Parquet score table and anomaly maps in OUTPUT."""
+    from stfpm.distributed import score as run_score
+
+    if s3_endpoint:  # read by stfpm.storage here and in the local Ray it starts; forwarded to a joined cluster
+        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    if s3_region:
+        os.environ["AWS_REGION"] = s3_region
+    options = {"extensions": tuple(e.strip() for e in ext.split(","))} if ext else {}
+    summary = run_score(model, source, output, partitions=partitions.split(",") if partitions else None,
+                        batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
+                        cpus_per_actor=cpus_per_actor, threshold=threshold,
+                        overlays=overlays, ray_address=ray_address, run_id=run_id, **options)
+    typer.echo(f"table: {summary['output']['scores']}  maps: {summary['output']['maps']}  "
+               f"summary: {summary['output']['root']}/_SUCCESS")
+
+
+@app.command()
+@_user_errors
 def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data, model and outputs"),
          epochs: int = typer.Option(20), size: int = typer.Option(128), seed: int = typer.Option(0)):
-    """End to end on generated data: synth -> check-dataset -> train -> evaluate -> predict."""
-    from stfpm.api import create_model
+    """End to end on generated data: synth -> check-dataset -> train -> evaluate -> predict ->
+    score on a local Ray (the batch-scoring job) into OUT/audit."""
     from stfpm.data import check_dataset as run_check, load_dataset, make_synthetic_dataset
     from stfpm.evaluate import evaluate_model, write_evaluation
     from stfpm.artifact import load_model
     from stfpm.train import TrainConfig, train as run_train
 
     data, model_dir = out / "data", out / "model"
-    make_synthetic_dataset(data, n_train=64, n_test=32, size=size, seed=seed)
+    if not data.exists():  # a rerun reuses the generated data
+        make_synthetic_dataset(data, n_train=64, n_test=32, size=size, seed=seed)
     run_check(data, out / "check")
-    typer.echo(f"[1/4] dataset written to {data} and checked ({out / 'check'})")
+    typer.echo(f"[1/5] dataset written to {data} and checked ({out / 'check'})")
     run_train(str(data), str(model_dir), TrainConfig(backbone="efficientnet_lite0", epochs=epochs,
                                                      image_size=size, seed=seed))
-    typer.echo(f"[2/4] model trained: {model_dir}")
+    typer.echo(f"[2/5] model trained: {model_dir}")
     result = evaluate_model(load_model(model_dir), load_dataset(data))
     write_evaluation(result, out / "evaluate")
-    typer.echo(f"[3/4] evaluation: {json.dumps(_headline(result['metrics']))}")
-    for res in create_model(model_dir=model_dir).predict(str(data / "test"), batch_size=8):
-        res.save_to_img(out / "predict")
-        res.save_to_json(out / "predict")
-    typer.echo(f"[4/4] overlays and JSON per test image in {out / 'predict'}")
+    typer.echo(f"[3/5] evaluation: {json.dumps(_headline(result['metrics']))}")
+    predict(model_dir, [str(data / "test")], out / "predict", batch_size=8, threshold=None)
+    typer.echo(f"[4/5] overlays and JSON per test image in {out / 'predict'}")
+    from stfpm.distributed import score as run_score
+
+    summary = run_score(str(model_dir), str(data / "test"), str(out / "audit"), partitions=["kind"],
+                        batch_size=16, verbose=False)
+    scores = summary["output"]["scores"]
+    typer.echo(f"[5/5] {summary['counts']['scored']} test images scored on a local Ray: table {scores}, "
+               f"maps {summary['output']['maps']}\n      read it with: python -c \"import pandas as pd; "
+               f"print(pd.read_parquet('{scores}').nlargest(5, 'score')[['image_uri', 'score', 'is_anomaly']])\"")
 
 
 def _headline(metrics: dict) -> dict:

@@ -232,3 +232,15 @@ def test_preprocess_is_resize_then_normalize():
     assert halves.dtype == np.uint8 and halves.shape == (3, 64, 64, 3)
     assert np.array_equal(halves[0], cv2.resize(images[0], (64, 64), interpolation=cv2.INTER_AREA)[..., ::-1])
     assert np.array_equal(normalize_batch(halves), preprocess(images, 64))
+
+
+def test_large_jpegs_decode_at_reduced_scale_but_never_below_the_model_input():
+    from stfpm.data.images import jpeg_reduction
+
+    assert jpeg_reduction(900, 900, 256) == 2 and jpeg_reduction(511, 4000, 256) == 1
+    assert jpeg_reduction(2048, 2048, 256) == 8 and jpeg_reduction(4096, 4096, 256) == 8
+    rng = np.random.default_rng(0)
+    big = cv2.GaussianBlur(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8), (9, 9), 0)
+    data = cv2.imencode(".jpg", big)[1].tobytes()
+    assert decode_image(data, "big.jpg", min_side=128).shape == (150, 200, 3)  # 1/4 scale
+    assert decode_image(data, "big.jpg").shape == (600, 800, 3)

@@ -1,0 +1,208 @@
+"""What a scoring run reads: the input files and the model(s) that score them.
+
+Inputs are one of
+- a directory (local, recursive) or an s3://bucket/prefix: every file whose extension is in
+  `extensions` (case-insensitive); hidden files and folders (a name starting with ".") and
+  anything under the run's own output are skipped;
+- a manifest file: `.parquet` with an `image_uri` (or `uri`, `path`) column, or any other
+  text file with one URI per line (blank lines and lines starting with "#" are ignored;
+  relative entries are relative to the manifest's folder). Manifest entries are not
+  filtered by extension: each one gets a row;
+- a single image file.
+
+Directory levels under the root become columns named by `partitions`: with
+`partitions=["category", "line"]`, `root/bottle/l3/x.png` gets category="bottle",
+line="l3"; a `name=value` level (Hive style) gives its value. Levels a file does not have
+are null; deeper levels stay in `image_uri` only. For manifests the root is the longest
+common folder of the entries, and a Parquet manifest column named like a partition gives
+that partition's values instead (its other columns are not kept).
+
+The model is a model directory (local path or s3://, exported or not) or a registry YAML
+mapping category -> model directory (optionally under a top-level `models:` key; relative
+entries are relative to the YAML's folder). With a registry, each input is scored by the
+model of its `category` column.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+from stfpm.data.images import IMAGE_EXTENSIONS
+from stfpm.storage import filesystem_for, is_s3, read_bytes
+
+MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path")
+CATEGORY = "category"
+REGISTRY_SUFFIXES = (".yaml", ".yml")
+
+
+def image_id(uri: str) -> str:
+    """A stable id for an input: the first 32 hex digits of sha256(image_uri)."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:32]
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _uri(fs: pafs.FileSystem, path: str) -> str:
+    """A filesystem path back to a URI: s3://bucket/key for S3, the absolute path locally."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def _resolve(entry: str, base: str) -> str:
+    """A manifest or registry entry, relative ones taken relative to the folder `base`."""
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    if is_s3(base):
+        return join_uri(base, entry)
+    return filesystem_for(posixpath.join(base, entry))[1]
+
+
+def _folder(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
+                exclude: str | None = None) -> pa.Table:
+    """The inputs of `source` as a table sorted by image_uri, one row per distinct URI:
+    image_uri, size_bytes (null when unknown), then one string column per partition name.
+    `exclude` is a URI prefix to skip (the output of the run)."""
+    fs, root = filesystem_for(source)
+    info = fs.get_file_info(root.rstrip("/"))
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{source}: no such directory, prefix, manifest or image")
+    extra: dict[str, list] = {}
+    if info.type == pafs.FileType.Directory:
+        uris, sizes, root_uri = _list_directory(fs, root.rstrip("/"), extensions, exclude)
+    elif info.path.lower().endswith(tuple(extensions)):
+        uris, sizes, root_uri = [_uri(fs, info.path)], [info.size], _folder(_uri(fs, info.path))
+    else:
+        uris, extra = _read_manifest(source)
+        sizes, root_uri = [None] * len(uris), _common_folder(uris)
+    columns = {"image_uri": uris, "size_bytes": sizes}
+    for i, name in enumerate(partitions):
+        columns[name] = extra[name] if name in extra else [_level(uri, root_uri, i) for uri in uris]
+    first = {}
+    for i, uri in enumerate(uris):
+        first.setdefault(uri, i)
+    table = pa.table({k: pa.array(v, pa.int64() if k == "size_bytes" else pa.string())
+                      for k, v in columns.items()})
+    if len(first) != len(uris):
+        table = table.take(sorted(first.values()))
+    table = table.sort_by("image_uri")
+    return table
+
+
+def _list_directory(fs, root: str, extensions, exclude: str | None):
+    extensions = tuple(e.lower() for e in extensions)
+    skip = filesystem_for(exclude)[1].rstrip("/") + "/" if exclude else None
+    uris, sizes = [], []
+    for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = item.path[len(root) + 1:]
+        if (item.type != pafs.FileType.File or not item.path.lower().endswith(extensions)
+                or any(part.startswith(".") for part in rel.split("/"))
+                or (skip and (item.path + "/").startswith(skip))):
+            continue
+        uris.append(_uri(fs, item.path))
+        sizes.append(item.size)
+    return uris, sizes, _uri(fs, root)
+
+
+def _read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
+    base = _folder(uri)
+    if uri.lower().endswith(".parquet"):
+        table = pq.read_table(pa.BufferReader(read_bytes(uri)))
+        column = next((c for c in MANIFEST_URI_COLUMNS if c in table.column_names), None)
+        if column is None:
+            raise ValueError(f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_URI_COLUMNS}")
+        uris = [_resolve(str(u), base) for u in table[column].to_pylist() if u]
+        extra = {c: [None if v is None else str(v) for v in table[c].to_pylist()]
+                 for c in table.column_names if c not in (column, "image_uri", "size_bytes")}
+        if len(uris) != len(table):
+            raise ValueError(f"{uri}: the {column!r} column has empty entries")
+        return uris, extra
+    text = read_bytes(uri).decode("utf-8")
+    lines = (line.strip() for line in text.splitlines())
+    return [_resolve(line, base) for line in lines if line and not line.startswith("#")], {}
+
+
+def _common_folder(uris: list[str]) -> str:
+    folders = [u.rsplit("/", 1)[0].split("/") for u in uris]
+    if not folders:
+        return ""
+    common = folders[0]
+    for parts in folders[1:]:
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common)
+
+
+def _level(uri: str, root: str, i: int) -> str | None:
+    """The i-th directory level of `uri` below `root` (the file name is not a level)."""
+    if not uri.startswith(root.rstrip("/") + "/"):
+        return None
+    levels = uri[len(root.rstrip("/")) + 1:].split("/")[:-1]
+    if i >= len(levels):
+        return None
+    return levels[i].split("=", 1)[1] if "=" in levels[i] else levels[i]
+
+
+# ---------------------------------------------------------------------------------- models
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the driver knows it: where it is and what model.json says, without
+    loading any weights (that happens inside the scoring actors)."""
+    name: str        # registry key, or the model directory's base name
+    uri: str         # local absolute path or s3:// URI
+    version: str     # model.json's model_version (a hash of the weights)
+    input_size: int
+    threshold: float
+    score_min: float
+    score_max: float
+
+    @classmethod
+    def read(cls, name: str, uri: str, threshold: float | None = None) -> "ModelRef":
+        uri = uri.rstrip("/") if is_s3(uri) else filesystem_for(uri)[1]
+        try:
+            meta = json.loads(read_bytes(join_uri(uri, "model.json")))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri} is not a model directory: it has no model.json "
+                                    "(train one with `stfpm train`)") from None
+        cal = meta["threshold"]
+        return cls(name=name, uri=uri, version=meta["model_version"], input_size=int(meta["input"]["size"]),
+                   threshold=float(cal["value"] if threshold is None else threshold),
+                   score_min=float(cal["score_min"]), score_max=float(cal["score_max"]))
+
+
+def is_registry(model: str) -> bool:
+    return model.lower().endswith(REGISTRY_SUFFIXES)
+
+
+def resolve_models(model: str, threshold: float | None = None) -> dict[str | None, ModelRef]:
+    """{category: ModelRef} for a registry YAML, {None: ModelRef} for one model directory."""
+    if not is_registry(model):
+        return {None: ModelRef.read(posixpath.basename(model.rstrip("/")), model, threshold)}
+    try:
+        doc = yaml.safe_load(read_bytes(model))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{model}: not valid YAML ({e})") from None
+    entries = doc.get("models", doc) if isinstance(doc, dict) else None
+    if not isinstance(entries, dict) or not entries or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
+        raise ValueError(f"{model}: a registry maps category names to model directories, e.g.\n"
+                         "models:\n  bottle: s3://models/bottle\n  cable: models/cable")
+    base = _folder(model)
+    return {category: ModelRef.read(category, _resolve(uri, base), threshold)
+            for category, uri in entries.items()}
