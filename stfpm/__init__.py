@@ -1,4 +1,6 @@
 """stfpm: STFPM unsupervised image anomaly detection on PaddlePaddle."""
+from stfpm import runtime as _runtime  # noqa: F401  (reads OMP_NUM_THREADS before Paddle changes it)
+
 __version__ = "0.1.0"
 
 

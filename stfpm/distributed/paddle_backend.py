@@ -53,7 +53,7 @@ def _set_paddle_env(endpoints: list[str], index: int, backend: str | None, threa
         os.environ["FLAGS_selected_gpus"] = "0"
         os.environ["STFPM_RAY_GPU_IDS"] = ",".join(str(g) for g in gpu_ids)
     if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ["STFPM_NUM_THREADS"] = str(threads)
 
 
 class PaddleBackend(Backend):
@@ -72,7 +72,7 @@ def init_process_group() -> str:
 
     from stfpm.runtime import configure_threads
 
-    configure_threads()  # threads_per_worker, via OMP_NUM_THREADS, or the worker's cores
+    configure_threads()  # threads_per_worker, else Ray's OMP_NUM_THREADS for the worker
     device = "cpu"
     if os.environ.get("STFPM_RAY_GPU_IDS") and paddle.device.is_compiled_with_cuda():
         device = "gpu:0"  # the first (only) GPU visible to this worker: the one Ray assigned
