@@ -1,0 +1,51 @@
+"""Nightly audit, as a Ray job:
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/nightly_audit.py --config cluster/audit.example.yaml
+
+Scores the images that arrived since the last successful run and writes the score table,
+the maps, audit.json and report.html under OUTPUT/runs/<run_id>/ (stfpm/audit.py says how).
+Runs the same on a laptop (`python jobs/nightly_audit.py --config ...` starts a local Ray).
+
+Exit codes:
+    0  done; every category's anomaly rate at or under its alert level
+    3  done; some category's anomaly rate above its alert level (see audit.json "alerts")
+    1  failed; the state is not advanced, so the next run retries this one
+    2  invalid arguments or configuration; nothing was done
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="Audit config YAML (local path or s3://)")
+    parser.add_argument("--rerender", metavar="RUN_ID",
+                        help="Only write runs/RUN_ID/report.html again (fresh presigned links)")
+    args = parser.parse_args(argv)
+
+    from stfpm.audit import EXIT_FAILED, EXIT_USAGE, load_config, rerender_report, run_audit
+
+    try:
+        cfg = load_config(args.config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.rerender:
+            print(rerender_report(cfg, args.rerender))
+            return 0
+        result = run_audit(cfg)
+    except Exception:  # noqa: BLE001 - any failure is exit 1; the traceback is in the job log
+        traceback.print_exc()
+        return EXIT_FAILED
+    print(f"audit {result.run_id}: {result.summary['status']}; report {result.report}")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
