@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.distributed.sources import CATEGORY, _level, _read_manifest, join_uri
+from stfpm.distributed.sources import CATEGORY, join_uri, path_level, read_manifest
 from stfpm.storage import filesystem_for, is_s3, read_bytes, write_bytes
 
 STATE = "_audit_state.json"
@@ -269,7 +269,7 @@ def list_arrivals(cfg: AuditConfig, since: datetime | None, until: datetime) -> 
         for uri, arrived, size in list_files(cfg.source, extensions, exclude=cfg.output):
             if in_window(arrived, since, until):
                 rows[uri] = {"image_uri": uri, "size_bytes": size, "arrived_at": arrived,
-                             **{p: _level(uri, root, i) for i, p in enumerate(partitions)}}
+                             **{p: path_level(uri, root, i) for i, p in enumerate(partitions)}}
     else:
         root = cfg.root.rstrip("/") if cfg.root and is_s3(cfg.root) else (
             filesystem_for(cfg.root)[1] if cfg.root else None)
@@ -277,7 +277,7 @@ def list_arrivals(cfg: AuditConfig, since: datetime | None, until: datetime) -> 
         for manifest, arrived, _ in sorted(manifests, key=lambda m: m[1]):
             if not in_window(arrived, since, until):
                 continue
-            uris, extra = _read_manifest(manifest)
+            uris, extra = read_manifest(manifest)
             for j, uri in enumerate(uris):
                 values = {}
                 for i, p in enumerate(partitions):
@@ -287,7 +287,7 @@ def list_arrivals(cfg: AuditConfig, since: datetime | None, until: datetime) -> 
                         raise ValueError(f"{manifest}: partition {p!r} is not a column of the manifest; "
                                          "set `root` in the audit config to take it from the folders")
                     else:
-                        values[p] = _level(uri, root, i)
+                        values[p] = path_level(uri, root, i)
                 rows[uri] = {"image_uri": uri, "size_bytes": None, "arrived_at": arrived, **values}
     schema = inputs_schema(partitions)
     ordered = [rows[u] for u in sorted(rows)]

@@ -86,11 +86,11 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
     elif info.path.lower().endswith(tuple(extensions)):
         uris, sizes, root_uri = [_uri(fs, info.path)], [info.size], _folder(_uri(fs, info.path))
     else:
-        uris, extra = _read_manifest(source)
+        uris, extra = read_manifest(source)
         sizes, root_uri = [None] * len(uris), _common_folder(uris)
     columns = {"image_uri": uris, "size_bytes": sizes}
     for i, name in enumerate(partitions):
-        columns[name] = extra[name] if name in extra else [_level(uri, root_uri, i) for uri in uris]
+        columns[name] = extra[name] if name in extra else [path_level(uri, root_uri, i) for uri in uris]
     first = {}
     for i, uri in enumerate(uris):
         first.setdefault(uri, i)
@@ -117,7 +117,7 @@ def _list_directory(fs, root: str, extensions, exclude: str | None):
     return uris, sizes, _uri(fs, root)
 
 
-def _read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
+def read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
     base = _folder(uri)
     if uri.lower().endswith(".parquet"):
         table = pq.read_table(pa.BufferReader(read_bytes(uri)))
@@ -148,7 +148,7 @@ def _common_folder(uris: list[str]) -> str:
     return "/".join(common)
 
 
-def _level(uri: str, root: str, i: int) -> str | None:
+def path_level(uri: str, root: str, i: int) -> str | None:
     """The i-th directory level of `uri` below `root` (the file name is not a level)."""
     if not uri.startswith(root.rstrip("/") + "/"):
         return None
