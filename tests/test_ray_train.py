@@ -55,26 +55,38 @@ def test_two_workers_follow_the_single_process_loss_curve(data, tmp_path, local_
     load_model(tmp_path / "dist")
 
 
-def _kill_a_worker_after_first_checkpoint(run_dir, done: threading.Event):
-    """SIGKILL one Ray Train worker process once an epoch's checkpoint is registered
-    (Ray writes the checkpoint manager's snapshot then)."""
+def _train_worker_pids() -> set[int]:
+    """Live (not zombie) processes of Ray Train workers."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"RayTrainWorker" in (proc / "cmdline").read_bytes() and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir, stale: set[int], done: threading.Event, killed: list):
+    """SIGKILL one of this run's Ray Train workers once an epoch's checkpoint is registered
+    (Ray writes the checkpoint manager's snapshot then). Workers of earlier runs may linger:
+    they are in `stale` and never chosen."""
     while not done.is_set():
         if (run_dir / "checkpoint_manager_snapshot.json").exists():
-            for proc in Path("/proc").iterdir():
-                try:
-                    cmdline = (proc / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if proc.name.isdigit() and b"RayTrainWorker" in cmdline:
-                    os.kill(int(proc.name), signal.SIGKILL)
-                    return
+            for pid in sorted(_train_worker_pids() - stale):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
         time.sleep(0.2)
 
 
 def _train_with_a_killed_worker(data, out, storage, name, max_failures):
-    done = threading.Event()
+    done, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(storage / name, done), daemon=True)
+                              args=(storage / name, _train_worker_pids(), done, killed), daemon=True)
     killer.start()
     try:
         return train_distributed(str(data), str(out), TrainConfig(**CFG), num_workers=2, storage=str(storage),
@@ -82,6 +94,7 @@ def _train_with_a_killed_worker(data, out, storage, name, max_failures):
     finally:
         done.set()
         killer.join()
+        assert killed, "no worker of this run was killed"
 
 
 def test_a_killed_worker_is_replaced_and_training_finishes(data, tmp_path, local_ray):
