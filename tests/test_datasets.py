@@ -8,7 +8,7 @@ import pytest
 
 from stfpm.data import DatasetError, Sample, load_dataset, scan_dataset, split_holdout
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the checkout
 
 
 def write_image(path: Path, value: int = 128, size: tuple[int, int] = (16, 16)) -> Path:

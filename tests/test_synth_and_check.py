@@ -11,7 +11,7 @@ from stfpm.data import (DEFECT_KINDS, DatasetError, add_defect, check_dataset, m
                         read_mask, render_texture)
 from stfpm.data.synth import texture_family
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the checkout
 
 
 @pytest.fixture(scope="module")
