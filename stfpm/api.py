@@ -11,6 +11,12 @@ from stfpm.results import AnomalyResult
 MODEL_NAMES = ("STFPM",)
 
 
+def _is_url(text: str) -> bool:
+    from stfpm.storage import is_http, is_s3
+
+    return is_http(text) or is_s3(text)
+
+
 def _expand(item: Any) -> Iterator[tuple[str | None, Any]]:
     """Flatten what PaddleX accepts into (input_path, source) pairs, lazily and in order:
     arrays, file paths, http(s)/s3 URLs, directories (images in sorted order, recursive),
@@ -28,7 +34,7 @@ def _expand(item: Any) -> Iterator[tuple[str | None, Any]]:
             yield from _expand(sub)
     elif isinstance(item, (str, Path)):
         text = str(item)
-        if text.startswith(("http://", "https://", "s3://")):
+        if _is_url(text):
             yield text, text
         elif Path(text).is_dir():
             files = sorted(p for p in Path(text).rglob("*")
@@ -51,7 +57,7 @@ def _load(input_path: str | None, source: Any) -> np.ndarray:
 
     if isinstance(source, np.ndarray):
         return to_bgr_uint8(source)
-    if source.startswith(("http://", "https://", "s3://")):
+    if _is_url(source):
         from stfpm.storage import read_bytes
 
         return decode_image(read_bytes(source), source)

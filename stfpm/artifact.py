@@ -45,7 +45,7 @@ class LoadedModel:
         return self.meta["model_version"]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,7 +72,7 @@ def save_model(network: STFPM, out_dir: str | Path, meta: dict) -> Path:
     hashes = {}
     for part, filename in WEIGHT_FILES.items():
         save_file(_state_to_numpy(getattr(network, part)), str(out / filename))
-        hashes[filename] = _sha256(out / filename)
+        hashes[filename] = sha256_file(out / filename)
     full = dict(meta)
     full.update(
         schema_version=SCHEMA_VERSION,
@@ -124,7 +124,7 @@ def load_model(model_dir: str | Path) -> LoadedModel:
         if not path.is_file():
             raise ModelDirError(f"{model_dir} is incomplete: {filename} is missing")
         expected = meta["weights"].get(filename)
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise ModelDirError(f"{path} does not match the sha256 recorded in {MODEL_JSON}; "
                                 "the file is corrupt or was replaced")
         layer = getattr(network, part)

@@ -5,7 +5,6 @@ The export holds `inference.json` + `inference.pdiparams` (paddle.jit.save, inpu
 `inference.yml`, and our `model.json` so threshold and normalisation travel with it."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import paddle
 import yaml
 
-from stfpm.artifact import MODEL_JSON, ModelDirError, load_model
+from stfpm.artifact import MODEL_JSON, ModelDirError, load_model, sha256_file
 from stfpm.runtime import cpu_threads
 
 PROGRAM, PARAMS, INFERENCE_YML = "inference.json", "inference.pdiparams", "inference.yml"
@@ -30,10 +29,6 @@ class _MapNetwork(paddle.nn.Layer):
         return self.network.score_maps(image)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     model = load_model(model_dir)
     out = Path(out_dir)
@@ -45,7 +40,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     paddle.jit.save(layer, str(out / "inference"), input_spec=[spec])
     meta = dict(model.meta)
     meta["export"] = {"format": "paddle_inference", "program": PROGRAM, "params": PARAMS,
-                      "sha256": {f: _sha256(out / f) for f in (PROGRAM, PARAMS)},
+                      "sha256": {f: sha256_file(out / f) for f in (PROGRAM, PARAMS)},
                       "source_model_dir": str(model_dir)}
     (out / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
     inp, thr = meta["input"], meta["threshold"]
@@ -77,7 +72,7 @@ def load_exported(model_dir: str | Path):
         raise ModelDirError(f"exported model {d} has no {MODEL_JSON}; re-export it with `stfpm export`")
     meta = json.loads(meta_path.read_text())
     for name, digest in meta["export"]["sha256"].items():
-        if _sha256(d / name) != digest:
+        if sha256_file(d / name) != digest:
             raise ModelDirError(f"{d / name} does not match the sha256 in {meta_path}")
     config = inference.Config(str(d / PROGRAM), str(d / PARAMS))
     config.disable_gpu()
