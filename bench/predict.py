@@ -3,7 +3,9 @@
 Baseline (what PaddleX's STFPM predictor does): one image per forward pass, dynamic graph,
 full ResNet18 teacher and student including layer4 (computed, then thrown away), the map
 thresholded at a hard-coded 0.01 into a 256x256 mask. Ours: `create_model(...).predict`
-with batches (maps resized back to each input, scores, normalised scores, masks).
+with batches (maps resized back to each input, scores, normalised scores, masks), on its
+default CPU engine (Paddle Inference + oneDNN) and, to show where the gain comes from, on
+the dynamic graph (`--engines onednn,dygraph`).
 
     python bench/predict.py --n 64 --batch-size 16
 
@@ -26,7 +28,8 @@ import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
 from stfpm import create_model  # noqa: E402
-from stfpm.artifact import save_model  # noqa: E402
+from stfpm.artifact import load_model, save_model  # noqa: E402
+from stfpm.inference import Predictor  # noqa: E402
 from stfpm.nn import STFPM, backbone_spec  # noqa: E402
 
 
@@ -97,6 +100,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256, help="side of the input files")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many passes")
+    ap.add_argument("--engines", default="onednn,dygraph", help="predictor engines to measure")
+    ap.add_argument("--backbones", default="resnet18,efficientnet_lite0")
     args = ap.parse_args()
     from stfpm.runtime import configure_threads
 
@@ -109,13 +114,17 @@ def main() -> None:
         baseline.predict_one(paths[0])  # warm-up
         base = rate(lambda: [baseline.predict_one(p) for p in paths], args.n, args.repeats)
         print(f"paddlex-style resnet18 (batch 1, full ResNet18, 0.01 mask): {base:7.2f} img/s")
-        for backbone in ("resnet18", "efficientnet_lite0"):
+        for backbone in args.backbones.split(","):
             model = create_model(model_dir=make_model_dir(tmp, backbone, 256))
-            list(model.predict(paths[: args.batch_size], batch_size=args.batch_size))  # warm-up
-            ours = rate(lambda: list(model.predict(paths, batch_size=args.batch_size)), args.n, args.repeats)
-            one = rate(lambda: list(model.predict(paths[:16], batch_size=1)), 16, args.repeats)
-            print(f"stfpm {backbone:<18} batch {args.batch_size:>3}: {ours:7.2f} img/s "
-                  f"({ours / base:.2f}x baseline); batch 1: {one:6.2f} img/s = {1000 / one:6.1f} ms/image")
+            for engine in args.engines.split(","):
+                model.predictor = Predictor.from_model(load_model(model.model_dir), engine=engine)
+                list(model.predict(paths[: args.batch_size], batch_size=args.batch_size))  # warm-up
+                ours = rate(lambda: list(model.predict(paths, batch_size=args.batch_size)), args.n, args.repeats)
+                list(model.predict(paths[:1], batch_size=1))  # warm-up of the batch-1 shape
+                one = rate(lambda: list(model.predict(paths[:16], batch_size=1)), 16, args.repeats)
+                print(f"stfpm {backbone:<18} {engine:<7} batch {args.batch_size:>3}: {ours:7.2f} img/s "
+                      f"({ours / base:.2f}x baseline); batch 1: {one:6.2f} img/s = {1000 / one:6.1f} ms/image "
+                      f"({one / base:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

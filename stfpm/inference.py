@@ -3,6 +3,10 @@
 A batch of decoded images goes through ONE forward pass; each map is then resized back to
 its own image's size, scored (max of the map), normalised (0.5 at the threshold, DESIGN §7)
 and thresholded into a 0/255 mask.
+
+The forward runs on one of two engines that give the same maps (within 1e-6): on CPU the
+network compiled into Paddle Inference with oneDNN (`stfpm.export.compile_network`, 3.6-5x
+faster than the dynamic graph); on GPU, or where Paddle lacks oneDNN, the dynamic graph.
 """
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ import paddle
 
 from stfpm.artifact import LoadedModel
 from stfpm.data.images import normalize_batch, preprocess
+from stfpm.nn import anomaly_map
+
+ENGINES = ("auto", "onednn", "dygraph")
 
 
 @dataclass
@@ -37,9 +44,9 @@ class Predictor:
     """Post-processing around a forward function: the dynamic network of a model directory
     or a Paddle Inference predictor of an exported model; both give the same maps."""
 
-    def __init__(self, meta: dict, forward: Callable[[np.ndarray], np.ndarray], threshold: float | None = None):
+    def __init__(self, meta: dict, layer_forward: Callable[[np.ndarray], list], threshold: float | None = None):
         self.meta = meta
-        self.forward = forward  # (N, 3, S, S) float32 normalised input -> (N, S, S) float32 maps
+        self.layer_forward = layer_forward  # (N, 3, S, S) normalised input -> per-layer (N, h, w) maps
         self.size = int(meta["input"]["size"])
         self.mean = tuple(meta["input"]["mean"])
         self.std = tuple(meta["input"]["std"])
@@ -49,18 +56,29 @@ class Predictor:
         self.score_max = float(cal["score_max"])
 
     @classmethod
-    def from_model(cls, model: LoadedModel, threshold: float | None = None) -> "Predictor":
+    def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto") -> "Predictor":
+        """`engine`: "onednn" (Paddle Inference on CPU), "dygraph", or "auto": oneDNN unless the
+        process runs on a GPU or Paddle was built without oneDNN."""
         from stfpm.runtime import configure_threads
 
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
         configure_threads()
         network = model.network
+        if engine == "auto":
+            on_gpu = paddle.device.get_device().startswith("gpu")
+            engine = "dygraph" if on_gpu or not paddle.base.core.is_compiled_with_mkldnn() else "onednn"
+        if engine == "onednn":
+            from stfpm.export import compile_network
+
+            return cls(model.meta, compile_network(network, model.image_size), threshold)
         network.eval()
 
-        def forward(batch: np.ndarray) -> np.ndarray:
+        def layer_forward(batch: np.ndarray) -> list:
             with paddle.no_grad():
-                return network.score_maps(paddle.to_tensor(batch)).numpy().astype(np.float32, copy=False)
+                return [d.numpy() for d in network.layer_maps(paddle.to_tensor(batch))]
 
-        return cls(model.meta, forward, threshold)
+        return cls(model.meta, layer_forward, threshold)
 
     @classmethod
     def open(cls, model_dir, threshold: float | None = None) -> "Predictor":
@@ -77,6 +95,10 @@ class Predictor:
     @property
     def model_version(self) -> str:
         return self.meta["model_version"]
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps."""
+        return anomaly_map(self.layer_forward(batch), (batch.shape[2], batch.shape[3]))
 
     def predict(self, images: list[np.ndarray], threshold: float | None = None) -> list[Prediction]:
         """BGR uint8 images of any sizes -> one Prediction each, from a single forward pass."""

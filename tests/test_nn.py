@@ -44,15 +44,21 @@ def test_anomaly_map_is_product_of_upsampled_layer_maps():
     rng = np.random.default_rng(1)
     t, s = _feats(rng), _feats(rng)
     tt, ss = [paddle.to_tensor(x) for x in t], [paddle.to_tensor(x) for x in s]
-    amap = anomaly_map(tt, ss, (64, 64)).numpy()
-    assert amap.shape == (2, 64, 64)
+    dists = layer_distances(tt, ss)
+    amap = anomaly_map([d.numpy() for d in dists], (64, 64))
+    assert amap.shape == (2, 64, 64) and amap.dtype == np.float32
     import cv2  # bilinear, half-pixel centres: the same as align_corners=False
     expected = np.ones((2, 64, 64), np.float32)
     for a, b in zip(t, s):
         d = _np_distance(a, b)
         expected *= np.stack([cv2.resize(x, (64, 64), interpolation=cv2.INTER_LINEAR) for x in d])
     np.testing.assert_allclose(amap, expected, rtol=1e-4, atol=1e-7)
-    dists = layer_distances(tt, ss)
+    # and the same as Paddle's bilinear interpolate with align_corners=False
+    ref = None
+    for d in dists:
+        up = paddle.nn.functional.interpolate(d.unsqueeze(1), size=[64, 64], mode="bilinear", align_corners=False)
+        ref = up if ref is None else ref * up
+    np.testing.assert_allclose(amap, ref.squeeze(1).numpy(), rtol=1e-4, atol=1e-7)
     assert [tuple(d.shape) for d in dists] == [(2, 16, 16), (2, 8, 8), (2, 4, 4)]
     assert np.all(amap >= 0) and np.all(amap <= 8)
 
@@ -73,8 +79,14 @@ def test_teacher_is_frozen_and_stays_in_eval_mode():
     assert all(p.grad is None for p in net.teacher.parameters())
 
 
-def test_score_maps_at_input_resolution():
+def test_layer_maps_combine_to_input_resolution():
     net = STFPM("resnet18")
     net.eval()
-    maps = net.score_maps(paddle.randn([3, 3, 96, 128]))
-    assert tuple(maps.shape) == (3, 96, 128)
+    layers = net.layer_maps(paddle.randn([3, 3, 96, 128]))
+    assert [tuple(d.shape) for d in layers] == [(3, 24, 32), (3, 12, 16), (3, 6, 8)]
+    assert anomaly_map([d.numpy() for d in layers], (96, 128)).shape == (3, 96, 128)
+    # one sample, and more samples than the 128 channels resized per cv2 call
+    assert anomaly_map([np.ones((1, 4, 4), np.float32)], (8, 8)).shape == (1, 8, 8)
+    big = np.random.default_rng(0).random((600, 4, 4)).astype(np.float32)
+    out = anomaly_map([big], (8, 8))
+    np.testing.assert_allclose(out[550], anomaly_map([big[550:551]], (8, 8))[0], rtol=1e-6)

@@ -150,6 +150,23 @@ def test_result_presentation(trained, synth_data, tmp_path, capsys):
     assert res.img["res"].shape == overlay.shape
 
 
+def test_onednn_engine_matches_dynamic_graph(trained, synth_data):
+    from stfpm.artifact import load_model
+    from stfpm.data.images import preprocess
+    from stfpm.inference import Predictor
+
+    model = load_model(trained[0])
+    images = [cv2.imread(str(p)) for p in sorted((synth_data / "test").rglob("*.png"))[:5]]
+    fast = Predictor.from_model(model, engine="onednn")
+    slow = Predictor.from_model(model, engine="dygraph")
+    batch = preprocess(images, fast.size, fast.mean, fast.std)
+    a, b = fast.forward(batch), slow.forward(batch)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.max()))
+    np.testing.assert_allclose(fast.forward(batch[:2]), a[:2], rtol=1e-4, atol=1e-5 * float(b.max()))
+    with pytest.raises(ValueError, match="unknown engine"):
+        Predictor.from_model(model, engine="tensorrt")
+
+
 def test_export_matches_dynamic_model(trained, synth_data, tmp_path):
     from stfpm.export import export_model
 
