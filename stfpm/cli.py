@@ -60,13 +60,13 @@ def check_dataset(data: Path = typer.Argument(..., help="Dataset root (MVTec cat
 
 
 def _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size, holdout,
-                  seed, threshold_quantile, teacher_weights):
+                  seed, threshold_quantile, teacher_weights, augment):
     from stfpm.train import TrainConfig
 
     return TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                        weight_decay=weight_decay, optimizer=optimizer, image_size=image_size,
                        holdout_fraction=holdout, seed=seed, threshold_quantile=threshold_quantile,
-                       teacher_weights=teacher_weights)
+                       teacher_weights=teacher_weights, augment=augment)
 
 
 def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker):
@@ -94,6 +94,8 @@ RECIPE_OPTIONS = dict(
     seed=typer.Option(0),
     threshold_quantile=typer.Option(0.99, help="Threshold = this quantile of held-out good scores"),
     teacher_weights=typer.Option(None, help="Teacher weights: PATH or s3:// URI (.pdparams, .safetensors, legacy .pth)"),
+    augment=typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts whose pose "
+                                    "varies); default none"),
     workers=typer.Option(0, help="Ray Train workers; 0 trains in this process"),
     gpu=typer.Option(False, "--gpu", help="One GPU per worker (nccl)"),
     storage=typer.Option(None, help="Checkpoint storage for Ray Train: path or s3:// (default ~/ray_results)"),
@@ -117,6 +119,7 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
           holdout: Optional[float] = RECIPE_OPTIONS["holdout"], seed: int = RECIPE_OPTIONS["seed"],
           threshold_quantile: float = RECIPE_OPTIONS["threshold_quantile"],
           teacher_weights: Optional[str] = RECIPE_OPTIONS["teacher_weights"],
+          augment: Optional[str] = RECIPE_OPTIONS["augment"],
           workers: int = RECIPE_OPTIONS["workers"], gpu: bool = RECIPE_OPTIONS["gpu"],
           storage: Optional[str] = RECIPE_OPTIONS["storage"], name: Optional[str] = RECIPE_OPTIONS["name"],
           max_failures: int = RECIPE_OPTIONS["max_failures"],
@@ -126,7 +129,7 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
     from stfpm.train import train as run_train
 
     cfg = _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size,
-                        holdout, seed, threshold_quantile, teacher_weights)
+                        holdout, seed, threshold_quantile, teacher_weights, augment)
     ray_options = _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker)
     if ray_options:
         from stfpm.distributed.ray_train import train_distributed
@@ -153,6 +156,7 @@ def train_all(root: str = typer.Argument(..., help="Folder (local or s3://) of c
               holdout: Optional[float] = RECIPE_OPTIONS["holdout"], seed: int = RECIPE_OPTIONS["seed"],
               threshold_quantile: float = RECIPE_OPTIONS["threshold_quantile"],
               teacher_weights: Optional[str] = RECIPE_OPTIONS["teacher_weights"],
+          augment: Optional[str] = RECIPE_OPTIONS["augment"],
               workers: int = RECIPE_OPTIONS["workers"], gpu: bool = RECIPE_OPTIONS["gpu"],
               storage: Optional[str] = RECIPE_OPTIONS["storage"], name: Optional[str] = RECIPE_OPTIONS["name"],
               max_failures: int = RECIPE_OPTIONS["max_failures"],
@@ -163,7 +167,7 @@ def train_all(root: str = typer.Argument(..., help="Folder (local or s3://) of c
     from stfpm.distributed.ray_train import train_categories
 
     cfg = _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size,
-                        holdout, seed, threshold_quantile, teacher_weights)
+                        holdout, seed, threshold_quantile, teacher_weights, augment)
     ray_options = _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker)
     summary = train_categories(root, out, cfg, num_workers=workers, parallel=parallel, **ray_options)
     typer.echo(f"trained: {', '.join(summary['trained']) or 'none'}; registry: {summary['registry']}")

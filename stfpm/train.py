@@ -22,6 +22,26 @@ from stfpm.storage import fetch_to_cache, is_s3, upload_dir
 from stfpm.weights import apply_state, default_cache_dir, load_teacher_state
 
 
+AUGMENTATIONS = ("none", "flip", "d4")
+
+
+def augment_batch(batch: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Per image, a random horizontal flip ("flip") or any of the 8 flips and 90-degree
+    rotations ("d4"). For parts whose pose varies from image to image (screws, nuts,
+    textures) the student then learns every pose it will see; for aligned parts, where an
+    unusual pose is itself a defect, keep "none"."""
+    if kind == "none":
+        return batch
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
+    out = np.empty_like(batch)
+    for i, image in enumerate(batch):  # (3, S, S)
+        if kind == "d4":
+            image = np.rot90(image, k=int(rng.integers(4)), axes=(1, 2))
+        out[i] = image[:, :, ::-1] if rng.integers(2) else image
+    return out
+
+
 @dataclass
 class TrainConfig:
     """None means "the backbone's recipe default" (stfpm.nn.backbones)."""
@@ -38,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     threshold_quantile: float = 0.99
     teacher_weights: str | None = None
+    augment: str | None = None
 
     def resolved(self) -> "TrainConfig":
         spec = backbone_spec(self.backbone)
@@ -45,6 +66,8 @@ class TrainConfig:
         for key, default in spec.recipe.items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, default)
+        if cfg.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {cfg.augment!r}")
         if cfg.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
         for key in ("epochs", "batch_size", "image_size"):
@@ -205,7 +228,8 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
     best_loss, best_state, history = float("inf"), None, []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
-        loss, seen = run_epoch(network, optimizer, iterate_batches(train_images, cfg.batch_size, rng))
+        batches = (augment_batch(b, cfg.augment, rng) for b in iterate_batches(train_images, cfg.batch_size, rng))
+        loss, seen = run_epoch(network, optimizer, batches)
         holdout = mean_loss(network, holdout_images, cfg.batch_size)
         record = {"epoch": epoch, "loss": loss, "holdout_loss": holdout,
                   "images_per_s": seen / (time.time() - t0), "best": holdout < best_loss}

@@ -180,3 +180,28 @@ def test_export_matches_dynamic_model(trained, synth_data, tmp_path):
         np.testing.assert_allclose(s["anomaly_map"], d["anomaly_map"], rtol=1e-4,
                                    atol=1e-4 * float(d["anomaly_map"].max()))
         assert s["is_anomaly"] == d["is_anomaly"]
+
+
+def test_augment_batch_draws_only_pose_changes():
+    from stfpm.train import augment_batch
+
+    rng = np.random.default_rng(0)
+    batch = rng.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    image = batch[0]
+    d4 = [np.rot90(image, k, axes=(1, 2)) for k in range(4)]
+    d4 += [x[:, :, ::-1] for x in d4]
+    seen = set()
+    out = augment_batch(np.repeat(batch[:1], 200, axis=0), "d4", rng)
+    for x in out:
+        matches = [i for i, t in enumerate(d4) if np.array_equal(x, t)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(range(8))  # all 8 poses are drawn
+    flips = augment_batch(np.repeat(batch[:1], 50, axis=0), "flip", rng)
+    assert all(np.array_equal(x, image) or np.array_equal(x, image[:, :, ::-1]) for x in flips)
+    assert augment_batch(batch, "none", rng) is batch
+    with pytest.raises(ValueError, match="augment must be one of"):
+        augment_batch(batch, "rotate", rng)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        TrainConfig(backbone="efficientnet_lite0", augment="mixup").resolved()
+    assert TrainConfig(backbone="efficientnet_lite0").resolved().augment == "none"

@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
     from stfpm.data import normalize_batch
     from stfpm.distributed.paddle_backend import init_process_group
     from stfpm.nn import backbone_spec
-    from stfpm.train import ProgressLog, build_network, make_optimizer, mean_loss, run_epoch
+    from stfpm.train import ProgressLog, augment_batch, build_network, make_optimizer, mean_loss, run_epoch
 
     cfg = TrainConfig(**config["cfg"])
     spec = backbone_spec(cfg.backbone)
@@ -123,9 +123,11 @@ def train_loop_per_worker(config: dict) -> None:
     log = ProgressLog(cfg.epochs, first_epoch=start, stream=sys.stderr if rank == 0 else None)
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
-        batches = (normalize_batch(b["image"], spec.mean, spec.std) for b in shard.iter_batches(
-            batch_size=per_worker_batch, batch_format="numpy",
-            local_shuffle_buffer_size=4 * per_worker_batch, local_shuffle_seed=cfg.seed * 1000 + epoch + rank))
+        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        batches = (augment_batch(normalize_batch(b["image"], spec.mean, spec.std), cfg.augment, rng)
+                   for b in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
+                                               local_shuffle_buffer_size=4 * per_worker_batch,
+                                               local_shuffle_seed=cfg.seed * 1000 + epoch + rank))
         loss, seen = run_epoch(model, optimizer, batches)
         loss = _all_reduce_mean(loss, seen)
         _average_batchnorm_statistics(network.student)

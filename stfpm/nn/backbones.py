@@ -24,6 +24,7 @@ OFFICIAL_RECIPE = {
     "epochs": 100,
     "image_size": 256,
     "holdout_fraction": 0.2,
+    "augment": "none",
 }
 
 
