@@ -25,13 +25,15 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("image-size", int),
-                       ("momentum", float), ("weight-decay", float), ("optimizer", str), ("augment", str)):
+                       ("momentum", float), ("weight-decay", float), ("optimizer", str), ("augment", str),
+                       ("layer-norm", str)):
         ap.add_argument(f"--{name}", type=kind, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     cfg = TrainConfig(backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       image_size=args.image_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                      optimizer=args.optimizer, augment=args.augment, seed=args.seed)
+                      optimizer=args.optimizer, augment=args.augment, layer_norm=args.layer_norm,
+                      seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         result = train(args.data, args.out or f"{tmp}/model", cfg)

@@ -82,7 +82,7 @@ def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads
 
 # Options shared by `train` and `train-all`.
 RECIPE_OPTIONS = dict(
-    backbone=typer.Option("resnet18", help="resnet18 | efficientnet_lite0"),
+    backbone=typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2"),
     epochs=typer.Option(None, help="Default: the backbone's recipe (100)"),
     batch_size=typer.Option(None, help="Global batch size (split across workers); default 32"),
     lr=typer.Option(None, help="Default: 0.4 (SGD)"),

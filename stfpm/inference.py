@@ -54,6 +54,7 @@ class Predictor:
         self.threshold = float(cal["value"] if threshold is None else threshold)
         self.score_min = float(cal["score_min"])
         self.score_max = float(cal["score_max"])
+        self.layer_norm = meta.get("map", {}).get("layer_norm", "none")  # models before it existed: none
 
     @classmethod
     def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto") -> "Predictor":
@@ -98,7 +99,7 @@ class Predictor:
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps."""
-        return anomaly_map(self.layer_forward(batch), (batch.shape[2], batch.shape[3]))
+        return anomaly_map(self.layer_forward(batch), (batch.shape[2], batch.shape[3]), self.layer_norm)
 
     def predict(self, images: list[np.ndarray], threshold: float | None = None) -> list[Prediction]:
         """BGR uint8 images of any sizes -> one Prediction each, from a single forward pass."""

