@@ -60,13 +60,13 @@ def check_dataset(data: Path = typer.Argument(..., help="Dataset root (MVTec cat
 
 
 def _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size, holdout,
-                  seed, threshold_quantile, teacher_weights, augment):
+                  seed, threshold_quantile, teacher_weights, augment, layer_norm):
     from stfpm.train import TrainConfig
 
     return TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                        weight_decay=weight_decay, optimizer=optimizer, image_size=image_size,
                        holdout_fraction=holdout, seed=seed, threshold_quantile=threshold_quantile,
-                       teacher_weights=teacher_weights, augment=augment)
+                       teacher_weights=teacher_weights, augment=augment, layer_norm=layer_norm)
 
 
 def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker):
@@ -96,6 +96,9 @@ RECIPE_OPTIONS = dict(
     teacher_weights=typer.Option(None, help="Teacher weights: PATH or s3:// URI (.pdparams, .safetensors, legacy .pth)"),
     augment=typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts whose pose "
                                     "varies); default none"),
+    layer_norm=typer.Option(None, help="none | median: divide each layer's map by its image median before "
+                                       "the product (for parts whose overall discrepancy varies, e.g. screws); "
+                                       "default: the backbone's recipe"),
     workers=typer.Option(0, help="Ray Train workers; 0 trains in this process"),
     gpu=typer.Option(False, "--gpu", help="One GPU per worker (nccl)"),
     storage=typer.Option(None, help="Checkpoint storage for Ray Train: path or s3:// (default ~/ray_results)"),
@@ -120,6 +123,7 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
           threshold_quantile: float = RECIPE_OPTIONS["threshold_quantile"],
           teacher_weights: Optional[str] = RECIPE_OPTIONS["teacher_weights"],
           augment: Optional[str] = RECIPE_OPTIONS["augment"],
+          layer_norm: Optional[str] = RECIPE_OPTIONS["layer_norm"],
           workers: int = RECIPE_OPTIONS["workers"], gpu: bool = RECIPE_OPTIONS["gpu"],
           storage: Optional[str] = RECIPE_OPTIONS["storage"], name: Optional[str] = RECIPE_OPTIONS["name"],
           max_failures: int = RECIPE_OPTIONS["max_failures"],
@@ -129,7 +133,7 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
     from stfpm.train import train as run_train
 
     cfg = _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size,
-                        holdout, seed, threshold_quantile, teacher_weights, augment)
+                        holdout, seed, threshold_quantile, teacher_weights, augment, layer_norm)
     ray_options = _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker)
     if ray_options:
         from stfpm.distributed.ray_train import train_distributed
@@ -157,6 +161,7 @@ def train_all(root: str = typer.Argument(..., help="Folder (local or s3://) of c
               threshold_quantile: float = RECIPE_OPTIONS["threshold_quantile"],
               teacher_weights: Optional[str] = RECIPE_OPTIONS["teacher_weights"],
           augment: Optional[str] = RECIPE_OPTIONS["augment"],
+          layer_norm: Optional[str] = RECIPE_OPTIONS["layer_norm"],
               workers: int = RECIPE_OPTIONS["workers"], gpu: bool = RECIPE_OPTIONS["gpu"],
               storage: Optional[str] = RECIPE_OPTIONS["storage"], name: Optional[str] = RECIPE_OPTIONS["name"],
               max_failures: int = RECIPE_OPTIONS["max_failures"],
@@ -167,7 +172,7 @@ def train_all(root: str = typer.Argument(..., help="Folder (local or s3://) of c
     from stfpm.distributed.ray_train import train_categories
 
     cfg = _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size,
-                        holdout, seed, threshold_quantile, teacher_weights, augment)
+                        holdout, seed, threshold_quantile, teacher_weights, augment, layer_norm)
     ray_options = _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker)
     summary = train_categories(root, out, cfg, num_workers=workers, parallel=parallel, **ray_options)
     typer.echo(f"trained: {', '.join(summary['trained']) or 'none'}; registry: {summary['registry']}")

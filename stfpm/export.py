@@ -103,6 +103,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
             {"Normalize": {"mean": inp["mean"], "std": inp["std"], "scale": 1.0 / 255}},
             {"ToCHWImage": None}]},
         "PostProcess": {"AnomalyMap": {"combine": "product of the outputs, each bilinearly upsampled to the input size",
+                                       "layer_norm": meta.get("map", {}).get("layer_norm", "none"),
                                        "score": "max", "threshold": thr["value"],
                                        "score_min": thr["score_min"], "score_max": thr["score_max"]}},
     }, sort_keys=False))

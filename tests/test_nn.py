@@ -90,3 +90,19 @@ def test_layer_maps_combine_to_input_resolution():
     big = np.random.default_rng(0).random((600, 4, 4)).astype(np.float32)
     out = anomaly_map([big], (8, 8))
     np.testing.assert_allclose(out[550], anomaly_map([big[550:551]], (8, 8))[0], rtol=1e-6)
+
+
+def test_median_layer_norm_divides_each_layer_by_its_image_median():
+    rng = np.random.default_rng(2)
+    layers = [rng.random((3, 16, 16)).astype(np.float32) + 0.1, rng.random((3, 8, 8)).astype(np.float32) + 0.1]
+    got = anomaly_map(layers, (32, 32), layer_norm="median")
+    by_hand = anomaly_map([x / np.median(x.reshape(3, -1), axis=1)[:, None, None] for x in layers], (32, 32))
+    np.testing.assert_allclose(got, by_hand, rtol=1e-6)
+    # an image-wide rise of one image's discrepancy level does not change its normalised map
+    shifted = [x.copy() for x in layers]
+    for x in shifted:
+        x[1] *= 5.0
+    np.testing.assert_allclose(anomaly_map(shifted, (32, 32), layer_norm="median"), got, rtol=1e-5)
+    assert not np.allclose(anomaly_map(shifted, (32, 32))[1], anomaly_map(layers, (32, 32))[1])
+    with pytest.raises(ValueError, match="layer_norm must be one of"):
+        anomaly_map(layers, (32, 32), layer_norm="max")
