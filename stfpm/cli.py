@@ -59,16 +59,6 @@ def check_dataset(data: Path = typer.Argument(..., help="Dataset root (MVTec cat
     typer.echo(f"Check dataset passed ! Report: {out / 'check_dataset_result.json'}")
 
 
-def _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size, holdout,
-                  seed, threshold_quantile, teacher_weights, augment, layer_norm):
-    from stfpm.train import TrainConfig
-
-    return TrainConfig(backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, optimizer=optimizer, image_size=image_size,
-                       holdout_fraction=holdout, seed=seed, threshold_quantile=threshold_quantile,
-                       teacher_weights=teacher_weights, augment=augment, layer_norm=layer_norm)
-
-
 def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker):
     if workers < 1:
         return {}
@@ -80,61 +70,74 @@ def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads
             "threads_per_worker": threads_per_worker}
 
 
-# Options shared by `train` and `train-all`.
-RECIPE_OPTIONS = dict(
-    backbone=typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2"),
-    epochs=typer.Option(None, help="Default: the backbone's recipe (100)"),
-    batch_size=typer.Option(None, help="Global batch size (split across workers); default 32"),
-    lr=typer.Option(None, help="Default: 0.4 (SGD)"),
-    momentum=typer.Option(None, help="Default: 0.9"),
-    weight_decay=typer.Option(None, help="Default: 1e-4"),
-    optimizer=typer.Option(None, help="sgd | adam; default sgd"),
-    image_size=typer.Option(None, help="Default: 256"),
-    holdout=typer.Option(None, help="Fraction of train/good held out (default 0.2)"),
-    seed=typer.Option(0),
-    threshold_quantile=typer.Option(0.99, help="Threshold = this quantile of held-out good scores"),
-    teacher_weights=typer.Option(None, help="Teacher weights: PATH or s3:// URI (.pdparams, .safetensors, legacy .pth)"),
-    augment=typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts whose pose "
-                                    "varies); default none"),
-    layer_norm=typer.Option(None, help="none | median: divide each layer's map by its image median before "
-                                       "the product (for parts whose overall discrepancy varies, e.g. screws); "
-                                       "default: the backbone's recipe"),
-    workers=typer.Option(0, help="Ray Train workers; 0 trains in this process"),
-    gpu=typer.Option(False, "--gpu", help="One GPU per worker (nccl)"),
-    storage=typer.Option(None, help="Checkpoint storage for Ray Train: path or s3:// (default ~/ray_results)"),
-    name=typer.Option(None, help="Ray Train run name; rerunning with the same name resumes"),
-    max_failures=typer.Option(0, help="Worker failures to recover from by restarting from the last checkpoint"),
-    threads_per_worker=typer.Option(None, help="Intra-op threads per worker"),
-    ray_address=typer.Option(None, help="Ray cluster to join, e.g. auto; default: a local Ray"),
-)
+# Options shared by `train` and `train-all`: name -> (type, typer option).
+TRAINING_OPTIONS = {
+    "backbone": (str, typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | "
+                                                    "efficientnet_lite2")),
+    "epochs": (Optional[int], typer.Option(None, help="Default: the backbone's recipe (100)")),
+    "batch_size": (Optional[int], typer.Option(None, help="Global batch size (split across workers); default 32")),
+    "lr": (Optional[float], typer.Option(None, help="Default: 0.4 (SGD)")),
+    "momentum": (Optional[float], typer.Option(None, help="Default: 0.9")),
+    "weight_decay": (Optional[float], typer.Option(None, help="Default: 1e-4")),
+    "optimizer": (Optional[str], typer.Option(None, help="sgd | adam; default sgd")),
+    "image_size": (Optional[int], typer.Option(None, help="Default: 256")),
+    "holdout": (Optional[float], typer.Option(None, help="Fraction of train/good held out (default 0.2)")),
+    "seed": (int, typer.Option(0)),
+    "threshold_quantile": (float, typer.Option(0.99, help="Threshold = this quantile of held-out good scores")),
+    "teacher_weights": (Optional[str], typer.Option(None, help="Teacher weights: PATH or s3:// URI (.pdparams, "
+                                                               ".safetensors, legacy .pth)")),
+    "augment": (Optional[str], typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts "
+                                                       "whose pose varies); default none")),
+    "layer_norm": (Optional[str], typer.Option(None, help="none | median: divide each layer's map by its image "
+                                                          "median before the product (for parts whose overall "
+                                                          "discrepancy varies, e.g. screws); default none")),
+    "workers": (int, typer.Option(0, help="Ray Train workers; 0 trains in this process")),
+    "gpu": (bool, typer.Option(False, "--gpu", help="One GPU per worker (nccl)")),
+    "storage": (Optional[str], typer.Option(None, help="Checkpoint storage for Ray Train: path or s3:// "
+                                                       "(default ~/ray_results)")),
+    "name": (Optional[str], typer.Option(None, help="Ray Train run name; rerunning with the same name resumes")),
+    "max_failures": (int, typer.Option(0, help="Worker failures to recover from by restarting from the last "
+                                               "checkpoint")),
+    "threads_per_worker": (Optional[int], typer.Option(None, help="Intra-op threads per worker")),
+    "ray_address": (Optional[str], typer.Option(None, help="Ray cluster to join, e.g. auto; default: a local Ray")),
+}
+_RAY_OPTIONS = ("ray_address", "workers", "gpu", "storage", "name", "max_failures", "threads_per_worker")
+
+
+def training_options(command):
+    """Give a command the shared training options (one list for `train` and `train-all`).
+    It receives them as `cfg` (TrainConfig), `workers` and `ray_options` ({} to train in this
+    process). Typer reads the options from the wrapper's signature."""
+    import inspect
+
+    signature = inspect.signature(command)
+    own = [p for name, p in signature.parameters.items() if name not in ("cfg", "workers", "ray_options")]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in TRAINING_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from stfpm.train import TrainConfig
+
+        values = {name: kwargs.pop(name) for name in TRAINING_OPTIONS}
+        workers = values["workers"]
+        ray_options = _ray_options(*(values.pop(name) for name in _RAY_OPTIONS))
+        values["holdout_fraction"] = values.pop("holdout")
+        return command(*args, **kwargs, cfg=TrainConfig(**values), workers=workers, ray_options=ray_options)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
+    return wrapper
 
 
 @app.command()
 @_user_errors
+@training_options
 def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
           out: str = typer.Option(..., help="Model directory to write: local or s3://"),
-          backbone: str = RECIPE_OPTIONS["backbone"], epochs: Optional[int] = RECIPE_OPTIONS["epochs"],
-          batch_size: Optional[int] = RECIPE_OPTIONS["batch_size"], lr: Optional[float] = RECIPE_OPTIONS["lr"],
-          momentum: Optional[float] = RECIPE_OPTIONS["momentum"],
-          weight_decay: Optional[float] = RECIPE_OPTIONS["weight_decay"],
-          optimizer: Optional[str] = RECIPE_OPTIONS["optimizer"],
-          image_size: Optional[int] = RECIPE_OPTIONS["image_size"],
-          holdout: Optional[float] = RECIPE_OPTIONS["holdout"], seed: int = RECIPE_OPTIONS["seed"],
-          threshold_quantile: float = RECIPE_OPTIONS["threshold_quantile"],
-          teacher_weights: Optional[str] = RECIPE_OPTIONS["teacher_weights"],
-          augment: Optional[str] = RECIPE_OPTIONS["augment"],
-          layer_norm: Optional[str] = RECIPE_OPTIONS["layer_norm"],
-          workers: int = RECIPE_OPTIONS["workers"], gpu: bool = RECIPE_OPTIONS["gpu"],
-          storage: Optional[str] = RECIPE_OPTIONS["storage"], name: Optional[str] = RECIPE_OPTIONS["name"],
-          max_failures: int = RECIPE_OPTIONS["max_failures"],
-          threads_per_worker: Optional[int] = RECIPE_OPTIONS["threads_per_worker"],
-          ray_address: Optional[str] = RECIPE_OPTIONS["ray_address"]):
+          cfg=None, workers: int = 0, ray_options: dict | None = None):
     """Train an STFPM model on the good images of DATA (in this process or on Ray Train)."""
     from stfpm.train import train as run_train
 
-    cfg = _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size,
-                        holdout, seed, threshold_quantile, teacher_weights, augment, layer_norm)
-    ray_options = _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker)
     if ray_options:
         from stfpm.distributed.ray_train import train_distributed
 
@@ -149,31 +152,14 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
 
 @app.command("train-all")
 @_user_errors
+@training_options
 def train_all(root: str = typer.Argument(..., help="Folder (local or s3://) of category folders"),
               out: str = typer.Option(..., help="Folder for one model per category and registry.yaml"),
-              backbone: str = RECIPE_OPTIONS["backbone"], epochs: Optional[int] = RECIPE_OPTIONS["epochs"],
-              batch_size: Optional[int] = RECIPE_OPTIONS["batch_size"], lr: Optional[float] = RECIPE_OPTIONS["lr"],
-              momentum: Optional[float] = RECIPE_OPTIONS["momentum"],
-              weight_decay: Optional[float] = RECIPE_OPTIONS["weight_decay"],
-              optimizer: Optional[str] = RECIPE_OPTIONS["optimizer"],
-              image_size: Optional[int] = RECIPE_OPTIONS["image_size"],
-              holdout: Optional[float] = RECIPE_OPTIONS["holdout"], seed: int = RECIPE_OPTIONS["seed"],
-              threshold_quantile: float = RECIPE_OPTIONS["threshold_quantile"],
-              teacher_weights: Optional[str] = RECIPE_OPTIONS["teacher_weights"],
-          augment: Optional[str] = RECIPE_OPTIONS["augment"],
-          layer_norm: Optional[str] = RECIPE_OPTIONS["layer_norm"],
-              workers: int = RECIPE_OPTIONS["workers"], gpu: bool = RECIPE_OPTIONS["gpu"],
-              storage: Optional[str] = RECIPE_OPTIONS["storage"], name: Optional[str] = RECIPE_OPTIONS["name"],
-              max_failures: int = RECIPE_OPTIONS["max_failures"],
-              threads_per_worker: Optional[int] = RECIPE_OPTIONS["threads_per_worker"],
-              ray_address: Optional[str] = RECIPE_OPTIONS["ray_address"],
-              parallel: Optional[int] = typer.Option(None, help="Categories at once (default: as the cluster fits)")):
+              parallel: Optional[int] = typer.Option(None, help="Categories at once (default: as the cluster fits)"),
+              cfg=None, workers: int = 0, ray_options: dict | None = None):
     """Train one model per category folder and write OUT/registry.yaml for `stfpm score`."""
     from stfpm.distributed.ray_train import train_categories
 
-    cfg = _train_config(backbone, epochs, batch_size, lr, momentum, weight_decay, optimizer, image_size,
-                        holdout, seed, threshold_quantile, teacher_weights, augment, layer_norm)
-    ray_options = _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker)
     summary = train_categories(root, out, cfg, num_workers=workers, parallel=parallel, **ray_options)
     typer.echo(f"trained: {', '.join(summary['trained']) or 'none'}; registry: {summary['registry']}")
     if summary["failed"]:
