@@ -60,6 +60,9 @@ def test_errors_name_what_is_wrong(tmp_path):
     assert code == 2 and "no_model" in text and "stfpm train" in text
     code, text = invoke("train", tmp_path, "--out", tmp_path / "m", "--backbone", "vgg16")
     assert code == 2 and "vgg16" in text
+    for option, value in (("--augment", "spin"), ("--layer-norm", "max")):
+        code, text = invoke("train", tmp_path, "--out", tmp_path / "m", "--backbone", "efficientnet_lite0", option, value)
+        assert code == 2 and repr(value) in text and option.strip("-").replace("-", "_") in text
     (tmp_path / "empty").mkdir()
     code, text = invoke("check-dataset", tmp_path / "empty", "--out", tmp_path / "chk")
     assert code == 2 and "empty" in text
