@@ -90,7 +90,8 @@ TRAINING_OPTIONS = {
                                                        "whose pose varies); default none")),
     "layer_norm": (Optional[str], typer.Option(None, help="none | median: divide each layer's map by its image "
                                                           "median before the product (for parts whose overall "
-                                                          "discrepancy varies, e.g. screws); default none")),
+                                                          "discrepancy varies, e.g. screws); default: median "
+                                                          "for the efficientnet_lite teachers, none for resnet18")),
     "workers": (int, typer.Option(0, help="Ray Train workers; 0 trains in this process")),
     "gpu": (bool, typer.Option(False, "--gpu", help="One GPU per worker (nccl)")),
     "storage": (Optional[str], typer.Option(None, help="Checkpoint storage for Ray Train: path or s3:// "
