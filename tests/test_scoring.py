@@ -368,6 +368,17 @@ def test_actor_counts_and_gpu_device_mapping():
     assert paddle_device([1], "1", False)[0] == "cpu"
 
 
+def test_actors_may_not_take_every_cpu_of_a_local_ray():
+    """Measured: 2 actors x 1 CPU on ray.init(num_cpus=2) leave no CPU for decoding and the
+    run waits forever without an error; score() refuses that on a Ray it starts itself."""
+    from stfpm.distributed.scoring import check_cpus_left_for_decoding
+
+    check_cpus_left_for_decoding(1, 1, 2)
+    check_cpus_left_for_decoding(2, 0.5, 2)
+    with pytest.raises(ValueError, match=r"2 scoring actor\(s\) x 1 CPU take all 2 CPUs.*--cpus-per-actor.*0\.5"):
+        check_cpus_left_for_decoding(2, 1, 2)
+
+
 def test_gpu_actors_run_on_the_gpu_ray_assigns(workspace, tmp_path):
     """A CPU-only head (decoding) and a node with 2 fake GPUs: each actor asks for a GPU and
     records the one Ray gave it (Paddle here has no CUDA, so the forward runs on the CPU)."""

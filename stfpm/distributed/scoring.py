@@ -526,6 +526,16 @@ def parse_actors(actors: int | str | tuple[int, int]) -> tuple[int, int]:
     return low, high
 
 
+def check_cpus_left_for_decoding(actors: int, cpus_per_actor: float, cluster_cpus: float) -> None:
+    """On a fixed-size (local) Ray, actors that hold every CPU leave none for the read and
+    decode tasks, and Ray Data then waits forever without an error (measured): refuse it."""
+    if actors * cpus_per_actor >= cluster_cpus:
+        raise ValueError(f"{actors} scoring actor(s) x {cpus_per_actor:g} CPU take all {cluster_cpus:g} CPUs of "
+                         "this local Ray, leaving none to read and decode images: use fewer actors or a "
+                         "smaller cpus_per_actor (--cpus-per-actor), e.g. "
+                         f"{max(0.25, (cluster_cpus - 1) / max(actors, 1)):g}")
+
+
 def score(model: str, source: str, output: str, *, partitions: list[str] | None = None,
           extensions=IMAGE_EXTENSIONS, batch_size: int = 32, actors: int | str | tuple[int, int] = (1, 1),
           gpus_per_actor: float = 0, cpus_per_actor: float = 1, threshold: float | None = None,
@@ -555,6 +565,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
             started_ray = True
         plan.timings["ray_start_s"] = time.perf_counter() - t0
         try:
+            if started_ray and ray_address is None:
+                check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
             t0 = time.perf_counter()
             ds, sink = build_pipeline(plan, batch_size=batch_size, actors=(low, high), gpus_per_actor=gpus_per_actor,
                                       cpus_per_actor=cpus_per_actor, threshold=threshold, overlays=overlays,
