@@ -53,8 +53,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _state_to_numpy(layer: paddle.nn.Layer) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(v.numpy()) for k, v in layer.state_dict().items()}
+def state_to_numpy(state: dict) -> dict[str, np.ndarray]:
+    """A Paddle state dict (a layer's, or an optimizer's) as contiguous numpy arrays, ready for
+    safetensors; entries that are not tensors (an optimizer's LR scheduler state) are left out."""
+    return {k: np.ascontiguousarray(v.numpy()) for k, v in state.items() if hasattr(v, "numpy")}
 
 
 def package_versions() -> dict:
@@ -71,7 +73,7 @@ def save_model(network: STFPM, out_dir: str | Path, meta: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     hashes = {}
     for part, filename in WEIGHT_FILES.items():
-        save_file(_state_to_numpy(getattr(network, part)), str(out / filename))
+        save_file(state_to_numpy(getattr(network, part).state_dict()), str(out / filename))
         hashes[filename] = sha256_file(out / filename)
     full = dict(meta)
     full.update(

@@ -45,7 +45,9 @@ def image_dataset(uris: list[str], size: int):
 def _save_tensors(path: Path, state: dict) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v.numpy()) for k, v in state.items() if hasattr(v, "numpy")}, str(path))
+    from stfpm.artifact import state_to_numpy
+
+    save_file(state_to_numpy(state), str(path))
 
 
 def _load_tensors(path: Path) -> dict:
