@@ -122,7 +122,7 @@ def training_options(command):
 
         values = {name: kwargs.pop(name) for name in TRAINING_OPTIONS}
         workers = values["workers"]
-        ray_options = _ray_options(*(values.pop(name) for name in _RAY_OPTIONS))
+        ray_options = _ray_options(**{name: values.pop(name) for name in _RAY_OPTIONS})
         values["holdout_fraction"] = values.pop("holdout")
         return command(*args, **kwargs, cfg=TrainConfig(**values), workers=workers, ray_options=ray_options)
 

@@ -41,8 +41,9 @@ def normalize_score(raw, threshold: float, score_min: float, score_max: float):
 
 
 class Predictor:
-    """Post-processing around a forward function: the dynamic network of a model directory
-    or a Paddle Inference predictor of an exported model; both give the same maps."""
+    """Post-processing around a layer-map forward: a model directory's network compiled into
+    Paddle Inference (CPU) or run on the dynamic graph (GPU), or an exported model's program;
+    all give the same maps."""
 
     def __init__(self, meta: dict, layer_forward: Callable[[np.ndarray], list], threshold: float | None = None):
         self.meta = meta

@@ -37,8 +37,9 @@ ZOO = {"resnet18": ("https://paddle-hapi.bj.bcebos.com/models/resnet18.pdparams"
 UNUSED_KEYS = {
     "resnet18": re.compile(r"(layer4|fc)\."),
     "efficientnet_lite0": re.compile(r"(_blocks\.1[1-5]|_conv_head|_bn1|_fc)\."),
-    "efficientnet_lite1": re.compile(r"(_blocks\.(1[5-9]|20)|_conv_head|_bn1|_fc)\."),
-    "efficientnet_lite2": re.compile(r"(_blocks\.(1[5-9]|20)|_conv_head|_bn1|_fc)\."),
+    # Lite1 and Lite2 share the block layout (21 blocks; the taps end at block 14)
+    **dict.fromkeys(("efficientnet_lite1", "efficientnet_lite2"),
+                    re.compile(r"(_blocks\.(1[5-9]|20)|_conv_head|_bn1|_fc)\.")),
 }
 
 # torch batch-norm names -> Paddle's; `num_batches_tracked` has no Paddle counterpart.
