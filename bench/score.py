@@ -8,8 +8,9 @@ the batched Predictor, map PNGs, Parquet table files. The loop runs them one bat
 another in one process; the pipeline is `stfpm.distributed.score` on a local
 `ray.init(num_cpus=2)`, whose start is reported apart. Each (mode, N) runs in its own
 process so peak RSS (ru_maxrss) is that run's: the driver's, and the scoring actor's
-(reported by the actor itself). Prints images/s for both, their ratio, and peak memory at
-N and scale * N images.
+(reported by the actor itself). Prints images/s for both (median of --repeats runs, loop
+and pipeline alternating), the median of the per-repeat pipeline/loop ratios, and peak memory
+at N and scale * N images.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="ray.init(num_cpus=...)")
     parser.add_argument("--actors", default="1", help="scoring actors: N or MIN..MAX")
     parser.add_argument("--cpus-per-actor", type=float, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each (mode, N); the median is reported")
     parser.add_argument("--work", default=None, help="folder for images, model and outputs (default: a temp dir)")
     parser.add_argument("--mode", choices=["loop", "pipeline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,23 +150,28 @@ def main() -> None:
     print(f"{args.n * args.scale} images of {args.image_size}px, model input {args.model_size}, "
           f"batch {args.batch_size}, {args.cpus} CPUs for Ray, actors {args.actors} x {args.cpus_per_actor} CPU; "
           f"prepared in {time.perf_counter() - t0:.0f}s ({work})", flush=True)
-    results = {}
+    runs = {}
     for n in (args.n, args.n * args.scale):
-        for mode in ("loop", "pipeline"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--n", str(n), "--work", str(work),
-                   "--batch-size", str(args.batch_size), "--cpus", str(args.cpus), "--actors", args.actors,
-                   "--cpus-per-actor", str(args.cpus_per_actor)]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-            results[mode, n] = measure(cmd, env)
-            r = results[mode, n]
-            print(f"  {mode:<8} N={n:<6} {r['images_per_s']:7.1f} images/s ({r['seconds']:.1f}s)"
-                  + (f", ray start {r['ray_start_s']:.1f}s" if mode == "pipeline" else ""), flush=True)
-
+        for repeat in range(args.repeats):  # loop and pipeline alternate, so load drifts hit both
+            for mode in ("loop", "pipeline"):
+                cmd = [sys.executable, __file__, "--mode", mode, "--n", str(n), "--work", str(work),
+                       "--batch-size", str(args.batch_size), "--cpus", str(args.cpus), "--actors", args.actors,
+                       "--cpus-per-actor", str(args.cpus_per_actor)]
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+                r = measure(cmd, env)
+                runs.setdefault((mode, n), []).append(r)
+                print(f"  {mode:<8} N={n:<6} run {repeat + 1}: {r['images_per_s']:7.1f} images/s ({r['seconds']:.1f}s)"
+                      + (f", ray start {r['ray_start_s']:.1f}s" if mode == "pipeline" else ""), flush=True)
+    # the median run of each (mode, N), and the median of the per-repeat ratios
+    results = {k: sorted(v, key=lambda r: r["images_per_s"])[len(v) // 2] for k, v in runs.items()}
+    ratios = {n: statistics.median(p["images_per_s"] / lo["images_per_s"]
+                                   for lo, p in zip(runs["loop", n], runs["pipeline", n]))
+              for n in (args.n, args.n * args.scale)}
     print("\nN        loop img/s  pipeline img/s  ratio  ray start s  loop peak MB  driver peak MB  actor peak MB")
     for n in (args.n, args.n * args.scale):
         loop, pipe = results["loop", n], results["pipeline", n]
         print(f"{n:<8} {loop['images_per_s']:>10.1f} {pipe['images_per_s']:>15.1f} "
-              f"{pipe['images_per_s'] / loop['images_per_s']:>6.2f} {pipe['ray_start_s']:>12.1f} "
+              f"{ratios[n]:>6.2f} {pipe['ray_start_s']:>12.1f} "
               f"{loop['driver_peak_mb']:>13.0f} {pipe['driver_peak_mb']:>15.0f} {pipe['actor_peak_mb']:>14.0f}")
     small, large = results["pipeline", args.n], results["pipeline", args.n * args.scale]
     growth = {k: large[k] / small[k] - 1 for k in ("driver_peak_mb", "actor_peak_mb")}
