@@ -69,8 +69,11 @@ def manifest(work: Path, n: int) -> str:
 
 def run_loop(work: Path, n: int, batch_size: int) -> dict:
     """The same stages, batch after batch, in this process."""
-    from stfpm.distributed.scoring import (MAX_BYTES, SCORES, ScoreActor, join_uri, load_images, plan_run,
-                                           write_maps, write_table_file)
+    from stfpm.distributed.plan import plan_run
+    from stfpm.distributed.sink import write_table_file
+    from stfpm.distributed.stages import MAX_BYTES, ScoreActor, load_images, write_maps
+    from stfpm.distributed.table import SCORES
+    from stfpm.storage import join_uri
 
     out = tempfile.mkdtemp(dir=work, prefix=f"loop-{n}-")
     t0 = time.perf_counter()

@@ -276,11 +276,9 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
           s3_region: Optional[str] = typer.Option(None, help="Default: AWS_REGION")):
     """Score every image of SOURCE on Ray Data: a Parquet score table and anomaly maps in OUTPUT."""
     from stfpm.distributed import score as run_score
+    from stfpm.storage import set_s3_environment
 
-    if s3_endpoint:  # read by stfpm.storage here and in the local Ray it starts; forwarded to a joined cluster
-        os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    if s3_region:
-        os.environ["AWS_REGION"] = s3_region
+    set_s3_environment(s3_endpoint, s3_region)
     options = {"extensions": tuple(e.strip() for e in ext.split(","))} if ext else {}
     summary = run_score(model, source, output, partitions=partitions.split(",") if partitions else None,
                         batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,

@@ -42,6 +42,27 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def set_s3_environment(endpoint: str | None = None, region: str | None = None) -> None:
+    """An S3 endpoint and region given as options, into the environment this module, boto3
+    and the workers of a local Ray read (`s3_settings` forwards them to a cluster)."""
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    if region:
+        os.environ["AWS_REGION"] = os.environ["AWS_DEFAULT_REGION"] = region
+
+
+def s3_settings() -> dict[str, str]:
+    """The S3 endpoint and region variables that are set (never credentials)."""
+    return {n: os.environ[n] for n in S3_SETTINGS if os.environ.get(n)}
+
+
 def _s3_options() -> dict:
     options = {}
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")

@@ -417,7 +417,7 @@ def test_report_on_s3_links_presigned_urls_that_load_and_escapes_names(s3_env, t
     the report's presigned links load in Chromium, and odd file names stay text."""
     import boto3
 
-    from stfpm.distributed.scoring import table_schema
+    from stfpm.distributed.table import table_schema
 
     s3 = boto3.client("s3")
     rows, now = [], datetime.now(timezone.utc)

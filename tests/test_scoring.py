@@ -20,7 +20,10 @@ import pytest
 import ray
 
 from stfpm.distributed import map_to_raw, score
-from stfpm.distributed.scoring import build_pipeline, paddle_device, parse_actors, plan_run, read_index, table_schema
+from stfpm.distributed.plan import plan_run
+from stfpm.distributed.scoring import build_pipeline, parse_actors
+from stfpm.distributed.stages import paddle_device
+from stfpm.distributed.table import read_index, table_schema
 from stfpm.distributed.sources import image_id, list_inputs, resolve_models
 from test_images import cmyk_jpeg, hand_png, png_chunk
 
@@ -291,7 +294,7 @@ def test_registry_scores_each_category_with_its_own_model(workspace, ray_local, 
 def test_load_stage_turns_every_failure_into_an_error_row(tmp_path):
     """The decode stage alone (no Ray): files gone since listing, files over max_bytes, and
     headers claiming sizes no column can hold become error rows; the batch never fails."""
-    from stfpm.distributed.scoring import load_images
+    from stfpm.distributed.stages import load_images
 
     rng = np.random.default_rng(0)
     (tmp_path / "ok.png").write_bytes(encode(texture(rng)))

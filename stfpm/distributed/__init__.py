@@ -1,4 +1,15 @@
-"""Ray parts of stfpm: batch scoring on Ray Data (`score`, see stfpm.distributed.scoring)."""
-from stfpm.distributed.scoring import TABLE_DOC, map_to_raw, score
+"""Ray parts of stfpm: batch scoring on Ray Data (`score`, see stfpm.distributed.scoring).
 
-__all__ = ["TABLE_DOC", "map_to_raw", "score"]
+Names are loaded on first use, so importing a Ray-free module of this package (sources,
+table, plan) does not import Ray."""
+import importlib
+
+_EXPORTS = {"TABLE_DOC": "table", "map_to_raw": "table", "score": "scoring"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

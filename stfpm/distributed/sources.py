@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+import stat
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -35,7 +39,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.storage import filesystem_for, is_s3, read_bytes
+from stfpm.storage import filesystem_for, is_s3, join_uri, read_bytes
 
 MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path")
 CATEGORY = "category"
@@ -45,10 +49,6 @@ REGISTRY_SUFFIXES = (".yaml", ".yml")
 def image_id(uri: str) -> str:
     """A stable id for an input: the first 32 hex digits of sha256(image_uri)."""
     return hashlib.sha256(uri.encode()).hexdigest()[:32]
-
-
-def join_uri(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
 def _uri(fs: pafs.FileSystem, path: str) -> str:
@@ -82,7 +82,8 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
         raise FileNotFoundError(f"{source}: no such directory, prefix, manifest or image")
     extra: dict[str, list] = {}
     if info.type == pafs.FileType.Directory:
-        uris, sizes, root_uri = _list_directory(fs, root.rstrip("/"), extensions, exclude)
+        listed = list_files(source, extensions, exclude)
+        uris, sizes, root_uri = [f.uri for f in listed], [f.size for f in listed], _uri(fs, root.rstrip("/"))
     elif info.path.lower().endswith(tuple(extensions)):
         uris, sizes, root_uri = [_uri(fs, info.path)], [info.size], _folder(_uri(fs, info.path))
     else:
@@ -102,19 +103,74 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
     return table
 
 
-def _list_directory(fs, root: str, extensions, exclude: str | None):
+class Listed(NamedTuple):
+    uri: str            # s3://bucket/key, or an absolute local path
+    size: int
+    arrived: datetime   # S3: LastModified; local: the later of mtime and ctime
+
+
+def list_files(uri: str, extensions, exclude: str | None = None) -> list[Listed]:
+    """Every regular file under a folder or s3:// prefix (or the one file `uri` names) whose
+    name ends with one of `extensions` (case-insensitive), sorted by URI. Names starting with
+    "." at any level below `uri` and anything under `exclude` (a run's own output) are
+    skipped; local folder symlinks are followed, each real folder once.
+
+    "Arrived" locally is the later of mtime and ctime: ctime catches a file copied with its
+    old mtime kept (`rsync -a`, `cp -p`)."""
     extensions = tuple(e.lower() for e in extensions)
     skip = filesystem_for(exclude)[1].rstrip("/") + "/" if exclude else None
-    uris, sizes = [], []
-    for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        rel = item.path[len(root) + 1:]
-        if (item.type != pafs.FileType.File or not item.path.lower().endswith(extensions)
-                or any(part.startswith(".") for part in rel.split("/"))
-                or (skip and (item.path + "/").startswith(skip))):
+    found = _list_s3(uri) if is_s3(uri) else _list_local(filesystem_for(uri)[1].rstrip("/"))
+    return sorted(item for item, rel in found
+                  if item.uri.lower().endswith(extensions)
+                  and not any(part.startswith(".") for part in rel.split("/"))
+                  and not (skip and (item.uri.removeprefix("s3://") + "/").startswith(skip)))
+
+
+def _list_local(root: str):
+    """(Listed, path relative to root) of the regular files under root."""
+    if not os.path.isdir(root):
+        if not os.path.isfile(root):
+            raise FileNotFoundError(f"{root}: no such folder or file")
+        yield _local(root), os.path.basename(root)
+        return
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink back up the tree, or a second link to one folder
+            dirs[:] = []
             continue
-        uris.append(_uri(fs, item.path))
-        sizes.append(item.size)
-    return uris, sizes, _uri(fs, root)
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                item = _local(path)
+            except OSError:  # removed while listing, a dangling symlink, a symlink loop
+                continue
+            if item is not None:
+                yield item, os.path.relpath(path, root)
+
+
+def _local(path: str) -> Listed | None:
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    arrived = datetime.fromtimestamp(max(st.st_mtime_ns, st.st_ctime_ns) / 1e9, timezone.utc)
+    return Listed(path, st.st_size, arrived)
+
+
+def _list_s3(uri: str):
+    fs, root = filesystem_for(uri)
+    root = root.rstrip("/")
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        yield Listed(uri, info.size, info.mtime), posixpath.basename(root)
+        return
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such object or prefix")
+    for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if item.type == pafs.FileType.File:
+            yield Listed(f"s3://{item.path}", item.size, item.mtime), item.path[len(root) + 1:]
 
 
 def read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:

@@ -1,0 +1,152 @@
+"""The audit's static HTML report: per-category counts, a score histogram and the top images, linked not embedded."""
+from __future__ import annotations
+
+import html
+import os
+from urllib.parse import quote
+
+import numpy as np
+
+from stfpm.storage import filesystem_for, is_s3
+
+
+def s3_client():
+    """A boto3 S3 client: endpoint (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), region and
+    credentials from the standard AWS environment and chain; presigned URLs are SigV4 (so
+    they need the buckets' region: s3.region in the config, or AWS_REGION)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(signature_version="s3v4"))
+
+
+
+class Links:
+    """How the report refers to a file: a relative path when both are local, a presigned
+    https URL (valid `expiry_s`) for an s3:// file, file:// for a local file seen from S3."""
+
+    def __init__(self, report_uri: str, expiry_s: float):
+        self.local_dir = None if is_s3(report_uri) else os.path.dirname(filesystem_for(report_uri)[1])
+        self.expiry_s = int(expiry_s)
+        self._client = None
+
+    def __call__(self, uri: str | None) -> str | None:
+        if not uri:
+            return None
+        if is_s3(uri):
+            if self._client is None:
+                self._client = s3_client()
+            bucket, _, key = uri[len("s3://"):].partition("/")
+            return self._client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                       ExpiresIn=self.expiry_s)
+        path = filesystem_for(uri)[1]
+        if self.local_dir is None:
+            return "file://" + quote(path)
+        return quote(os.path.relpath(path, self.local_dir).replace(os.sep, "/"))
+
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
+th:first-child,td:first-child{text-align:left}.meta{color:#666}
+.badge{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600}
+.ok{background:#2e7d32}.alert{background:#c62828}
+.grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:272px}
+figure img{width:128px;height:128px;object-fit:contain;background:#f4f4f4;border:1px solid #ddd}
+figcaption{font-size:12px;word-break:break-all}code{font-size:12px}
+"""
+
+
+def histogram_svg(counts: list[int], edges: list[float], width: int = 420, height: int = 140) -> str:
+    """Bars over the normalised score 0..1, heights on a log scale (anomalies are rare),
+    with the threshold (0.5) marked; each bar's exact count is in its tooltip."""
+    pad_l, pad_b, pad_t = 30, 20, 6
+    plot_w, plot_h = width - pad_l - 6, height - pad_b - pad_t
+    top = np.log1p(max(counts, default=0)) or 1.0
+    bar_w = plot_w / len(counts)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="score histogram">']
+    for i, c in enumerate(counts):
+        h = plot_h * np.log1p(c) / top
+        x, y = pad_l + i * bar_w, pad_t + plot_h - h
+        colour = "#c62828" if edges[i] >= 0.5 else "#5c8fd6"
+        parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="{colour}">'
+                     f'<title>{edges[i]:.2f}-{edges[i + 1]:.2f}: {c}</title></rect>')
+    x_thr = pad_l + 0.5 * plot_w
+    parts.append(f'<line x1="{x_thr:.1f}" y1="{pad_t}" x2="{x_thr:.1f}" y2="{pad_t + plot_h}" '
+                 'stroke="#000" stroke-dasharray="4 3"/>')
+    base = pad_t + plot_h
+    parts.append(f'<line x1="{pad_l}" y1="{base}" x2="{pad_l + plot_w}" y2="{base}" stroke="#888"/>')
+    for v in (0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{pad_l + v * plot_w:.1f}" y="{height - 5}" font-size="10" '
+                     f'text-anchor="middle">{v:g}</text>')
+    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 9}" font-size="10" text-anchor="end">'
+                 f'{max(counts, default=0)}</text></svg>')
+    return "".join(parts)
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_report(summary: dict, report_uri: str, link_expiry_hours: float = 168) -> str:
+    """The static HTML report for an audit summary; images are linked, not embedded."""
+    link = Links(report_uri, link_expiry_hours * 3600)
+    e = html.escape
+    t = summary["totals"]
+    status = summary["status"]
+    out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+           f"<title>Audit {e(summary['run_id'])}</title><style>{CSS}</style></head><body>",
+           f"<h1>Nightly audit {e(summary['run_id'])} <span class='badge {e(status)}'>{e(status.upper())}</span></h1>",
+           f"<p class='meta'>Input <code>{e(summary['input'])}</code>, arrived in "
+           f"({e(summary['window']['since'] or 'the beginning')}, {e(summary['window']['until'])}]; "
+           f"models <code>{e(summary['models'])}</code>; attempt {summary['attempts']}; "
+           f"generated {e(summary['generated_at'])}.</p>",
+           "<table><tr><th>category</th><th>inputs</th><th>ok</th><th>errors</th><th>anomalous</th>"
+           "<th>anomaly rate</th><th>alert level</th><th></th></tr>"]
+    for name, c in summary["categories"].items():
+        badge = "<span class='badge alert'>ALERT</span>" if c["alert"] else ""
+        out.append(f"<tr><td><a href='#cat-{e(name)}'>{e(name)}</a></td><td>{c['inputs']}</td><td>{c['ok']}</td>"
+                   f"<td>{c['error']}</td><td>{c['anomalous']}</td><td>{_fmt(c['anomaly_rate'], '.2%')}</td>"
+                   f"<td>{c['alert_level']:.2%}</td><td>{badge}</td></tr>")
+    out.append(f"<tr><th>all</th><th>{t['inputs']}</th><th>{t['ok']}</th><th>{t['error']}</th>"
+               f"<th>{t['anomalous']}</th><th>{_fmt(t['anomaly_rate'], '.2%')}</th><th></th><th></th></tr></table>")
+    if not summary["categories"]:
+        out.append("<p>No images arrived in this window.</p>")
+    for name, c in summary["categories"].items():
+        models = ", ".join(f"{m['name']} ({m['model_version'][:12]}, threshold {m['threshold']:.4g})"
+                           for m in c["models"])
+        out.append(f"<h2 id='cat-{e(name)}'>{e(name)}</h2><p class='meta'>{c['ok']} scored, "
+                   f"{c['anomalous']} anomalous ({_fmt(c['anomaly_rate'], '.2%')}; alert above "
+                   f"{c['alert_level']:.2%}), {c['error']} errors. Model: {e(models) or '-'}.</p>")
+        out.append(histogram_svg(c["histogram"]["counts"], c["histogram"]["edges"]))
+        out.append("<p class='meta'>Normalised score (0.5 = threshold, dashed); bar heights on a log scale.</p>")
+        if c["top"]:
+            out.append(f"<h3>Top {len(c['top'])} by score</h3><div class='grid'>")
+            for r in c["top"]:
+                picture = link(r["overlay_uri"] or r["image_uri"])
+                source, heat = link(r["image_uri"]), link(r["map_uri"])
+                caption = "overlay" if r["overlay_uri"] else "image"
+                out.append(
+                    f"<figure><a href='{e(source)}'><img src='{e(picture)}' alt='{caption} of "
+                    f"{e(r['image_uri'])}'></a> <a href='{e(heat)}'><img src='{e(heat)}' alt='anomaly map of "
+                    f"{e(r['image_uri'])}'></a><figcaption>score {r['score']:.3f} (raw {r['raw_score']:.4g})"
+                    f"{' <b>anomalous</b>' if r['is_anomaly'] else ''}<br><code>{e(r['image_uri'])}</code>"
+                    f"</figcaption></figure>")
+            out.append("</div>")
+        if c["error"]:
+            kinds = ", ".join(f"{k}: {n}" for k, n in sorted(c["errors"]["by_kind"].items()))
+            out.append(f"<h3>Errors ({e(kinds)})</h3><table><tr><th>input</th><th>error</th></tr>")
+            out += [f"<tr><td><code>{e(u)}</code></td><td style='text-align:left'>{e(str(m))}</td></tr>"
+                    for u, m in c["errors"]["examples"]]
+            out.append("</table>")
+    scoring = summary.get("scoring")
+    if scoring:
+        out.append(f"<h2>Scoring</h2><p class='meta'>{scoring['counts']['scored']} scored this attempt, "
+                   f"{scoring['counts']['skipped_already_scored']} already scored by an earlier attempt; "
+                   f"{_fmt(scoring['images_per_s'], '.1f')} images/s; devices {e(', '.join(scoring['devices']))}."
+                   "</p>")
+    out.append("</body></html>")
+    return "\n".join(out)
+

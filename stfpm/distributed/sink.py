@@ -1,0 +1,112 @@
+"""Writing the score table: whole Parquet files named by their rows, and removing rows a retry superseded."""
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
+
+from stfpm.distributed.table import read_index, set_columns, winning_rows
+from stfpm.storage import filesystem_for, is_s3, join_uri, write_bytes
+
+ROWS_PER_FILE = 4096
+STAGES = ("read", "decode", "predict", "maps", "table")
+
+
+class ScoreTableSink(Datasink):
+    """Writes each bundle of rows as one Parquet file named by a hash of its rows (so a
+    retried task rewrites the same file) and returns per-bundle counts and stage times,
+    summed on the driver into `self.totals`."""
+
+    def __init__(self, scores_uri: str, run_id: str, schema: pa.Schema, rows_per_file: int = ROWS_PER_FILE):
+        self.scores_uri, self.run_id, self.schema, self.rows_per_file = scores_uri, run_id, schema, rows_per_file
+        self.totals: dict = {}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> dict:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if len(t)]
+        return write_table_file(pa.concat_tables(tables), self.scores_uri, self.run_id, self.schema) if tables else {}
+
+    def on_write_complete(self, write_result) -> None:
+        self.totals = merge_stats(write_result.write_returns)
+
+
+def write_table_file(batch: pa.Table, scores_uri: str, run_id: str, schema: pa.Schema) -> dict:
+    """One Parquet file of table rows from pipeline rows; returns the rows' stats."""
+    t0 = time.perf_counter()
+    n = len(batch)
+    now = datetime.now(timezone.utc)
+    batch = set_columns(batch, run_id=([run_id] * n, pa.string()), scored_at=([now] * n, pa.timestamp("us", tz="UTC")))
+    table = pa.table([batch[f.name].cast(f.type) for f in schema], schema=schema)
+    keys = sorted(zip(table["image_id"].to_pylist(), table["model_version"].to_pylist()))
+    name = "part-" + hashlib.sha256(repr(keys).encode()).hexdigest()[:24] + ".parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(join_uri(scores_uri, name), sink.getvalue().to_pybytes())
+    status = table["status"].to_pylist()
+    stats = {"rows": n, "ok": status.count("ok"), "error": status.count("error"),
+             "anomalous": sum(bool(a) for a in table["is_anomaly"].to_pylist()), "files": 1,
+             "seconds": {s: float(sum(batch[f"_t_{s}"].to_pylist()))
+                         for s in STAGES[:-1] if f"_t_{s}" in batch.column_names},
+             "actor_peak_rss_mb": max(batch["_actor_rss_mb"].to_pylist(), default=0.0)
+             if "_actor_rss_mb" in batch.column_names else 0.0,
+             "devices": sorted(set(table["device"].drop_null().to_pylist())),
+             "error_examples": [[u, e] for u, s, e in zip(table["image_uri"].to_pylist(), status,
+                                                          table["error"].to_pylist()) if s == "error"][:10]}
+    stats["seconds"]["table"] = time.perf_counter() - t0
+    return stats
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    total = {"rows": 0, "ok": 0, "error": 0, "anomalous": 0, "files": 0, "seconds": {s: 0.0 for s in STAGES},
+             "actor_peak_rss_mb": 0.0, "devices": [], "error_examples": []}
+    for part in parts:
+        if not part:
+            continue
+        for k in ("rows", "ok", "error", "anomalous", "files"):
+            total[k] += part[k]
+        for s, v in part["seconds"].items():
+            total["seconds"][s] += v
+        total["actor_peak_rss_mb"] = max(total["actor_peak_rss_mb"], part["actor_peak_rss_mb"])
+        total["devices"] = sorted(set(total["devices"]) | set(part["devices"]))
+        total["error_examples"] = (total["error_examples"] + part["error_examples"])[:10]
+    return total
+
+
+
+def remove_superseded(scores_uri: str) -> tuple[int, list[str]]:
+    """Keep one row per (image_uri, model_version): the ok row, else the latest. An error row
+    without a model version (unknown category) is superseded by any later row of its input.
+    Files holding superseded rows are rewritten without them (idempotent, so a run killed
+    here is finished by the next). Returns (rows removed, status of each remaining row)."""
+    index = read_index(scores_uri)
+    if not len(index):
+        return 0, []
+    df = index.to_pandas()
+    latest = df.groupby("image_uri")["scored_at"].transform("max")
+    losers = (~df.index.isin(winning_rows(index, ["image_uri", "model_version"]))
+              | (df["model_version"].isna() & (df["scored_at"] < latest)))
+    if not losers.any():
+        return 0, df["status"].tolist()
+    fs, _ = filesystem_for(scores_uri)
+    for file, group in df[losers].groupby("file"):
+        table = pq.read_table(file, filesystem=fs)
+        drop = set(zip(group["image_uri"], group["model_version"].fillna("")))
+        keep = [(u, v or "") not in drop for u, v in zip(table["image_uri"].to_pylist(),
+                                                        table["model_version"].to_pylist())]
+        uri = f"s3://{file}" if is_s3(scores_uri) else file
+        if any(keep):
+            sink = pa.BufferOutputStream()
+            pq.write_table(table.filter(pa.array(keep)), sink, compression="zstd")
+            write_bytes(uri, sink.getvalue().to_pybytes())
+        else:
+            fs.delete_file(file)
+    return int(losers.sum()), df.loc[~losers, "status"].tolist()

@@ -1,0 +1,95 @@
+"""The score table: its columns (TABLE_DOC), map scaling, reading it, and which row stands for an input."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from stfpm.storage import filesystem_for
+
+SCORES, MAPS, OVERLAYS, SUCCESS = "scores", "maps", "overlays", "_SUCCESS"
+
+TABLE_DOC = """\
+column         type                 meaning
+image_id       string               sha256(image_uri)[:32]; the maps' file name
+image_uri      string               the input (s3://bucket/key or an absolute local path)
+<partitions>   string               one per --partitions name (null where a file has no such level)
+model_name     string               registry category, or the model directory's name
+model_version  string               model.json's model_version (a hash of the weights)
+raw_score      double               max of the anomaly map (null on error)
+score          double               normalised: clip((raw - thr) / (max - min) + 0.5, 0, 1); 0.5 at the threshold
+is_anomaly     bool                 raw_score >= threshold
+threshold      double               the threshold used (stored or overridden)
+width, height  int32                the input's size in pixels (from the header on error rows, if known)
+map_uri        string               8-bit PNG anomaly map at width x height (see map scaling)
+overlay_uri    string               overlay PNG (--overlays, anomalous inputs only)
+status         string               "ok" or "error"
+error          string               why the row failed ("read: ...", "decode: ...", "model: ..."),
+                                    or on an ok row why its overlay is missing ("overlay: ...")
+device         string               where the forward ran: "cpu", "gpu:N", with the GPU Ray assigned
+run_id         string               the run that wrote the row
+scored_at      timestamp[us, UTC]   when the row was written"""
+
+
+def table_schema(partitions: list[str]) -> pa.Schema:
+    head = [("image_id", pa.string()), ("image_uri", pa.string())]
+    tail = [("model_name", pa.string()), ("model_version", pa.string()), ("raw_score", pa.float64()),
+            ("score", pa.float64()), ("is_anomaly", pa.bool_()), ("threshold", pa.float64()),
+            ("width", pa.int32()), ("height", pa.int32()), ("map_uri", pa.string()),
+            ("overlay_uri", pa.string()), ("status", pa.string()), ("error", pa.string()),
+            ("device", pa.string()), ("run_id", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC"))]
+    return pa.schema(head + [(p, pa.string()) for p in partitions] + tail)
+
+
+def map_to_raw(pixels: np.ndarray, threshold: float, score_min: float, score_max: float) -> np.ndarray:
+    """Map PNG pixels back to raw anomaly scores (exact inside the unclipped range, +-0.5/255)."""
+    return threshold + (pixels.astype(np.float64) / 255.0 - 0.5) * (score_max - score_min)
+
+
+def read_index(scores_uri: str) -> pa.Table:
+    """(image_uri, model_version, status, scored_at, file) of every row already written;
+    files whose names start with "." or "_" (in-progress temp files) are not read."""
+    fs, path = filesystem_for(scores_uri)
+    columns = ["image_uri", "model_version", "status", "scored_at"]
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return pa.table({c: pa.array([], pa.string()) for c in columns + ["file"]})
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    table = dataset.to_table(columns=columns + ["__filename"])
+    return table.rename_columns(columns + ["file"])
+
+
+def winning_rows(table: pa.Table, keys: Sequence[str]) -> list[int]:
+    """The row numbers, ascending, of the row that stands for each distinct `keys` value (a
+    null counts as ""): its ok row if it has one, else its latest; among equals the latest
+    `scored_at`, then the last `file` if the table has that column."""
+    if not table.num_rows:
+        return []
+    order = ["scored_at"] + (["file"] if "file" in table.column_names else [])
+    df = table.select([*keys, "status", *order]).to_pandas()
+    for key in keys:
+        df[key] = df[key].fillna("")
+    df["_ok"] = df["status"] == "ok"
+    ranked = df.sort_values(["_ok", *order], ascending=False, kind="stable")
+    return sorted(int(i) for i in ranked.index[~ranked.duplicated(list(keys), keep="first")])
+
+
+# ---------------------------------------------------------------- the pipeline's row batches
+
+def set_columns(batch: pa.Table, **columns) -> pa.Table:
+    """Add or replace columns; values are (list, arrow type) pairs so every block has the
+    same schema whatever its values (an all-null column must not become type null)."""
+    for name, (values, kind) in columns.items():
+        array = pa.array(values, kind)
+        if name in batch.column_names:
+            batch = batch.set_column(batch.column_names.index(name), name, array)
+        else:
+            batch = batch.append_column(name, array)
+    return batch
+
+
+def drop_columns(batch: pa.Table, *names: str) -> pa.Table:
+    return batch.drop_columns([n for n in names if n in batch.column_names])
+
