@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # stfpm.errors.UserError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -15,6 +15,7 @@ import numpy as np
 import paddle
 from safetensors.numpy import load_file, save_file
 
+from stfpm.errors import UserError
 from stfpm.nn import STFPM
 
 SCHEMA_VERSION = 1
@@ -22,7 +23,7 @@ MODEL_JSON = "model.json"
 WEIGHT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError):
     """A model directory that is missing, incomplete or tampered with."""
 
 

@@ -16,8 +16,9 @@ warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="STFPM unsupervised image anomaly detection on PaddlePaddle.")
 
-# The errors a user can cause: reported as one line naming what is wrong, never a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+# The errors a user can cause (stfpm.errors.UserError, and the ValueErrors, FileNotFoundErrors and
+# RuntimeErrors of bad arguments): reported as one line naming what is wrong, never a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # UserError is a ValueError
 
 
 def _user_errors(fn):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from stfpm.data.images import IMAGE_EXTENSIONS, ImageDecodeError, read_mask, sniff_image
+from stfpm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """Every problem found in a dataset, each naming the file or folder."""
 
     def __init__(self, problems: list[str]):
