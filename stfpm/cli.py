@@ -253,6 +253,26 @@ def export(model_dir: Path = typer.Argument(..., help="Model directory from `stf
     typer.echo(f"exported to {out}; load it with create_model(model_dir={str(out)!r})")
 
 
+@app.command("import-paddlex")
+@_user_errors
+def import_paddlex(path: Path = typer.Argument(..., help="PaddleX/PaddleSeg STFPM checkpoint (.pdparams), or "
+                                               "the folder holding it (PaddleX: OUTPUT/best_model)"),
+                   out: Path = typer.Option(..., help="Model directory to write"),
+                   good: Path = typer.Option(..., help="Good images to calibrate the threshold on (a folder, or "
+                                             "an MVTec category: its train/good), ideally not trained on"),
+                   image_size: int = typer.Option(256, help="Input size the model was trained at (PaddleX: 256)"),
+                   threshold_quantile: float = typer.Option(0.99, help="Threshold = this quantile of the good "
+                                                            "images' scores")):
+    """Convert an STFPM ResNet18 model trained by PaddleX or PaddleSeg into a model directory.
+    The .pdparams pickle is read by a restricted unpickler (arrays only): importing one is an
+    explicit opt-in, a model directory itself never holds a pickle."""
+    from stfpm.paddlex_import import import_paddlex as run_import
+
+    thr = run_import(path, out, good, image_size=image_size, threshold_quantile=threshold_quantile)
+    typer.echo(f"model written to {out} (threshold {thr['value']:.6g}: the {threshold_quantile} quantile of "
+               f"{thr['n_images']} good images' scores)")
+
+
 @app.command()
 @_user_errors
 def score(model: str = typer.Argument(..., help="Model directory (local or s3://) or a registry YAML "

@@ -147,6 +147,17 @@ def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> dict:
             "score_max": float(holdout_scores.max()), "n_images": int(len(holdout_scores))}
 
 
+def calibrate_on_good_images(network: STFPM, meta: dict, images: np.ndarray, quantile: float) -> dict:
+    """The threshold of `network` (with `meta`'s input and map settings) from the scores of
+    good images it was not trained on: the calibration of training, also used on import."""
+    from stfpm.inference import Predictor
+
+    model = LoadedModel(network=network, meta={**meta, "threshold": {"value": 0.0, "score_min": 0.0,
+                                                                      "score_max": 1.0}}, path="")
+    scores = Predictor.from_model(model).forward(images).reshape(len(images), -1).max(axis=1)
+    return calibrate_threshold(scores, quantile)
+
+
 def fingerprint(paths: list[str]) -> str:
     import hashlib
 
@@ -253,7 +264,6 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
     held-out images, write the model directory and, when the dataset has a labelled test
     split, evaluate on it and store the metrics."""
     from stfpm.evaluate import evaluate_model
-    from stfpm.inference import Predictor
 
     spec = backbone_spec(cfg.backbone)
     network.eval()
@@ -269,11 +279,8 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
                          "data_fingerprint": fingerprint([s.image for s in dataset.train]),
                          "best_epoch": best["epoch"], "best_holdout_loss": best["holdout_loss"],
                          "final_loss": history[-1]["loss"]},
-            "threshold": {"value": 0.0, "score_min": 0.0, "score_max": 1.0},
             "metrics": None}
-    model = LoadedModel(network=network, meta=meta, path=str(out_dir))
-    holdout_scores = Predictor.from_model(model).forward(holdout_images).reshape(len(holdout_images), -1).max(axis=1)
-    meta["threshold"] = calibrate_threshold(holdout_scores, cfg.threshold_quantile)
+    meta["threshold"] = calibrate_on_good_images(network, meta, holdout_images, cfg.threshold_quantile)
     with tempfile.TemporaryDirectory() as tmp:
         local_dir = Path(tmp) if is_s3(str(out_dir)) else Path(out_dir)
         save_model(network, local_dir, meta)
