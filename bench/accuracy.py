@@ -18,6 +18,7 @@ The JSON holds the first map variant (the recipe's own when no --map is given), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -110,7 +111,7 @@ def evaluate_variants(model_dir: str, data: Path, variants: list[dict]) -> list[
     out = []
     for variant in variants:
         model = load_model(model_dir)
-        model.meta["map"] = {**model.meta.get("map", {}), **variant}
+        model.card = dataclasses.replace(model.card, map=dataclasses.replace(model.card.map, **variant))
         metrics = evaluate_model(model, dataset)["metrics"]
         out.append({k: metrics[k] for k in METRICS} | {"per_type": metrics["per_defect_type_image_auroc"]})
     return out

@@ -28,9 +28,9 @@ import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
 from stfpm import create_model  # noqa: E402
-from stfpm.artifact import load_model, save_model  # noqa: E402
+from stfpm.artifact import Calibration, InputSpec, ModelCard, load_model, save_model  # noqa: E402
 from stfpm.inference import Predictor  # noqa: E402
-from stfpm.nn import STFPM, backbone_spec  # noqa: E402
+from stfpm.nn import STFPM  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int) -> list[str]:
@@ -44,11 +44,11 @@ def make_images(folder: Path, n: int, size: int) -> list[str]:
 
 
 def make_model_dir(folder: Path, backbone: str, size: int) -> Path:
-    spec = backbone_spec(backbone)
     paddle.seed(0)
-    meta = {"input": {"size": size, "mean": list(spec.mean), "std": list(spec.std)},
-            "threshold": {"value": 0.5, "score_min": 0.0, "score_max": 1.0}}
-    return save_model(STFPM(backbone), folder / backbone, meta)
+    card = ModelCard(model_name="STFPM", backbone=backbone, input=InputSpec.for_backbone(backbone, size),
+                     calibration=Calibration(0.5, 0.0, 1.0))
+    save_model(STFPM(backbone), folder / backbone, card)
+    return folder / backbone
 
 
 class PaddleXStyleSTFPM:

@@ -45,14 +45,13 @@ def prepare(work: Path, n_max: int, image_size: int, model_size: int) -> list[st
     if not (model / "model.json").is_file():
         import paddle
 
-        from stfpm.artifact import save_model
-        from stfpm.nn import STFPM, backbone_spec
+        from stfpm.artifact import Calibration, InputSpec, ModelCard, save_model
+        from stfpm.nn import STFPM
 
         paddle.seed(0)
-        spec = backbone_spec("efficientnet_lite0")
-        save_model(STFPM("efficientnet_lite0"), model, {
-            "input": {"size": model_size, "mean": list(spec.mean), "std": list(spec.std), "color": "RGB"},
-            "threshold": {"value": 1.5, "score_min": 1.0, "score_max": 2.0}})
+        save_model(STFPM("efficientnet_lite0"), model, ModelCard(
+            model_name="STFPM", backbone="efficientnet_lite0",
+            input=InputSpec.for_backbone("efficientnet_lite0", model_size), calibration=Calibration(1.5, 1.0, 2.0)))
     images = sorted(str(p) for p in (data / "train" / "good").glob("*.png"))
     if len(images) < n_max:
         raise SystemExit(f"{data} holds {len(images)} images, fewer than {n_max}; use another --work")

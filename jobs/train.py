@@ -73,7 +73,7 @@ def train_job(argv: list[str] | None) -> int:
             result = train_distributed(args.data, out, cfg, num_workers=args.workers, name=args.name, **distributed)
         else:
             result = train(args.data, out, cfg)
-        print(json.dumps({"model": out, "best_epoch": result.best_epoch, "threshold": result.threshold}))
+        print(json.dumps({"model": out, "best_epoch": result.best_epoch, "threshold": result.calibration.to_dict()}))
         return 0
     summary = train_categories(args.data, out, cfg, num_workers=args.workers, parallel=args.parallel,
                                name=args.name, **(distributed if args.workers else {}))

@@ -1,49 +1,282 @@
-"""The model directory: `model.json` plus teacher and student weights in safetensors.
+"""The model directory: `model.json` (a `ModelCard`) plus the weights in safetensors.
 
 Self-contained (a scoring node needs nothing else) and safe to fetch from a shared bucket:
-loading never unpickles, and each weight file's sha256 is checked against model.json.
+loading never unpickles, each weight file's sha256 is checked against the card, and the
+card's `model_version` must be the hash of those sha256s (it names output folders, so it
+cannot be anything else). Every reader of model.json goes through `parse_card`, which names
+the file, the key and the fix for whatever is wrong.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import paddle
-from safetensors.numpy import load_file, save_file
 
 from stfpm.errors import UserError
-from stfpm.nn import STFPM
 
 SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
-WEIGHT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}
+# The weight files of each model kind (a card's model_name); a new kind adds its entry.
+MODEL_KINDS = {"STFPM": ("student.safetensors", "teacher.safetensors")}
+WEIGHT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}  # STFPM part -> file
+LAYER_NORMS = ("none", "median")  # how layer maps may be normalised (MapSpec, stfpm.nn.anomaly_map)
+RETRAIN = "retrain the model with `stfpm train`, or restore model.json from where the model came from"
 
 
 class ModelDirError(UserError):
-    """A model directory that is missing, incomplete or tampered with."""
+    """A model directory that is missing, incomplete, malformed or tampered with."""
 
+
+# ------------------------------------------------------------------------------ the card
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network takes: RGB images resized to size x size, then (x / 255 - mean) / std."""
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    color: str = "RGB"
+
+    @classmethod
+    def for_backbone(cls, backbone: str, size: int) -> "InputSpec":
+        from stfpm.nn import backbone_spec
+
+        spec = backbone_spec(backbone)
+        return cls(size=int(size), mean=tuple(spec.mean), std=tuple(spec.std))
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """How the per-layer maps become the anomaly map (stfpm.nn.anomaly_map)."""
+    layer_norm: str = "none"  # cards from before the option existed: the paper's map
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The decision threshold on the raw score and the score range that scales the
+    normalised score (0.5 at the threshold). Stored under model.json's "threshold" key, the
+    threshold itself as "value". `details` keeps how it was made (quantile, image count,
+    data) and any key this version does not know; a new typed field is a new attribute."""
+    threshold: float
+    score_min: float
+    score_max: float
+    source: str | None = None
+    details: dict = field(default_factory=dict)
+
+    def normalize(self, raw, threshold: float | None = None) -> np.ndarray:
+        """anomalib's convention: clip((raw - threshold) / (score_max - score_min) + 0.5, 0, 1)."""
+        thr = self.threshold if threshold is None else float(threshold)
+        span = max(self.score_max - self.score_min, 1e-12)
+        return np.clip((np.asarray(raw, dtype=np.float64) - thr) / span + 0.5, 0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        out = dict(self.details)
+        for f in dataclasses.fields(self):
+            if f.name != "details" and getattr(self, f.name) is not None:
+                out["value" if f.name == "threshold" else f.name] = getattr(self, f.name)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """model.json, typed. `weights` maps each weight file to its sha256; `model_version` is
+    `weights_version(weights)`; both are filled in by `save_model`. Keys this version does not
+    know are kept in `extra` and written back unchanged."""
+    model_name: str
+    backbone: str
+    input: InputSpec
+    calibration: Calibration
+    map: MapSpec = MapSpec()
+    weights: dict = field(default_factory=dict)
+    model_version: str = ""
+    taps: list | None = None
+    recipe: dict | None = None
+    training: dict | None = None
+    metrics: dict | None = None
+    versions: dict | None = None
+    export: dict | None = None   # set in exported models (stfpm.export)
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (value is None and f.name not in ("metrics",)):
+                continue
+            if f.name == "calibration":
+                out["threshold"] = value.to_dict()
+            elif f.name in ("input", "map"):
+                out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(value).items()}
+            else:
+                out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def weights_version(weights: dict) -> str:
+    """The model version: the first 16 hex digits of sha256 over the weight files' sha256s."""
+    return hashlib.sha256("".join(weights[f] for f in sorted(weights)).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ parsing
+
+class _Fields:
+    """Typed reads of one JSON object of `source`, each failure naming the key and the fix."""
+
+    def __init__(self, doc, source: str, prefix: str = ""):
+        self.source, self.prefix = source, prefix
+        if not isinstance(doc, dict):
+            self.fail("", f"must be a JSON object, got {type(doc).__name__}")
+        self.doc = doc
+
+    def fail(self, key: str, problem: str, fix: str = RETRAIN):
+        where = f"key {self.prefix + key!r} " if key or self.prefix else ""
+        raise ModelDirError(f"{self.source}: {where}{problem}; {fix}")
+
+    def get(self, key: str, fix: str = RETRAIN):
+        if key not in self.doc:
+            self.fail(key, "is missing", fix)
+        return self.doc[key]
+
+    def sub(self, key: str, fix: str = RETRAIN, optional: bool = False) -> "_Fields":
+        if optional and key not in self.doc:
+            return _Fields({}, self.source, f"{self.prefix}{key}.")
+        return _Fields(self.get(key, fix), self.source, f"{self.prefix}{key}.")
+
+    def string(self, key: str, fix: str = RETRAIN, default=None) -> str:
+        value = self.doc.get(key, default) if default is not None else self.get(key, fix)
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"must be a non-empty string, got {value!r}", fix)
+        return value
+
+    def number(self, key: str, fix: str = RETRAIN) -> float:
+        value = self.get(key, fix)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(key, f"must be a finite number, got {value!r}", fix)
+        return float(value)
+
+    def positive_int(self, key: str) -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(key, f"must be a whole number >= 1 (pixels), got {value!r}")
+        return value
+
+    def triple(self, key: str, nonzero: bool = False) -> tuple[float, float, float]:
+        value = self.get(key)
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           and (v != 0 or not nonzero) for v in value)):
+            self.fail(key, f"must be a list of 3 {'non-zero ' if nonzero else ''}numbers (R, G, B), got {value!r}")
+        return tuple(float(v) for v in value)
+
+    def optional_dict(self, key: str) -> dict | None:
+        value = self.doc.get(key)
+        if value is not None and not isinstance(value, dict):
+            self.fail(key, f"must be a JSON object or absent, got {type(value).__name__}")
+        return value
+
+
+THRESHOLD_FIX = ("store one with `stfpm evaluate MODEL_DIR DATA --set-threshold`, or retrain the model "
+                 "with `stfpm train`")
+
+
+def _calibration(f: _Fields) -> Calibration:
+    typed = {x.name for x in dataclasses.fields(Calibration)} - {"threshold", "details"}
+    threshold = f.number("value", THRESHOLD_FIX)
+    low, high = f.number("score_min", THRESHOLD_FIX), f.number("score_max", THRESHOLD_FIX)
+    if high < low:
+        f.fail("score_max", f"({high}) is below score_min ({low})", THRESHOLD_FIX)
+    known = {k: f.doc[k] for k in typed if k in f.doc and k not in ("score_min", "score_max")}
+    details = {k: v for k, v in f.doc.items() if k not in typed | {"value", "score_min", "score_max"}}
+    return Calibration(threshold=threshold, score_min=low, score_max=high, details=details, **known)
+
+
+def _weights(f: _Fields, model_name: str) -> dict:
+    weights = f.get("weights")
+    if not isinstance(weights, dict) or not all(
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in weights.values()):
+        f.fail("weights", "must map each weight file to its sha256 (64 hex digits)")
+    missing = [name for name in MODEL_KINDS[model_name] if name not in weights]
+    if missing:
+        f.fail("weights", f"has no sha256 for {', '.join(missing)}")
+    return dict(weights)
+
+
+def parse_card(text: str | bytes, source: str) -> ModelCard:
+    """model.json's text -> ModelCard; ModelDirError naming `source`, the key and the fix for
+    anything missing, mistyped or inconsistent (schema version, model kind, input, map,
+    threshold, weights, model_version)."""
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{source} is not valid JSON ({e}); {RETRAIN}") from None
+    f = _Fields(doc, source)
+    if f.get("schema_version") != SCHEMA_VERSION:
+        f.fail("schema_version", f"is {doc['schema_version']!r}; this stfpm reads version {SCHEMA_VERSION}",
+               "use the stfpm version that wrote the model, or retrain it")
+    model_name = f.string("model_name", default="STFPM")
+    if model_name not in MODEL_KINDS:
+        f.fail("model_name", f"is {model_name!r}; this stfpm knows {', '.join(MODEL_KINDS)}")
+    inp = f.sub("input")
+    spec = InputSpec(size=inp.positive_int("size"), mean=inp.triple("mean"), std=inp.triple("std", nonzero=True),
+                     color=inp.string("color", default="RGB"))
+    layer_norm = f.sub("map", optional=True).doc.get("layer_norm", "none")
+    if layer_norm not in LAYER_NORMS:
+        f.fail("map.layer_norm", f"is {layer_norm!r}; expected one of {', '.join(LAYER_NORMS)}")
+    weights = _weights(f, model_name)
+    version = f.string("model_version")
+    if version != weights_version(weights):
+        f.fail("model_version", f"is {version!r}, but the weights' sha256s give {weights_version(weights)!r}",
+               "model_version must be the hash of the weight hashes: restore the original model.json")
+    known = {x.name for x in dataclasses.fields(ModelCard)} | {"threshold"}
+    taps = doc.get("taps")
+    if taps is not None and not isinstance(taps, list):
+        f.fail("taps", f"must be a list or absent, got {type(taps).__name__}")
+    return ModelCard(
+        model_name=model_name, backbone=f.string("backbone"), input=spec,
+        calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(layer_norm),
+        weights=weights, model_version=version, taps=taps,
+        **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export")},
+        extra={k: v for k, v in doc.items() if k not in known})
+
+
+def read_card(model_dir: str | Path) -> ModelCard:
+    """The validated card of a local model directory (trained or exported)."""
+    path = Path(model_dir) / MODEL_JSON
+    if not Path(model_dir).is_dir():
+        raise ModelDirError(
+            f"model directory {str(model_dir)!r} does not exist; train one with "
+            f"`stfpm train DATA --out {model_dir}` or point to a directory holding {MODEL_JSON}")
+    if not path.is_file():
+        raise ModelDirError(f"{str(model_dir)!r} is not a model directory: it has no {MODEL_JSON} "
+                            "(train one with `stfpm train`)")
+    return parse_card(path.read_bytes(), str(path))
+
+
+def write_card(model_dir: str | Path, card: ModelCard) -> None:
+    """Write model.json atomically (temp file + rename); weight files are untouched."""
+    path = Path(model_dir) / MODEL_JSON
+    tmp = path.with_name(MODEL_JSON + ".tmp")
+    tmp.write_text(card.to_json())
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------- weights and loading
 
 @dataclass
 class LoadedModel:
-    network: STFPM
-    meta: dict
+    network: object  # stfpm.nn.STFPM
+    card: ModelCard
     path: str
-
-    @property
-    def image_size(self) -> int:
-        return int(self.meta["input"]["size"])
-
-    @property
-    def threshold(self) -> float:
-        return float(self.meta["threshold"]["value"])
-
-    @property
-    def version(self) -> str:
-        return self.meta["model_version"]
 
 
 def sha256_file(path: Path) -> str:
@@ -61,82 +294,71 @@ def state_to_numpy(state: dict) -> dict[str, np.ndarray]:
 
 
 def package_versions() -> dict:
+    import paddle
+
     import stfpm
 
     return {"stfpm": getattr(stfpm, "__version__", "unknown"), "paddle": paddle.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def save_model(network: STFPM, out_dir: str | Path, meta: dict) -> Path:
-    """Write weights and model.json. `meta` holds input, threshold, recipe, metrics...;
-    the schema version, backbone, weight hashes, model_version and versions are filled in here."""
+def save_model(network, out_dir: str | Path, card: ModelCard) -> ModelCard:
+    """Write the weights and model.json; the card's weights, model_version and versions are
+    filled in here. Returns the card as written."""
+    from safetensors.numpy import save_file
+
+    if card.backbone != network.backbone:
+        raise ValueError(f"the card says backbone {card.backbone!r}, the network is {network.backbone!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hashes = {}
     for part, filename in WEIGHT_FILES.items():
         save_file(state_to_numpy(getattr(network, part).state_dict()), str(out / filename))
         hashes[filename] = sha256_file(out / filename)
-    full = dict(meta)
-    full.update(
-        schema_version=SCHEMA_VERSION,
-        model_name="STFPM",
-        backbone=network.backbone,
-        weights=hashes,
-        model_version=hashlib.sha256("".join(hashes[f] for f in sorted(hashes)).encode()).hexdigest()[:16],
-        versions=package_versions(),
-    )
-    tmp = out / (MODEL_JSON + ".tmp")
-    tmp.write_text(json.dumps(full, indent=2, sort_keys=True))
-    tmp.replace(out / MODEL_JSON)
-    return out
+    card = dataclasses.replace(card, weights=hashes, model_version=weights_version(hashes),
+                               versions=package_versions(), schema_version=SCHEMA_VERSION)
+    write_card(out, card)
+    return card
 
 
-def read_meta(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / MODEL_JSON
-    if not Path(model_dir).is_dir():
-        raise ModelDirError(
-            f"model directory {str(model_dir)!r} does not exist; train one with "
-            f"`stfpm train DATA --out {model_dir}` or point to a directory holding {MODEL_JSON}")
-    if not path.is_file():
-        raise ModelDirError(f"{str(model_dir)!r} is not a model directory: it has no {MODEL_JSON}")
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays; ModelDirError naming the file when it is not one (a
+    pickle such as a .pdparams is never unpickled, only recognised by its first byte)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ModelDirError(f"{path} has schema_version {meta.get('schema_version')!r}; "
-                            f"this stfpm reads version {SCHEMA_VERSION}")
-    return meta
-
-
-def write_meta(model_dir: str | Path, meta: dict) -> None:
-    """Rewrite model.json (e.g. a new threshold); weights and their hashes are untouched."""
-    path = Path(model_dir) / MODEL_JSON
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmp.replace(path)
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as e:
+        head = path.read_bytes()[:1]
+        kind = "a Python pickle (e.g. a .pdparams or .pth file)" if head == b"\x80" else "not a safetensors file"
+        raise ModelDirError(f"{path} is {kind} ({e}); stfpm only loads safetensors weights: {RETRAIN}") from None
 
 
 def load_model(model_dir: str | Path) -> LoadedModel:
     """Load a model directory, verifying every weight file's sha256 before reading it."""
+    import paddle
+
+    from stfpm.nn import STFPM
+
     model_dir = Path(model_dir)
-    meta = read_meta(model_dir)
-    network = STFPM(meta["backbone"])
+    card = read_card(model_dir)
+    network = STFPM(card.backbone)
     for part, filename in WEIGHT_FILES.items():
         path = model_dir / filename
         if not path.is_file():
-            raise ModelDirError(f"{model_dir} is incomplete: {filename} is missing")
-        expected = meta["weights"].get(filename)
-        if sha256_file(path) != expected:
-            raise ModelDirError(f"{path} does not match the sha256 recorded in {MODEL_JSON}; "
-                                "the file is corrupt or was replaced")
+            raise ModelDirError(f"{model_dir} is incomplete: {filename} is missing; {RETRAIN}")
+        if sha256_file(path) != card.weights[filename]:
+            raise ModelDirError(f"{path} does not match the sha256 recorded in {model_dir / MODEL_JSON}; "
+                                f"the file is corrupt or was replaced: {RETRAIN}")
         layer = getattr(network, part)
-        state = load_file(str(path))
+        state = read_safetensors(path)
         own = layer.state_dict()
-        if set(state) != set(own):
-            raise ModelDirError(f"{path} does not fit backbone {meta['backbone']!r}: "
+        misfit = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
+        if set(state) != set(own) or misfit:
+            raise ModelDirError(f"{path} does not fit backbone {card.backbone!r}: "
                                 f"missing {sorted(set(own) - set(state))[:5]}, "
-                                f"unexpected {sorted(set(state) - set(own))[:5]}")
+                                f"unexpected {sorted(set(state) - set(own))[:5]}, wrong shape {misfit[:5]}")
         layer.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
     network.eval()
-    return LoadedModel(network=network, meta=meta, path=str(model_dir))
+    return LoadedModel(network=network, card=card, path=str(model_dir))

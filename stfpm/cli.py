@@ -1,6 +1,7 @@
 """The `stfpm` command line: thin wrappers over the library."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -147,7 +148,7 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
     else:
         result = run_train(data, out, cfg)
     typer.echo(f"model written to {out} (best epoch {result.best_epoch}, "
-               f"threshold {result.threshold['value']:.6g})")
+               f"threshold {result.calibration.threshold:.6g})")
     if result.metrics:
         typer.echo(json.dumps(_headline(result.metrics), indent=2))
 
@@ -180,7 +181,7 @@ def evaluate(model_dir: Path = typer.Argument(..., help="Model directory"),
              set_threshold: bool = typer.Option(False, "--set-threshold",
                                                 help="Store the F1-optimal threshold in the model")):
     """Evaluate a model: image/pixel AUROC, AUPRO, F1-optimal threshold."""
-    from stfpm.artifact import load_model, write_meta
+    from stfpm.artifact import Calibration, load_model, write_card
     from stfpm.data import load_dataset
     from stfpm.evaluate import evaluate_model, write_evaluation
 
@@ -191,10 +192,10 @@ def evaluate(model_dir: Path = typer.Argument(..., help="Model directory"),
     typer.echo(f"written to {path}")
     if set_threshold:
         scores = [r["score"] for r in result["images"]]
-        model.meta["threshold"] = {"value": result["metrics"]["image_f1_threshold"], "source": "f1_test",
-                                   "score_min": min(scores), "score_max": max(scores),
-                                   "n_images": len(scores), "data": str(data)}
-        write_meta(model_dir, model.meta)
+        calibration = Calibration(threshold=result["metrics"]["image_f1_threshold"], score_min=min(scores),
+                                  score_max=max(scores), source="f1_test",
+                                  details={"n_images": len(scores), "data": str(data)})
+        write_card(model_dir, dataclasses.replace(model.card, calibration=calibration))
         typer.echo(f"stored threshold {result['metrics']['image_f1_threshold']:.6g} in {model_dir}")
 
 

@@ -60,7 +60,7 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, batch_size: int = 32,
     }
     notes = [] if has_masks else ["some defective images have no mask: pixel metrics are unavailable"]
     return {"metrics": metrics, "notes": notes, "images": records,
-            "model_version": model.version, "dataset": dataset.root}
+            "model_version": model.card.model_version, "dataset": dataset.root}
 
 
 def _or_none(metric):

@@ -9,7 +9,7 @@ The program maps the normalised input (N, 3, S, S) to the per-layer distance map
 `inference.yml`, and our `model.json` so threshold and normalisation travel with it."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -18,7 +18,7 @@ import numpy as np
 import paddle
 import yaml
 
-from stfpm.artifact import MODEL_JSON, ModelDirError, load_model, sha256_file
+from stfpm.artifact import MODEL_JSON, ModelCard, ModelDirError, load_model, read_card, sha256_file, write_card
 from stfpm.runtime import cpu_threads
 
 PROGRAM, PARAMS, INFERENCE_YML = "inference.json", "inference.pdiparams", "inference.yml"
@@ -87,25 +87,25 @@ def compile_network(network, size: int, threads: int | None = None) -> LayerForw
 
 def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     model = load_model(model_dir)
-    size = model.image_size
+    card = model.card
+    size = card.input.size
     out = save_program(model.network, size, out_dir)
-    meta = dict(model.meta)
-    meta["export"] = {"format": "paddle_inference", "program": PROGRAM, "params": PARAMS, "outputs": OUTPUTS,
-                      "sha256": {f: sha256_file(out / f) for f in (PROGRAM, PARAMS)},
-                      "source_model_dir": str(model_dir)}
-    (out / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    inp, thr = meta["input"], meta["threshold"]
+    card = dataclasses.replace(card, export={
+        "format": "paddle_inference", "program": PROGRAM, "params": PARAMS, "outputs": OUTPUTS,
+        "sha256": {f: sha256_file(out / f) for f in (PROGRAM, PARAMS)}, "source_model_dir": str(model_dir)})
+    write_card(out, card)
+    cal = card.calibration
     (out / INFERENCE_YML).write_text(yaml.safe_dump({
-        "Global": {"model_name": "STFPM", "backbone": meta["backbone"], "model_version": meta["model_version"]},
+        "Global": {"model_name": card.model_name, "backbone": card.backbone, "model_version": card.model_version},
         "PreProcess": {"transform_ops": [
             {"ReadImage": {"format": "RGB"}},
             {"Resize": {"target_size": [size, size]}},
-            {"Normalize": {"mean": inp["mean"], "std": inp["std"], "scale": 1.0 / 255}},
+            {"Normalize": {"mean": list(card.input.mean), "std": list(card.input.std), "scale": 1.0 / 255}},
             {"ToCHWImage": None}]},
         "PostProcess": {"AnomalyMap": {"combine": "product of the outputs, each bilinearly upsampled to the input size",
-                                       "layer_norm": meta.get("map", {}).get("layer_norm", "none"),
-                                       "score": "max", "threshold": thr["value"],
-                                       "score_min": thr["score_min"], "score_max": thr["score_max"]}},
+                                       "layer_norm": card.map.layer_norm,
+                                       "score": "max", "threshold": cal.threshold,
+                                       "score_min": cal.score_min, "score_max": cal.score_max}},
     }, sort_keys=False))
     return out
 
@@ -115,17 +115,22 @@ def is_exported(model_dir: str | Path) -> bool:
     return (d / INFERENCE_YML).is_file() and (d / PARAMS).is_file()
 
 
-def load_exported(model_dir: str | Path) -> tuple[dict, LayerForward]:
-    """(meta, layer forward) for an exported model, run by Paddle Inference."""
+def load_exported(model_dir: str | Path) -> tuple[ModelCard, LayerForward]:
+    """(card, layer forward) for an exported model, run by Paddle Inference."""
     d = Path(model_dir)
-    meta_path = d / MODEL_JSON
-    if not meta_path.is_file():
+    if not (d / MODEL_JSON).is_file():
         raise ModelDirError(f"exported model {d} has no {MODEL_JSON}; re-export it with `stfpm export`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("export", {}).get("outputs") != OUTPUTS:
+    card = read_card(d)
+    export = card.export or {}
+    if export.get("outputs") != OUTPUTS:
         raise ModelDirError(f"exported model {d} comes from an older stfpm (its program returns the combined "
-                            f"map); re-export it with `stfpm export {meta.get('export', {}).get('source_model_dir', 'MODEL_DIR')}`")
-    for name, digest in meta["export"]["sha256"].items():
+                            f"map); re-export it with `stfpm export {export.get('source_model_dir', 'MODEL_DIR')}`")
+    digests = export.get("sha256")
+    if not isinstance(digests, dict) or set(digests) != {PROGRAM, PARAMS}:
+        raise ModelDirError(f"{d / MODEL_JSON}: key 'export.sha256' must hold the sha256 of {PROGRAM} and {PARAMS}; "
+                            "re-export the model with `stfpm export`")
+    for name, digest in digests.items():
         if sha256_file(d / name) != digest:
-            raise ModelDirError(f"{d / name} does not match the sha256 in {meta_path}")
-    return meta, open_program(d)
+            raise ModelDirError(f"{d / name} does not match the sha256 in {d / MODEL_JSON}; "
+                                "re-export the model with `stfpm export`")
+    return card, open_program(d)

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import paddle
 
-from stfpm.artifact import LoadedModel
+from stfpm.artifact import Calibration, LoadedModel, ModelCard
 from stfpm.data.images import normalize_batch, preprocess
 from stfpm.nn import anomaly_map
 
@@ -35,9 +35,8 @@ class Prediction:
 
 
 def normalize_score(raw, threshold: float, score_min: float, score_max: float):
-    """anomalib's convention: 0.5 at the threshold, scaled by the calibration score range."""
-    span = max(float(score_max) - float(score_min), 1e-12)
-    return np.clip((np.asarray(raw, dtype=np.float64) - threshold) / span + 0.5, 0.0, 1.0)
+    """`Calibration.normalize` for a bare threshold and score range."""
+    return Calibration(float(threshold), float(score_min), float(score_max)).normalize(raw)
 
 
 class Predictor:
@@ -45,17 +44,15 @@ class Predictor:
     Paddle Inference (CPU) or run on the dynamic graph (GPU), or an exported model's program;
     all give the same maps."""
 
-    def __init__(self, meta: dict, layer_forward: Callable[[np.ndarray], list], threshold: float | None = None):
-        self.meta = meta
+    def __init__(self, card: ModelCard, layer_forward: Callable[[np.ndarray], list], threshold: float | None = None):
+        self.card = card
         self.layer_forward = layer_forward  # (N, 3, S, S) normalised input -> per-layer (N, h, w) maps
-        self.size = int(meta["input"]["size"])
-        self.mean = tuple(meta["input"]["mean"])
-        self.std = tuple(meta["input"]["std"])
-        cal = meta["threshold"]
-        self.threshold = float(cal["value"] if threshold is None else threshold)
-        self.score_min = float(cal["score_min"])
-        self.score_max = float(cal["score_max"])
-        self.layer_norm = meta.get("map", {}).get("layer_norm", "none")  # models before it existed: none
+        self.size = card.input.size
+        self.mean, self.std = card.input.mean, card.input.std
+        self.calibration = card.calibration
+        self.threshold = card.calibration.threshold if threshold is None else float(threshold)
+        self.score_min, self.score_max = card.calibration.score_min, card.calibration.score_max
+        self.layer_norm = card.map.layer_norm
 
     @classmethod
     def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto") -> "Predictor":
@@ -73,14 +70,14 @@ class Predictor:
         if engine == "onednn":
             from stfpm.export import compile_network
 
-            return cls(model.meta, compile_network(network, model.image_size), threshold)
+            return cls(model.card, compile_network(network, model.card.input.size), threshold)
         network.eval()
 
         def layer_forward(batch: np.ndarray) -> list:
             with paddle.no_grad():
                 return [d.numpy() for d in network.layer_maps(paddle.to_tensor(batch))]
 
-        return cls(model.meta, layer_forward, threshold)
+        return cls(model.card, layer_forward, threshold)
 
     @classmethod
     def open(cls, model_dir, threshold: float | None = None) -> "Predictor":
@@ -88,15 +85,15 @@ class Predictor:
         from stfpm.export import is_exported, load_exported
 
         if is_exported(model_dir):
-            meta, forward = load_exported(model_dir)
-            return cls(meta, forward, threshold)
+            card, forward = load_exported(model_dir)
+            return cls(card, forward, threshold)
         from stfpm.artifact import load_model
 
         return cls.from_model(load_model(model_dir), threshold)
 
     @property
     def model_version(self) -> str:
-        return self.meta["model_version"]
+        return self.card.model_version
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps."""
@@ -120,7 +117,7 @@ class Predictor:
         """(N, S, S) maps -> Predictions with maps and masks resized to each (h, w)."""
         thr = self.threshold if threshold is None else float(threshold)
         scores = maps.reshape(len(maps), -1).max(axis=1)
-        norm = normalize_score(scores, thr, self.score_min, self.score_max)
+        norm = self.calibration.normalize(scores, thr)
         out = []
         for (h, w), amap, score, ns in zip(sizes, maps, scores, norm):
             full = amap if (h, w) == amap.shape else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)

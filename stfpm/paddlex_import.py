@@ -13,6 +13,7 @@ ours (three layers); the threshold calibrated here is on our scale.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -83,9 +84,9 @@ def import_paddlex(path: str | Path, out_dir: str | Path, good: str | Path, imag
     on the good images of GOOD (a folder of good images or an MVTec category's train/good);
     returns the threshold record. Use images the model was not trained on, as training's
     hold-out is."""
-    from stfpm.artifact import save_model
+    from stfpm.artifact import InputSpec, MapSpec, ModelCard, save_model
     from stfpm.data import load_dataset
-    from stfpm.train import calibrate_on_good_images, fingerprint, load_images
+    from stfpm.train import UNCALIBRATED, calibrate_on_good_images, fingerprint, load_images
 
     checkpoint = find_checkpoint(path)
     parts = paddlex_to_parts(read_pdparams(checkpoint), checkpoint)
@@ -95,15 +96,12 @@ def import_paddlex(path: str | Path, out_dir: str | Path, good: str | Path, imag
     network.eval()
     good_paths = [s.image for s in load_dataset(good).train]
     spec = backbone_spec(BACKBONE)
-    meta = {"input": {"size": image_size, "mean": list(spec.mean), "std": list(spec.std), "color": "RGB"},
-            "taps": list(spec.channels),
-            "map": {"layer_norm": "none"},
-            "recipe": None,
-            "training": {"imported_from": str(checkpoint), "format": "paddlex_stfpm_pdparams"},
-            "metrics": None}
+    card = ModelCard(model_name="STFPM", backbone=BACKBONE, input=InputSpec.for_backbone(BACKBONE, image_size),
+                     calibration=UNCALIBRATED, map=MapSpec(layer_norm="none"), taps=list(spec.channels),
+                     training={"imported_from": str(checkpoint), "format": "paddlex_stfpm_pdparams"})
     images = load_images(good_paths, image_size, spec.mean, spec.std)
-    meta["threshold"] = {**calibrate_on_good_images(network, meta, images, threshold_quantile),
-                         "source": "imported_good_quantile", "data": str(good),
-                         "data_fingerprint": fingerprint(good_paths)}
-    save_model(network, out_dir, meta)
-    return meta["threshold"]
+    calibration = calibrate_on_good_images(network, card, images, threshold_quantile)
+    calibration = dataclasses.replace(calibration, source="imported_good_quantile", details={
+        **calibration.details, "data": str(good), "data_fingerprint": fingerprint(good_paths)})
+    card = save_model(network, out_dir, dataclasses.replace(card, calibration=calibration))
+    return card.calibration.to_dict()

@@ -3,6 +3,7 @@ worker later; only where the batches come from and how gradients are averaged di
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -14,7 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 import paddle
 
-from stfpm.artifact import LoadedModel, read_meta, save_model, write_meta
+from stfpm.artifact import Calibration, InputSpec, LoadedModel, MapSpec, ModelCard, save_model, write_card
 from stfpm.data import load_dataset, preprocess, read_image, split_holdout
 from stfpm.nn import LAYER_NORMS, STFPM, backbone_spec, stfpm_loss
 from stfpm.runtime import configure_threads
@@ -139,23 +140,25 @@ def load_images(paths: list[str], size: int, mean, std) -> np.ndarray:
                            for i in range(0, len(paths), 64)])
 
 
-def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> dict:
+UNCALIBRATED = Calibration(threshold=0.0, score_min=0.0, score_max=1.0)  # a card's until it is calibrated
+
+
+def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> Calibration:
     """Threshold = a high quantile of held-out good images' scores; their range scales
     the normalised score (DESIGN §7)."""
-    return {"value": float(np.quantile(holdout_scores, quantile)), "source": "holdout_quantile",
-            "quantile": quantile, "score_min": float(holdout_scores.min()),
-            "score_max": float(holdout_scores.max()), "n_images": int(len(holdout_scores))}
+    return Calibration(threshold=float(np.quantile(holdout_scores, quantile)), score_min=float(holdout_scores.min()),
+                       score_max=float(holdout_scores.max()), source="holdout_quantile",
+                       details={"quantile": quantile, "n_images": int(len(holdout_scores))})
 
 
-def calibrate_on_good_images(network: STFPM, meta: dict, images: np.ndarray, quantile: float) -> dict:
-    """The threshold of `network` (with `meta`'s input and map settings) from the scores of
-    good images it was not trained on: the calibration of training, also used on import."""
+def calibrate_on_good_images(network: STFPM, card: ModelCard, images: np.ndarray, quantile: float) -> Calibration:
+    """The threshold of `network` (with `card`'s input and map settings; its calibration is
+    not used) from the scores of good images it was not trained on: the calibration of
+    training, also used on import."""
     from stfpm.inference import Predictor
 
-    model = LoadedModel(network=network, meta={**meta, "threshold": {"value": 0.0, "score_min": 0.0,
-                                                                      "score_max": 1.0}}, path="")
-    scores = Predictor.from_model(model).forward(images).reshape(len(images), -1).max(axis=1)
-    return calibrate_threshold(scores, quantile)
+    scores = Predictor.from_model(LoadedModel(network=network, card=card, path="")).forward(images)
+    return calibrate_threshold(scores.reshape(len(images), -1).max(axis=1), quantile)
 
 
 def fingerprint(paths: list[str]) -> str:
@@ -192,7 +195,7 @@ class TrainResult:
     model_dir: str
     best_epoch: int
     best_holdout_loss: float
-    threshold: dict
+    calibration: Calibration
     history: list = field(default_factory=list)
     metrics: dict | None = None
 
@@ -265,32 +268,29 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
     split, evaluate on it and store the metrics."""
     from stfpm.evaluate import evaluate_model
 
-    spec = backbone_spec(cfg.backbone)
     network.eval()
     best = min(history, key=lambda r: r["holdout_loss"])
     dataset = split.dataset
-    meta = {"input": {"size": cfg.image_size, "mean": list(spec.mean), "std": list(spec.std),
-                      "color": "RGB"},
-            "taps": list(spec.channels),
-            "map": {"layer_norm": cfg.layer_norm},
-            "recipe": asdict(cfg),
-            "training": {"data": str(dataset.root), "layout": dataset.layout,
-                         "n_train": len(split.train), "n_holdout": len(split.holdout),
-                         "data_fingerprint": fingerprint([s.image for s in dataset.train]),
-                         "best_epoch": best["epoch"], "best_holdout_loss": best["holdout_loss"],
-                         "final_loss": history[-1]["loss"]},
-            "metrics": None}
-    meta["threshold"] = calibrate_on_good_images(network, meta, holdout_images, cfg.threshold_quantile)
+    card = ModelCard(
+        model_name="STFPM", backbone=cfg.backbone, input=InputSpec.for_backbone(cfg.backbone, cfg.image_size),
+        calibration=UNCALIBRATED,
+        map=MapSpec(layer_norm=cfg.layer_norm), taps=list(backbone_spec(cfg.backbone).channels), recipe=asdict(cfg),
+        training={"data": str(dataset.root), "layout": dataset.layout,
+                  "n_train": len(split.train), "n_holdout": len(split.holdout),
+                  "data_fingerprint": fingerprint([s.image for s in dataset.train]),
+                  "best_epoch": best["epoch"], "best_holdout_loss": best["holdout_loss"],
+                  "final_loss": history[-1]["loss"]})
+    card = dataclasses.replace(card, calibration=calibrate_on_good_images(
+        network, card, holdout_images, cfg.threshold_quantile))
     with tempfile.TemporaryDirectory() as tmp:
         local_dir = Path(tmp) if is_s3(str(out_dir)) else Path(out_dir)
-        save_model(network, local_dir, meta)
+        card = save_model(network, local_dir, card)
         (local_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         metrics = None
         if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
-            model = LoadedModel(network=network, meta=read_meta(local_dir), path=str(local_dir))
+            model = LoadedModel(network=network, card=card, path=str(local_dir))
             metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
-            model.meta["metrics"] = metrics
-            write_meta(local_dir, model.meta)
+            write_card(local_dir, dataclasses.replace(card, metrics=metrics))
         if local_dir != Path(out_dir):
             upload_dir(local_dir, str(out_dir))
-    return TrainResult(str(out_dir), best["epoch"], best["holdout_loss"], meta["threshold"], history, metrics)
+    return TrainResult(str(out_dir), best["epoch"], best["holdout_loss"], card.calibration, history, metrics)

@@ -90,10 +90,11 @@ def test_imported_model_gives_paddleseg_maps(paddleseg_checkpoint, good_images, 
                         "--image-size", SIZE)
     assert code == 0, text
     model = load_model(tmp_path / "model")
-    assert model.meta["backbone"] == "resnet18" and model.meta["training"]["imported_from"] == str(path)
+    card = model.card
+    assert card.backbone == "resnet18" and card.training["imported_from"] == str(path)
 
     test_images = load_images([s.image for s in load_dataset(good_images).test], SIZE,
-                              model.meta["input"]["mean"], model.meta["input"]["std"])
+                              card.input.mean, card.input.std)
     ours = Predictor.from_model(model).forward(test_images)
     with paddle.no_grad():
         theirs = network.score_map(paddle.to_tensor(test_images)).numpy() / 8  # their sum, our 0.5 per layer
@@ -101,12 +102,12 @@ def test_imported_model_gives_paddleseg_maps(paddleseg_checkpoint, good_images, 
 
     # the threshold is training's calibration: the 0.99 quantile of the good images' scores
     good = load_images([s.image for s in load_dataset(good_images).train], SIZE,
-                       model.meta["input"]["mean"], model.meta["input"]["std"])
+                       card.input.mean, card.input.std)
     with paddle.no_grad():
         good_scores = (network.score_map(paddle.to_tensor(good)).numpy() / 8).reshape(len(good), -1).max(axis=1)
-    threshold = model.meta["threshold"]
-    assert threshold["n_images"] == 6 and threshold["source"] == "imported_good_quantile"
-    assert threshold["value"] == pytest.approx(np.quantile(good_scores, 0.99), rel=1e-5)
+    calibration = card.calibration
+    assert calibration.details["n_images"] == 6 and calibration.source == "imported_good_quantile"
+    assert calibration.threshold == pytest.approx(np.quantile(good_scores, 0.99), rel=1e-5)
 
 
 def test_inference_directories_and_foreign_files_are_refused(good_images, tmp_path):

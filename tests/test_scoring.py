@@ -5,6 +5,7 @@ Each pipeline run costs ~10 s here (Ray Data's fixed overhead plus actor start),
 images are tiny (64 px, model input 64) and the runs few."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import struct
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from stfpm.artifact import ModelDirError
 from stfpm.distributed import map_to_raw, score
 from stfpm.distributed.plan import plan_run
 from stfpm.distributed.scoring import build_pipeline, parse_actors
@@ -36,25 +38,24 @@ def make_model(path: Path, seed: int) -> Path:
     """A random-weight STFPM (efficientnet_lite0) model directory with input 64."""
     import paddle
 
-    from stfpm.artifact import save_model
-    from stfpm.nn import STFPM, backbone_spec
+    from stfpm.artifact import Calibration, InputSpec, ModelCard, save_model
+    from stfpm.nn import STFPM
 
     paddle.seed(seed)
-    spec = backbone_spec("efficientnet_lite0")
-    meta = {"input": {"size": SIZE, "mean": list(spec.mean), "std": list(spec.std), "color": "RGB"},
-            "threshold": {"value": 0.0, "score_min": 0.0, "score_max": 1.0}}
-    return save_model(STFPM("efficientnet_lite0"), path, meta)
+    card = ModelCard(model_name="STFPM", backbone="efficientnet_lite0",
+                     input=InputSpec.for_backbone("efficientnet_lite0", SIZE), calibration=Calibration(0.0, 0.0, 1.0))
+    save_model(STFPM("efficientnet_lite0"), path, card)
+    return path
 
 
 def with_threshold_at_median(model_dir: Path, images: list[np.ndarray]) -> None:
     """Threshold = median score of `images`, range = their min..max: mixed decisions."""
-    from stfpm.artifact import read_meta, write_meta
+    from stfpm.artifact import Calibration, read_card, write_card
     from stfpm.inference import Predictor
 
     scores = [p.score for p in Predictor.open(model_dir).predict(images)]
-    meta = read_meta(model_dir)
-    meta["threshold"] = {"value": float(np.median(scores)), "score_min": min(scores), "score_max": max(scores)}
-    write_meta(model_dir, meta)
+    calibration = Calibration(float(np.median(scores)), min(scores), max(scores))
+    write_card(model_dir, dataclasses.replace(read_card(model_dir), calibration=calibration))
 
 
 def texture(rng, h=SIZE, w=SIZE) -> np.ndarray:
@@ -328,7 +329,7 @@ def test_manifests_list_exactly_their_entries(tmp_path):
                                  "line": ["l1", "l2"], "folder": [None, None]}
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list_inputs(str(tmp_path / "nowhere"), [])
-    with pytest.raises(FileNotFoundError, match="model.json"):
+    with pytest.raises(ModelDirError, match="model.json"):
         resolve_models(str(tmp_path))
 
 

@@ -57,7 +57,7 @@ def test_accuracy_on_synthetic_textures(trained, synth_data):
 
 def test_training_is_deterministic_for_a_seed(synth_data, tmp_path):
     cfg = TrainConfig(backbone="efficientnet_lite0", epochs=2, image_size=64, batch_size=16, seed=3)
-    versions = [load_model(train(str(synth_data), str(tmp_path / name), cfg, progress=False).model_dir).version
+    versions = [load_model(train(str(synth_data), str(tmp_path / name), cfg, progress=False).model_dir).card.model_version
                 for name in ("a", "b")]
     assert versions[0] == versions[1]
 

@@ -25,7 +25,6 @@ model of its `category` column.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 import stat
@@ -38,6 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
+from stfpm.artifact import MODEL_JSON, ModelDirError, parse_card
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.storage import filesystem_for, is_s3, join_uri, read_bytes
 
@@ -231,15 +231,16 @@ class ModelRef:
     @classmethod
     def read(cls, name: str, uri: str, threshold: float | None = None) -> "ModelRef":
         uri = uri.rstrip("/") if is_s3(uri) else filesystem_for(uri)[1]
+        card_uri = join_uri(uri, MODEL_JSON)
         try:
-            meta = json.loads(read_bytes(join_uri(uri, "model.json")))
+            card = parse_card(read_bytes(card_uri), card_uri)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{uri} is not a model directory: it has no model.json "
-                                    "(train one with `stfpm train`)") from None
-        cal = meta["threshold"]
-        return cls(name=name, uri=uri, version=meta["model_version"], input_size=int(meta["input"]["size"]),
-                   threshold=float(cal["value"] if threshold is None else threshold),
-                   score_min=float(cal["score_min"]), score_max=float(cal["score_max"]))
+            raise ModelDirError(f"{uri} is not a model directory: it has no {MODEL_JSON} "
+                                "(train one with `stfpm train`)") from None
+        cal = card.calibration
+        return cls(name=name, uri=uri, version=card.model_version, input_size=card.input.size,
+                   threshold=cal.threshold if threshold is None else float(threshold),
+                   score_min=cal.score_min, score_max=cal.score_max)
 
 
 def is_registry(model: str) -> bool:

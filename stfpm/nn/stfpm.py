@@ -17,6 +17,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+from stfpm.artifact import LAYER_NORMS  # the map options a model card may name
 from stfpm.nn.backbones import build_backbone
 
 
@@ -34,7 +35,6 @@ def stfpm_loss(teacher_feats, student_feats) -> paddle.Tensor:
     return paddle.add_n([d.mean() for d in layer_distances(teacher_feats, student_feats)])
 
 
-LAYER_NORMS = ("none", "median")
 
 
 def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none") -> np.ndarray:
