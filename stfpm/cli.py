@@ -287,7 +287,9 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
           batch_size: int = typer.Option(32, help="Images per forward pass"),
           actors: str = typer.Option("1", help="Scoring actors: N, or MIN..MAX to autoscale"),
           gpus_per_actor: float = typer.Option(0, help="GPUs per actor (Ray assigns them)"),
-          cpus_per_actor: float = typer.Option(1, help="CPUs per actor (Paddle's threads on a CPU actor)"),
+          cpus_per_actor: float = typer.Option(1, help="CPUs Ray reserves per actor"),
+          threads_per_actor: Optional[int] = typer.Option(None, help="Paddle CPU threads per actor (default: its "
+                                                          "CPUs; on one machine, more can use cores decode leaves idle)"),
           threshold: Optional[float] = typer.Option(None, help="Override the stored threshold(s)"),
           overlays: bool = typer.Option(False, "--overlays", help="Also write overlays of anomalous inputs"),
           ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto; "
@@ -304,7 +306,7 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
     options = {"extensions": tuple(e.strip() for e in ext.split(","))} if ext else {}
     summary = run_score(model, source, output, partitions=partitions.split(",") if partitions else None,
                         batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
-                        cpus_per_actor=cpus_per_actor, threshold=threshold,
+                        cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, threshold=threshold,
                         overlays=overlays, ray_address=ray_address, run_id=run_id, **options)
     typer.echo(f"table: {summary['output']['scores']}  maps: {summary['output']['maps']}  "
                f"summary: {summary['output']['root']}/_SUCCESS")

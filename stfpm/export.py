@@ -115,8 +115,9 @@ def is_exported(model_dir: str | Path) -> bool:
     return (d / INFERENCE_YML).is_file() and (d / PARAMS).is_file()
 
 
-def load_exported(model_dir: str | Path) -> tuple[ModelCard, LayerForward]:
-    """(card, layer forward) for an exported model, run by Paddle Inference."""
+def load_exported(model_dir: str | Path, threads: int | None = None) -> tuple[ModelCard, LayerForward]:
+    """(card, layer forward) for an exported model, run by Paddle Inference on `threads` CPU
+    threads (default `stfpm.runtime.cpu_threads()`)."""
     d = Path(model_dir)
     if not (d / MODEL_JSON).is_file():
         raise ModelDirError(f"exported model {d} has no {MODEL_JSON}; re-export it with `stfpm export`")
@@ -133,4 +134,4 @@ def load_exported(model_dir: str | Path) -> tuple[ModelCard, LayerForward]:
         if sha256_file(d / name) != digest:
             raise ModelDirError(f"{d / name} does not match the sha256 in {d / MODEL_JSON}; "
                                 "re-export the model with `stfpm export`")
-    return card, open_program(d)
+    return card, open_program(d, threads)

@@ -55,14 +55,16 @@ class Predictor:
         self.layer_norm = card.map.layer_norm
 
     @classmethod
-    def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto") -> "Predictor":
+    def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto",
+                   threads: int | None = None) -> "Predictor":
         """`engine`: "onednn" (Paddle Inference on CPU), "dygraph", or "auto": oneDNN unless the
-        process runs on a GPU or Paddle was built without oneDNN."""
+        process runs on a GPU or Paddle was built without oneDNN. `threads`: CPU intra-op
+        threads (default `stfpm.runtime.cpu_threads()`)."""
         from stfpm.runtime import configure_threads
 
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
-        configure_threads()
+        threads = configure_threads(threads)
         network = model.network
         if engine == "auto":
             on_gpu = paddle.device.get_device().startswith("gpu")
@@ -70,7 +72,7 @@ class Predictor:
         if engine == "onednn":
             from stfpm.export import compile_network
 
-            return cls(model.card, compile_network(network, model.card.input.size), threshold)
+            return cls(model.card, compile_network(network, model.card.input.size, threads), threshold)
         network.eval()
 
         def layer_forward(batch: np.ndarray) -> list:
@@ -80,16 +82,16 @@ class Predictor:
         return cls(model.card, layer_forward, threshold)
 
     @classmethod
-    def open(cls, model_dir, threshold: float | None = None) -> "Predictor":
+    def open(cls, model_dir, threshold: float | None = None, threads: int | None = None) -> "Predictor":
         """A model directory from `stfpm train`, or an exported one from `stfpm export`."""
         from stfpm.export import is_exported, load_exported
 
         if is_exported(model_dir):
-            card, forward = load_exported(model_dir)
+            card, forward = load_exported(model_dir, threads)
             return cls(card, forward, threshold)
         from stfpm.artifact import load_model
 
-        return cls.from_model(load_model(model_dir), threshold)
+        return cls.from_model(load_model(model_dir), threshold, threads=threads)
 
     @property
     def model_version(self) -> str:

@@ -152,7 +152,7 @@ def test_local_folder_end_to_end(workspace, ray_local):
     root, good = workspace
     out = root / "out-e2e"
     summary = score(str(root / "model"), str(root / "data"), str(out), partitions=["category", "line"],
-                    batch_size=4, overlays=True, verbose=False)
+                    batch_size=4, overlays=True, threads_per_actor=2, verbose=False)  # more threads than CPUs
     df = read_table(out)
     files = listed_files(root / "data")
     assert sorted(df.image_uri) == sorted(files)                       # one row per input file

@@ -80,8 +80,8 @@ def check_cpus_left_for_decoding(actors: int, cpus_per_actor: float, cluster_cpu
 
 def score(model: str, source: str, output: str, *, partitions: list[str] | None = None,
           extensions=IMAGE_EXTENSIONS, batch_size: int = 32, actors: int | str | tuple[int, int] = (1, 1),
-          gpus_per_actor: float = 0, cpus_per_actor: float = 1, threshold: float | None = None,
-          overlays: bool = False, run_id: str | None = None, ray_address: str | None = None,
+          gpus_per_actor: float = 0, cpus_per_actor: float = 1, threads_per_actor: int | None = None,
+          threshold: float | None = None, overlays: bool = False, run_id: str | None = None, ray_address: str | None = None,
           max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
           rows_per_file: int = ROWS_PER_FILE, verbose: bool = True) -> dict:
     """Score every image of SOURCE with MODEL on Ray Data and write OUTPUT (module docstring).
@@ -112,7 +112,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
                 check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
             t0 = time.perf_counter()
             ds, sink = build_pipeline(plan, batch_size=batch_size, actors=(low, high), gpus_per_actor=gpus_per_actor,
-                                      cpus_per_actor=cpus_per_actor, threshold=threshold, overlays=overlays,
+                                      cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor,
+                                      threshold=threshold, overlays=overlays,
                                       max_pixels=max_pixels, max_bytes=max_bytes, wait_for_actors_s=wait_for_actors_s,
                                       rows_per_file=rows_per_file, progress_bars=verbose)
             ds.write_datasink(sink)
@@ -132,7 +133,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
 
 
 def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] = (1, 1), gpus_per_actor: float = 0,
-                   cpus_per_actor: float = 1, threshold: float | None = None, overlays: bool = False,
+                   cpus_per_actor: float = 1, threads_per_actor: int | None = None,
+                   threshold: float | None = None, overlays: bool = False,
                    max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
                    rows_per_file: int = ROWS_PER_FILE,
                    progress_bars: bool = False) -> tuple[ray.data.Dataset, ScoreTableSink]:
@@ -154,7 +156,7 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
     ds = ds.map_batches(ScoreActor, batch_format="pyarrow", batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
                         num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
-                        fn_constructor_kwargs={"models": models, "threshold": threshold,
+                        fn_constructor_kwargs={"models": models, "threshold": threshold, "threads": threads_per_actor,
                                                "cache_dir": os.path.join(tempfile.gettempdir(), "stfpm-models")})
     ds = ds.map_batches(write_maps, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         fn_kwargs={"output": plan.output, "overlays": overlays, "score_ranges": ranges,

@@ -125,15 +125,17 @@ def paddle_device(gpu_ids: list, cuda_visible: str | None, compiled_with_cuda: b
 
 class ScoreActor:
     """Runs the STFPM predictor. Each actor loads each model it needs once (fetching an
-    s3:// model directory to a local cache itself), on the device Ray assigned it."""
+    s3:// model directory to a local cache itself), on the device Ray assigned it, with
+    `threads` CPU threads (default: the CPUs Ray gave it, which Ray passes as OMP_NUM_THREADS)."""
 
-    def __init__(self, models: dict[str, str], threshold: float | None, cache_dir: str):
+    def __init__(self, models: dict[str, str], threshold: float | None, cache_dir: str,
+                 threads: int | None = None):
         import paddle
 
         from stfpm.inference import Predictor
 
         self._open = Predictor.open
-        self.models, self.threshold, self.cache_dir = models, threshold, cache_dir
+        self.models, self.threshold, self.cache_dir, self.threads = models, threshold, cache_dir, threads
         self.predictors: dict[str, object] = {}
         self.failed: dict[str, str] = {}
         gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
@@ -147,7 +149,7 @@ class ScoreActor:
 
             try:
                 local = fetch_to_cache(self.models[key], self.cache_dir)
-                self.predictors[key] = self._open(local, self.threshold)
+                self.predictors[key] = self._open(local, self.threshold, self.threads)
             except Exception as e:  # noqa: BLE001 - a broken model fails its rows, not the job
                 self.failed[key] = f"model: {self.models[key]} could not be loaded: {e}"
         return self.predictors.get(key)
