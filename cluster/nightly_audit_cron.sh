@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Submit tonight's audit to a Ray cluster with `ray job submit`, follow its log and exit with
-# its exit code: 0 done, 3 done but an anomaly rate above its alert level, 1 failed (the next
-# night retries it). For cron on a machine that reaches the cluster's dashboard (the head of
+# its exit code: 0 done, 3 done but an anomaly rate above its alert level, 4 done but inputs
+# failed for a reason other than a bad file (retried the next night), 1 failed (the next
+# night retries it), 2 bad config or model. For cron on a machine that reaches the cluster's dashboard (the head of
 # a `ray up ray_cluster.yaml` cluster, or a laptop with `ray dashboard ray_cluster.yaml` open):
 #
 #   15 2 * * *  cd /opt/stfpm && cluster/nightly_audit_cron.sh cluster/audit.yaml >> /var/log/stfpm-audit.log 2>&1
@@ -64,5 +65,5 @@ else
 fi
 ray job logs --address "$RAY_ADDRESS" --follow "$ID" || true
 code=$(job_exit_code "$ID" wait)
-echo "$(date -u +%FT%TZ) nightly audit ${ID} exit code ${code} (0 done, 3 alert, 1 failed)"
+echo "$(date -u +%FT%TZ) nightly audit ${ID} exit code ${code} (0 done, 3 alert, 4 errors, 1 failed, 2 bad config)"
 exit "$code"

@@ -10,8 +10,11 @@ Runs the same on a laptop (`python jobs/nightly_audit.py --config ...` starts a 
 Exit codes:
     0  done; every category's anomaly rate at or under its alert level
     3  done; some category's anomaly rate above its alert level (see audit.json "alerts")
+    4  done; more inputs than alert.error_rate failed for a reason other than a bad file (a
+       model or storage failure); the next run scores them again
     1  failed; the state is not advanced, so the next run retries this one
-    2  invalid arguments or configuration; nothing was done
+    2  invalid arguments, configuration or model directory (one line naming it); nothing
+       was scored
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from stfpm.audit import EXIT_FAILED, EXIT_USAGE, load_config, rerender_report, run_audit
+    from stfpm.errors import UserError
 
     try:
         cfg = load_config(args.config)
@@ -40,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             print(rerender_report(cfg, args.rerender))
             return 0
         result = run_audit(cfg)
+    except UserError as e:  # e.g. a model directory that fails its checks: one line, state left open
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception:  # noqa: BLE001 - any failure is exit 1; the traceback is in the job log
         traceback.print_exc()
         return EXIT_FAILED

@@ -335,6 +335,22 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise ModelDirError(f"{path} is {kind} ({e}); stfpm only loads safetensors weights: {RETRAIN}") from None
 
 
+def verify_weights(model_dir: str | Path, card: ModelCard) -> None:
+    """Every weight file the card records (an exported model's program files) is present with
+    its sha256: cheap enough for a scoring driver to run before any work, so a corrupt or
+    replaced file fails the run by name instead of failing every row."""
+    model_dir = Path(model_dir)
+    files, fix = (card.export["sha256"], "re-export the model with `stfpm export`") if card.export else (
+        card.weights, RETRAIN)
+    for filename, digest in files.items():
+        path = model_dir / filename
+        if not path.is_file():
+            raise ModelDirError(f"{model_dir} is incomplete: {filename} is missing; {fix}")
+        if sha256_file(path) != digest:
+            raise ModelDirError(f"{path} does not match the sha256 recorded in {model_dir / MODEL_JSON}; "
+                                f"the file is corrupt or was replaced: {fix}")
+
+
 def load_model(model_dir: str | Path) -> LoadedModel:
     """Load a model directory, verifying every weight file's sha256 before reading it."""
     import paddle
@@ -343,14 +359,10 @@ def load_model(model_dir: str | Path) -> LoadedModel:
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
+    verify_weights(model_dir, card)
     network = STFPM(card.backbone)
     for part, filename in WEIGHT_FILES.items():
         path = model_dir / filename
-        if not path.is_file():
-            raise ModelDirError(f"{model_dir} is incomplete: {filename} is missing; {RETRAIN}")
-        if sha256_file(path) != card.weights[filename]:
-            raise ModelDirError(f"{path} does not match the sha256 recorded in {model_dir / MODEL_JSON}; "
-                                f"the file is corrupt or was replaced: {RETRAIN}")
         layer = getattr(network, part)
         state = read_safetensors(path)
         own = layer.state_dict()

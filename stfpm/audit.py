@@ -33,9 +33,15 @@ folder levels below `root`.
 
 The configuration is audit_config.py, the HTML report audit_report.py.
 
+Retries: a run's inputs whose row is a transient error (a model that failed in an actor, a
+storage or IO failure, a category without a model) are written to runs/<run_id>/retry.parquet
+and scored again by the next run, night after night until they score or fail as bad files;
+bad files (error_kind "input") are reported once and not retried until they change.
+
 Exit codes (jobs/nightly_audit.py): 0 done, every category at or under its alert level;
-3 done, some category's anomaly rate above its alert level; 1 failed (state not advanced,
-the next run retries); 2 invalid arguments or configuration.
+3 done, some category's anomaly rate above its alert level; 4 done, but transient errors
+above alert.error_rate of the inputs (default: any); 1 failed (state not advanced, the next
+run retries); 2 invalid arguments, configuration or model directory.
 """
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ from stfpm.audit_report import render_report
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.distributed.plan import new_run_id
 from stfpm.distributed.sources import CATEGORY, list_files, path_level, read_manifest
-from stfpm.distributed.table import winning_rows
+from stfpm.distributed.table import INPUT_ERROR, TRANSIENT_ERROR, winning_rows
 from stfpm.storage import filesystem_for, is_s3, join_uri, read_bytes, set_s3_environment, write_bytes
 
 __all__ = ["AlertConfig", "AuditConfig", "AuditResult", "ReportConfig", "ScoringConfig", "load_config",
@@ -64,7 +70,8 @@ __all__ = ["AlertConfig", "AuditConfig", "AuditResult", "ReportConfig", "Scoring
 STATE = "_audit_state.json"
 RUNS = "runs"
 HISTORY = 100
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ALERT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ALERT, EXIT_ERRORS = 0, 1, 2, 3, 4
+RETRY = "retry.parquet"   # runs/<run_id>/: the run's inputs whose row is a transient error
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".parquet")
 HISTOGRAM_BINS = 20
 NO_CATEGORY = "(none)"
@@ -81,43 +88,46 @@ def in_window(t: datetime, since: datetime | None, until: datetime) -> bool:
 
 
 def list_arrivals(cfg: AuditConfig, since: datetime | None, until: datetime) -> pa.Table:
-    """The inputs that arrived in (since, until]: image_uri, size_bytes, arrived_at and one
-    string column per partition, sorted by image_uri (one row per URI, the latest arrival)."""
+    """The inputs that arrived in (since, until]: image_uri, input_version (null for manifest
+    entries: the scorer looks them up), size_bytes, arrived_at and one string column per
+    partition, sorted by image_uri (one row per URI, the latest arrival)."""
     partitions = cfg.partitions or []
     extensions = cfg.scoring.extensions or IMAGE_EXTENSIONS
     rows: dict[str, dict] = {}
     if cfg.source is not None:
         root = cfg.source.rstrip("/") if is_s3(cfg.source) else filesystem_for(cfg.source)[1]
-        for uri, size, arrived in list_files(cfg.source, extensions, exclude=cfg.output):
-            if in_window(arrived, since, until):
-                rows[uri] = {"image_uri": uri, "size_bytes": size, "arrived_at": arrived,
-                             **{p: path_level(uri, root, i) for i, p in enumerate(partitions)}}
+        for f in list_files(cfg.source, extensions, exclude=cfg.output):
+            if in_window(f.arrived, since, until):
+                rows[f.uri] = {"image_uri": f.uri, "input_version": f.version, "size_bytes": f.size,
+                               "arrived_at": f.arrived,
+                               **{p: path_level(f.uri, root, i) for i, p in enumerate(partitions)}}
     else:
         root = cfg.root.rstrip("/") if cfg.root and is_s3(cfg.root) else (
             filesystem_for(cfg.root)[1] if cfg.root else None)
         manifests = list_files(cfg.manifests, MANIFEST_EXTENSIONS, exclude=cfg.output)
-        for manifest, _, arrived in sorted(manifests, key=lambda m: m.arrived):
-            if not in_window(arrived, since, until):
+        for manifest in sorted(manifests, key=lambda m: m.arrived):
+            if not in_window(manifest.arrived, since, until):
                 continue
-            uris, extra = read_manifest(manifest)
+            uris, extra = read_manifest(manifest.uri)
             for j, uri in enumerate(uris):
                 values = {}
                 for i, p in enumerate(partitions):
                     if p in extra:
                         values[p] = extra[p][j]
                     elif root is None:
-                        raise ValueError(f"{manifest}: partition {p!r} is not a column of the manifest; "
+                        raise ValueError(f"{manifest.uri}: partition {p!r} is not a column of the manifest; "
                                          "set `root` in the audit config to take it from the folders")
                     else:
                         values[p] = path_level(uri, root, i)
-                rows[uri] = {"image_uri": uri, "size_bytes": None, "arrived_at": arrived, **values}
+                rows[uri] = {"image_uri": uri, "input_version": None, "size_bytes": None,
+                             "arrived_at": manifest.arrived, **values}
     schema = inputs_schema(partitions)
     ordered = [rows[u] for u in sorted(rows)]
     return pa.Table.from_pylist(ordered, schema=schema) if ordered else schema.empty_table()
 
 
 def inputs_schema(partitions: list[str]) -> pa.Schema:
-    return pa.schema([("image_uri", pa.string()), ("size_bytes", pa.int64()),
+    return pa.schema([("image_uri", pa.string()), ("input_version", pa.string()), ("size_bytes", pa.int64()),
                       ("arrived_at", pa.timestamp("us", tz="UTC"))] + [(p, pa.string()) for p in partitions])
 
 
@@ -175,8 +185,11 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
     write_state(cfg.output, state)
     run_id, run_dir = open_run["run_id"], join_uri(cfg.output, RUNS, open_run["run_id"])
     try:
-        inputs = list_arrivals(cfg, since, until)
-        echo(f"run {run_id}: {len(inputs)} inputs arrived in ({iso(since) or 'the beginning'}, {iso(until)}]")
+        arrived = list_arrivals(cfg, since, until)
+        retried = read_retries(cfg.output, last, arrived)
+        inputs = pa.concat_tables([arrived, retried]).sort_by("image_uri")
+        echo(f"run {run_id}: {len(arrived)} inputs arrived in ({iso(since) or 'the beginning'}, {iso(until)}], "
+             f"{len(retried)} retried after a transient error in run {last['run_id'] if last else None}")
         manifest = join_uri(run_dir, "inputs.parquet")
         sink = pa.BufferOutputStream()
         pq.write_table(inputs, sink)
@@ -187,10 +200,12 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
             scoring = score(cfg.models, manifest, run_dir, partitions=cfg.partitions, batch_size=s.batch_size,
                             actors=s.actors, gpus_per_actor=s.gpus_per_actor, cpus_per_actor=s.cpus_per_actor,
                             threshold=s.threshold, overlays=cfg.report.overlays, run_id=run_id,
-                            ray_address=cfg.ray_address, wait_for_actors_s=s.wait_for_actors_s, verbose=verbose)
+                            ray_address=cfg.ray_address, wait_for_actors_s=s.wait_for_actors_s,
+                            allow_roots=s.allow_roots, verbose=verbose)
         table = read_run_table(run_dir)
         summary = summarize(table, inputs, cfg, run_id=run_id, since=since, until=until,
-                            attempts=open_run["attempts"], scoring=scoring)
+                            attempts=open_run["attempts"], scoring=scoring, retried=len(retried))
+        write_retries(run_dir, inputs, table)
         write_bytes(join_uri(run_dir, "audit.json"), json.dumps(summary, indent=2, default=str).encode())
         report = join_uri(run_dir, "report.html")
         write_bytes(report, render_report(summary, report, cfg.report.link_expiry_hours).encode())
@@ -210,6 +225,32 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
     return AuditResult(summary["exit_code"], run_id, summary, report)
 
 
+def read_retries(output: str, last: dict | None, arrived: pa.Table) -> pa.Table:
+    """The inputs the last finished run left with a transient error (its RETRY file), less
+    those that arrived again: scored again tonight, night after night until they score or
+    fail as bad files."""
+    schema = arrived.schema
+    if not last:
+        return schema.empty_table()
+    try:
+        table = pq.read_table(pa.BufferReader(read_bytes(join_uri(output, RUNS, last["run_id"], RETRY))))
+    except FileNotFoundError:
+        return schema.empty_table()
+    again = set(arrived["image_uri"].to_pylist())
+    table = table.filter(pa.array([u not in again for u in table["image_uri"].to_pylist()], pa.bool_()))
+    return pa.table([table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+                     for f in schema], schema=schema)
+
+
+def write_retries(run_dir: str, inputs: pa.Table, table: pa.Table) -> None:
+    """RETRY: the rows of `inputs` whose standing row in the run's table is a transient error."""
+    transient = {r["image_uri"] for r in _one_row_per_input(table) if r.get("error_kind") == TRANSIENT_ERROR}
+    retry = inputs.filter(pa.array([u in transient for u in inputs["image_uri"].to_pylist()], pa.bool_()))
+    sink = pa.BufferOutputStream()
+    pq.write_table(retry, sink)
+    write_bytes(join_uri(run_dir, RETRY), sink.getvalue().to_pybytes())
+
+
 def _apply_s3(options: dict) -> None:
     """s3.endpoint / s3.region of the config into the environment (stfpm.storage)."""
     set_s3_environment(options.get("endpoint"), options.get("region"))
@@ -226,9 +267,11 @@ def read_run_table(run_dir: str) -> pa.Table:
 # ------------------------------------------------------------------------------ summary
 
 def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: str, since: datetime | None,
-              until: datetime, attempts: int, scoring: dict | None) -> dict:
+              until: datetime, attempts: int, scoring: dict | None, retried: int = 0) -> dict:
     """audit.json: counts, errors and anomaly rate per category, alerts and the exit code.
-    One row per input: its ok row if any (the latest), else its latest error row."""
+    One row per input: its ok row if any (the latest), else its latest error row. Errors
+    of kind "transient" above alert.error_rate of the inputs make the exit code 4 (after an
+    alert's 3); bad input files never do."""
     rows = _one_row_per_input(table)
     by_category: dict[str, list[dict]] = {}
     for row in rows:
@@ -237,18 +280,20 @@ def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: st
     ok = sum(c["ok"] for c in categories.values())
     anomalous = sum(c["anomalous"] for c in categories.values())
     alerts = [name for name, c in categories.items() if c["alert"]]
-    totals = {"inputs": len(inputs), "scored": len(rows), "ok": ok,
-              "error": sum(c["error"] for c in categories.values()), "anomalous": anomalous,
-              "anomaly_rate": anomalous / ok if ok else None}
+    kinds = [r.get("error_kind") for r in rows if r["status"] != "ok"]
+    transient = kinds.count(TRANSIENT_ERROR)
+    totals = {"inputs": len(inputs), "retried": retried, "scored": len(rows), "ok": ok,
+              "error": sum(c["error"] for c in categories.values()), "error_input": kinds.count(INPUT_ERROR),
+              "error_transient": transient, "anomalous": anomalous, "anomaly_rate": anomalous / ok if ok else None}
+    failing = bool(transient) and transient / max(len(inputs), 1) > cfg.alert.error_rate
+    status, code = ("alert", EXIT_ALERT) if alerts else ("errors", EXIT_ERRORS) if failing else ("ok", EXIT_OK)
     return {
         "run_id": run_id, "input": cfg.input, "output": cfg.output, "models": cfg.models,
         "window": {"since": iso(since), "until": iso(until)}, "attempts": attempts,
-        "generated_at": iso(_now()),
-        "status": "alert" if alerts else "ok", "exit_code": EXIT_ALERT if alerts else EXIT_OK,
+        "generated_at": iso(_now()), "status": status, "exit_code": code, "errors_above_level": failing,
         "alerts": alerts, "alert_config": asdict(cfg.alert), "totals": totals, "categories": categories,
         "scoring": _scoring_digest(scoring),
     }
-
 
 
 def _one_row_per_input(table: pa.Table) -> list[dict]:

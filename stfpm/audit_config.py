@@ -1,19 +1,83 @@
 """The nightly audit's configuration (AUDIT.yaml): dataclasses, loading and checking it."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 
 import yaml
 
-from stfpm.storage import read_bytes
+from stfpm.distributed.table import table_schema
+from stfpm.errors import UserError
+from stfpm.storage import filesystem_for, is_s3, read_bytes
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _names(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+
+
+# (test, expected form) per kind of value; a config value of the wrong kind is refused by name
+KINDS = {
+    "rate": (lambda v: _number(v) and 0 <= v <= 1, "a number between 0 and 1"),
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+    "positive int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+    ">= 0": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "> 0": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "hours": (lambda v: _number(v) and 0 < v <= 168, "a number of hours above 0, at most 168 (S3's limit)"),
+    "number or null": (lambda v: v is None or _number(v), "a number, or left out"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "text": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "text or null": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a non-empty string, or left out"),
+    "names or null": (lambda v: v is None or _names(v), "a list of names, e.g. [category, line]"),
+    "folders or null": (lambda v: v is None or _names(v), "a list of folders, e.g. [/data/images]"),
+    "extensions or null": (lambda v: v is None or (_names(v) and all(x.startswith(".") for x in v)),
+                           'a list of file name endings, e.g. [".png", ".jpg"]'),
+    "actors": (lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+               or (isinstance(v, str) and re.fullmatch(r"[1-9][0-9]*(\.\.[1-9][0-9]*)?", v) is not None
+                   and int(v.partition("..")[0]) <= int(v.partition("..")[2] or v)),
+               'N or "MIN..MAX" with 1 <= MIN <= MAX, e.g. 2 or "1..8"'),
+    "rates by name": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(x) and 0 <= x <= 1
+                                                            for k, x in v.items()),
+                      "a mapping of category names to numbers between 0 and 1"),
+    "s3": (lambda v: isinstance(v, dict) and set(v) <= {"endpoint", "region"}
+           and all(isinstance(x, str) and x for x in v.values()),
+           "a mapping with endpoint and/or region strings, e.g. {region: us-east-1}"),
+    "time or null": (lambda v: v is None or isinstance(v, datetime) or (isinstance(v, str) and _is_time(v)),
+                     "an ISO time, e.g. 2026-11-01T00:00:00Z"),
+}
+
+
+def _is_time(text: str) -> bool:
+    try:
+        parse_time(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check(config, kinds: dict[str, str]) -> None:
+    for name, kind in kinds.items():
+        test, expected = KINDS[kind]
+        value = getattr(config, name)
+        if not test(value):
+            raise UserError(f"{name} must be {expected}, got {value!r}")
 
 
 @dataclass
 class AlertConfig:
     anomaly_rate: float = 0.05          # alert when anomalous / ok images is above this
     min_images: int = 1                 # categories with fewer ok images never alert
+    error_rate: float = 0.0             # exit 4 when transient errors (not bad files) / inputs is above this
     categories: dict = field(default_factory=dict)   # per-category anomaly_rate overrides
+
+    def __post_init__(self):
+        _check(self, {"anomaly_rate": "rate", "min_images": "count", "error_rate": "rate",
+                      "categories": "rates by name"})
 
     def level(self, category: str) -> float:
         return float(self.categories.get(category, self.anomaly_rate))
@@ -24,6 +88,9 @@ class ReportConfig:
     top_k: int = 12                     # most anomalous images shown per category
     overlays: bool = True               # let the scorer draw overlays of anomalous inputs
     link_expiry_hours: float = 168      # presigned URLs, when images or output are on S3
+
+    def __post_init__(self):
+        _check(self, {"top_k": "count", "overlays": "bool", "link_expiry_hours": "hours"})
 
 
 @dataclass
@@ -36,6 +103,12 @@ class ScoringConfig:
     threshold: float | None = None
     wait_for_actors_s: float = 600
     extensions: list | None = None      # listed from `source`; default: every type the decoder reads
+    allow_roots: list | None = None     # local inputs only from under these folders; default: anywhere
+
+    def __post_init__(self):
+        _check(self, {"batch_size": "positive int", "actors": "actors", "gpus_per_actor": ">= 0",
+                      "cpus_per_actor": "> 0", "threshold": "number or null", "wait_for_actors_s": "> 0",
+                      "extensions": "extensions or null", "allow_roots": "folders or null"})
 
 
 @dataclass
@@ -55,54 +128,67 @@ class AuditConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def __post_init__(self):
+        _check(self, {"output": "text", "models": "text", "source": "text or null", "manifests": "text or null",
+                      "root": "text or null", "partitions": "names or null", "settle_minutes": ">= 0",
+                      "first_run_since": "time or null", "ray_address": "text or null", "s3": "s3"})
+        for name, nested in (("alert", AlertConfig), ("report", ReportConfig), ("scoring", ScoringConfig)):
+            if not isinstance(getattr(self, name), nested):
+                raise UserError(f"{name} must be a mapping of its settings, got {getattr(self, name)!r}")
         self.source = self.source.rstrip("/") if self.source else self.source
         self.manifests = self.manifests.rstrip("/") if self.manifests else self.manifests
         if (self.source is None) == (self.manifests is None):
-            raise ValueError("the audit config needs exactly one of `source` (images) and `manifests`")
-        if self.partitions is not None and not (isinstance(self.partitions, list)
-                                                and all(isinstance(p, str) for p in self.partitions)):
-            raise ValueError(f"partitions must be a list of names, got {self.partitions!r}")
-        if self.settle_minutes < 0 or self.report.top_k < 0 or self.alert.min_images < 0:
-            raise ValueError("settle_minutes, report.top_k and alert.min_images must be >= 0")
-        for name, level in {"anomaly_rate": self.alert.anomaly_rate, **self.alert.categories}.items():
-            if not 0 <= float(level) <= 1:
-                raise ValueError(f"alert level {name}: {level} is not a rate between 0 and 1")
+            raise UserError("the audit config needs exactly one of `source` (images) and `manifests`")
+        reserved = set(table_schema([]).names) | {"size_bytes", "arrived_at"}
+        if clash := reserved.intersection(self.partitions or []):
+            raise UserError(f"partitions {sorted(clash)} are columns of the score table; choose other names")
         if isinstance(self.first_run_since, datetime):  # YAML reads an unquoted time as one
             self.first_run_since = iso(parse_time(self.first_run_since.isoformat()))
-        if self.first_run_since:
-            parse_time(str(self.first_run_since))
-        unknown = set(self.s3) - {"endpoint", "region"}
-        if unknown:
-            raise ValueError(f"s3: unknown keys {sorted(unknown)}; known: endpoint, region")
         self.output = self.output.rstrip("/")
+
+    def check_paths(self) -> None:
+        """The models and the input exist (local paths; s3:// ones are found when read)."""
+        for name in ("models", "source", "manifests", "root"):
+            value = getattr(self, name)
+            if value and not is_s3(value) and not os.path.exists(filesystem_for(value)[1]):
+                raise UserError(f"{name}: {value} does not exist")
 
     @property
     def input(self) -> str:
         return self.source if self.source is not None else self.manifests
 
 
-def _build(cls, doc, where: str):
+def _build(cls, doc, uri: str, prefix: str = ""):
+    where = prefix.rstrip(".") or "the config"
     if not isinstance(doc, dict):
-        raise ValueError(f"{where} must be a mapping, got {doc!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(doc) - set(known))
+        raise UserError(f"{uri}: {where} must be a mapping, got {doc!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(doc) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+        raise UserError(f"{uri}: {where}: unknown keys {unknown}; known: {sorted(known)}")
     nested = {"alert": AlertConfig, "report": ReportConfig, "scoring": ScoringConfig}
-    values = {k: _build(nested[k], v or {}, f"{where}.{k}") if k in nested else v for k, v in doc.items()}
+    values = {k: _build(nested[k], v or {}, uri, f"{prefix}{k}.") if k in nested else v for k, v in doc.items()}
     try:
         return cls(**values)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
+    except UserError as e:
+        raise UserError(f"{uri}: {prefix}{e}") from None
+    except TypeError as e:  # a required key missing
+        raise UserError(f"{uri}: {where}: {e}") from None
 
 
 def load_config(uri: str) -> AuditConfig:
-    """The audit config from a YAML file (local or s3://); unknown keys are errors."""
+    """The audit config from a YAML file (local or s3://), every key checked (type, range,
+    and that local paths exist) before anything is written; a bad one is a UserError
+    naming the key and the expected form."""
     try:
         doc = yaml.safe_load(read_bytes(uri))
     except yaml.YAMLError as e:
-        raise ValueError(f"{uri}: not valid YAML ({e})") from None
-    return _build(AuditConfig, doc, uri)
+        raise UserError(f"{uri}: not valid YAML ({e})") from None
+    cfg = _build(AuditConfig, doc, uri)
+    try:
+        cfg.check_paths()
+    except UserError as e:
+        raise UserError(f"{uri}: {e}") from None
+    return cfg
 
 
 

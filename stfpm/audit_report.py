@@ -51,7 +51,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
 th:first-child,td:first-child{text-align:left}.meta{color:#666}
 .badge{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600}
-.ok{background:#2e7d32}.alert{background:#c62828}
+.ok{background:#2e7d32}.alert{background:#c62828}.errors{background:#e65100}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:272px}
 figure img{width:128px;height:128px;object-fit:contain;background:#f4f4f4;border:1px solid #ddd}
 figcaption{font-size:12px;word-break:break-all}code{font-size:12px}
@@ -114,6 +114,10 @@ def render_report(summary: dict, report_uri: str, link_expiry_hours: float = 168
                f"<th>{t['anomalous']}</th><th>{_fmt(t['anomaly_rate'], '.2%')}</th><th></th><th></th></tr></table>")
     if not summary["categories"]:
         out.append("<p>No images arrived in this window.</p>")
+    if t.get("error"):
+        out.append(f"<p class='meta'>Errors: {t.get('error_input', 0)} bad input files (not retried), "
+                   f"{t.get('error_transient', 0)} transient (model or storage; retried by the next run). "
+                   f"{t.get('retried', 0)} inputs were retried from the last run.</p>")
     for name, c in summary["categories"].items():
         models = ", ".join(f"{m['name']} ({m['model_version'][:12]}, threshold {m['threshold']:.4g})"
                            for m in c["models"])

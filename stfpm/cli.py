@@ -297,7 +297,10 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
           run_id: Optional[str] = typer.Option(None, help="Default: UTC time + random suffix"),
           s3_endpoint: Optional[str] = typer.Option(None, help="S3-compatible endpoint, e.g. http://minio:9000 "
                                                     "(default: AWS_ENDPOINT_URL)"),
-          s3_region: Optional[str] = typer.Option(None, help="Default: AWS_REGION")):
+          s3_region: Optional[str] = typer.Option(None, help="Default: AWS_REGION"),
+          allow_root: Optional[list[str]] = typer.Option(None, "--allow-root", help="Read local inputs only from "
+                                                         "under this folder (repeatable; symlinks resolved); "
+                                                         "default: any file the workers can read")):
     """Score every image of SOURCE on Ray Data: a Parquet score table and anomaly maps in OUTPUT."""
     from stfpm.distributed import score as run_score
     from stfpm.storage import set_s3_environment
@@ -307,7 +310,8 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
     summary = run_score(model, source, output, partitions=partitions.split(",") if partitions else None,
                         batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                         cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, threshold=threshold,
-                        overlays=overlays, ray_address=ray_address, run_id=run_id, **options)
+                        overlays=overlays, ray_address=ray_address, run_id=run_id, allow_roots=allow_root or None,
+                        **options)
     typer.echo(f"table: {summary['output']['scores']}  maps: {summary['output']['maps']}  "
                f"summary: {summary['output']['root']}/_SUCCESS")
 

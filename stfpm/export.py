@@ -18,7 +18,8 @@ import numpy as np
 import paddle
 import yaml
 
-from stfpm.artifact import MODEL_JSON, ModelCard, ModelDirError, load_model, read_card, sha256_file, write_card
+from stfpm.artifact import (MODEL_JSON, ModelCard, ModelDirError, load_model, read_card, sha256_file,
+                            verify_weights, write_card)
 from stfpm.runtime import cpu_threads
 
 PROGRAM, PARAMS, INFERENCE_YML = "inference.json", "inference.pdiparams", "inference.yml"
@@ -130,8 +131,5 @@ def load_exported(model_dir: str | Path, threads: int | None = None) -> tuple[Mo
     if not isinstance(digests, dict) or set(digests) != {PROGRAM, PARAMS}:
         raise ModelDirError(f"{d / MODEL_JSON}: key 'export.sha256' must hold the sha256 of {PROGRAM} and {PARAMS}; "
                             "re-export the model with `stfpm export`")
-    for name, digest in digests.items():
-        if sha256_file(d / name) != digest:
-            raise ModelDirError(f"{d / name} does not match the sha256 in {d / MODEL_JSON}; "
-                                "re-export the model with `stfpm export`")
+    verify_weights(d, card)
     return card, open_program(d, threads)

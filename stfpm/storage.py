@@ -18,6 +18,8 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
+from stfpm.errors import UserError
+
 _CHUNK = 1 << 20
 _HTTP_TIMEOUT_S = 60
 
@@ -43,6 +45,15 @@ def is_http(uri: str) -> bool:
 
 
 def join_uri(base: str, *parts: str) -> str:
+    """`base`/part/...: the one way output keys (maps, overlays, table files, run folders,
+    state, reports) are built. A part may hold several "/"-separated names but no empty
+    name, ".", ".." or backslash, so the key stays under `base` whatever a model.json, run
+    id or state file says; anything else is a UserError naming the part."""
+    for part in parts:
+        names = part.strip("/").split("/")
+        if any(n in ("", ".", "..") or "\\" in n or "\0" in n for n in names):
+            raise UserError(f"{part!r} cannot be a file or folder name under {base} "
+                            "(empty, '.', '..' or a backslash); nothing is written outside the output")
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
@@ -151,12 +162,28 @@ def _atomic_local_file(dest: Path):
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp makes it 0600; other readers of the output need the umask's mode
         with os.fdopen(fd, "wb") as out:
             yield out
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """0o666 less the process umask, as open() would create a file (read without changing
+    the umask where /proc says it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def download_file(uri: str, dest: Path, md5: str | None = None, progress: bool = False) -> Path:

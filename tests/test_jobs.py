@@ -373,7 +373,9 @@ def test_s3_listing_by_last_modified_and_manifest_mode(s3_env, tmp_path):
 
 
 def test_config_is_checked_and_a_bad_one_exits_2(tmp_path, capsys):
-    base = {"source": "in", "output": "out", "models": "m.yaml"}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "m.yaml").write_text("models: {}\n")
+    base = {"source": str(tmp_path / "in"), "output": str(tmp_path / "out"), "models": str(tmp_path / "m.yaml")}
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({**base, "alert": {"anomaly_rate": 0.1, "categories": {"a": 0.2}},
                                     "scoring": {"actors": "1..4", "gpus_per_actor": 1}}))

@@ -220,14 +220,14 @@ def test_rerun_skips_scored_inputs_and_finishes_a_killed_run(workspace, ray_loca
     files[0].unlink()
     (out / "scores" / ".part-unfinished.parquet.tmp").write_bytes(b"PAR1 half a file")
     second = score(*args, batch_size=4, rows_per_file=4, verbose=False)
-    errors = {u for u, s in zip(*[read_table(out)[c] for c in ("image_uri", "status")]) if s == "error"}
     df = read_table(out)
     assert sorted(df.image_uri) == sorted(listed_files(root / "data"))  # exactly one row each
-    assert second["counts"]["scored"] == len(lost | errors)              # only the lost and the error rows
-    assert second["counts"]["superseded_rows_removed"] == len(errors - lost)
+    assert second["counts"]["scored"] == len(lost)                       # only the lost rows: bad files
+    assert second["counts"]["superseded_rows_removed"] == 0              # are settled (error_kind "input")
+    assert set(df[df.status == "error"].error_kind) == {"input"}
 
-    third = score(*args, batch_size=4, verbose=False)                   # complete: only errors are retried
-    assert third["counts"]["scored"] == len(BAD_FILES) and third["counts"]["ok"] == 0
+    third = score(*args, batch_size=4, verbose=False)                   # complete: nothing to score
+    assert third["counts"]["scored"] == 0 and (out / "_SUCCESS").is_file()
     assert sorted(read_table(out).image_uri) == sorted(listed_files(root / "data"))
     assert len(read_index(str(out / "scores"))) == len(listed_files(root / "data"))
 
@@ -259,9 +259,9 @@ def test_s3_input_model_and_output(workspace, ray_local, s3_env):
         assert map_uri.startswith(f"{output}/maps/") and fs.get_file_info(map_uri[5:]).type == pafs.FileType.File
     assert json.loads(fs.open_input_stream(f"{path}/_SUCCESS").read())["counts"]["scored"] == 5
     assert summary["models"]["m"]["uri"] == f"s3://{bucket}/models/m"
-    # rerun: nothing new to score, only the two error rows retried
+    # rerun: nothing new to score (the two error rows are bad files, settled for this content)
     assert score(f"s3://{bucket}/models/m", f"s3://{bucket}/line3/2026-11-25/", output,
-                 partitions=["category"], verbose=False)["counts"]["scored"] == 2
+                 partitions=["category"], verbose=False)["counts"]["scored"] == 0
 
 
 def test_registry_scores_each_category_with_its_own_model(workspace, ray_local, tmp_path):
@@ -302,11 +302,13 @@ def test_load_stage_turns_every_failure_into_an_error_row(tmp_path):
     (tmp_path / "big.png").write_bytes(encode(texture(rng, 256, 256)))
     (tmp_path / "liar.png").write_bytes(png_claiming(0xFFFFFFFF, 7))
     uris = [str(tmp_path / n) for n in ("ok.png", "gone.png", "big.png", "liar.png")]
-    batch = pa.table({"image_uri": uris, "status": pa.array([None] * 4, pa.string()),
-                      "error": pa.array([None] * 4, pa.string()), "_size": pa.array([SIZE] * 4, pa.int32())})
+    none = pa.array([None] * 4, pa.string())
+    batch = pa.table({"image_uri": uris, "status": none, "error": none, "error_kind": none,
+                      "_size": pa.array([SIZE] * 4, pa.int32())})
     out = load_images(batch, max_pixels=10**8, max_bytes=len((tmp_path / "ok.png").read_bytes()) + 1).to_pydict()
     assert out["status"] == ["ok", "error", "error", "error"]
-    assert out["error"][1].startswith("read: ") and "gone.png" in out["error"][1]
+    assert out["error_kind"] == [None, "input", "input", "input"]
+    assert out["error"][1].startswith("read: no such file")
     assert out["error"][2].startswith("read: file is") and "above max_bytes" in out["error"][2]
     assert out["error"][3].startswith("decode: ") and out["width"][3] is None and out["height"][3] == 7
     assert len(out["_image"][0]) == SIZE * SIZE * 3 and (out["height"][0], out["width"][0]) == (SIZE, SIZE)
@@ -325,8 +327,9 @@ def test_manifests_list_exactly_their_entries(tmp_path):
     manifest = pa.table({"uri": ["s3://b/k/2.png", "s3://b/k/1.png"], "line": ["l2", "l1"], "note": ["x", "y"]})
     pq.write_table(manifest, tmp_path / "m.parquet")
     table = list_inputs(str(tmp_path / "m.parquet"), ["line", "folder"])  # line from the column, folder from paths
-    assert table.to_pydict() == {"image_uri": ["s3://b/k/1.png", "s3://b/k/2.png"], "size_bytes": [None, None],
-                                 "line": ["l1", "l2"], "folder": [None, None]}
+    assert table.select(["image_uri", "size_bytes", "line", "folder"]).to_pydict() == {
+        "image_uri": ["s3://b/k/1.png", "s3://b/k/2.png"], "size_bytes": [None, None],
+        "line": ["l1", "l2"], "folder": [None, None]}
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list_inputs(str(tmp_path / "nowhere"), [])
     with pytest.raises(ModelDirError, match="model.json"):

@@ -199,7 +199,7 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = 100_000
         raise ImageDecodeError(source, "empty file (0 bytes)")
     header = sniff_image(data)
     if header is None:
-        raise ImageDecodeError(source, f"not a PNG, JPEG, BMP, TIFF or WebP image (starts with {data[:8]!r})")
+        raise ImageDecodeError(source, "not a PNG, JPEG, BMP, TIFF or WebP image (no known signature)")
     if header.format in ("png", "jpeg") and header.width is None:
         raise ImageDecodeError(source, f"truncated or corrupt {header.format.upper()} (no image size in header)")
     if header.width is not None and header.height is not None:

@@ -4,7 +4,7 @@ Names are loaded on first use, so importing a Ray-free module of this package (s
 table, plan) does not import Ray."""
 import importlib
 
-_EXPORTS = {"TABLE_DOC": "table", "map_to_raw": "table", "score": "scoring"}
+_EXPORTS = {"TABLE_DOC": "table", "map_to_raw": "table", "read_scores": "table", "score": "scoring"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -10,7 +10,8 @@ import pyarrow as pa
 
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.distributed.sources import CATEGORY, ModelRef, image_id, is_registry, list_inputs, resolve_models
-from stfpm.distributed.table import SCORES, read_index, set_columns, table_schema
+from stfpm.distributed.table import (INPUT_ERROR, SCORES, TRANSIENT_ERROR, drop_columns, read_index, set_columns,
+                                    table_schema)
 from stfpm.storage import filesystem_for, is_s3, join_uri
 
 
@@ -37,9 +38,11 @@ class Plan:
 
 
 def plan_run(model: str, source: str, output: str, partitions: list[str] | None = None,
-             extensions=IMAGE_EXTENSIONS, threshold: float | None = None, run_id: str | None = None) -> Plan:
-    """List the inputs, resolve the model(s), and drop inputs already scored ok with the same
-    model version in OUTPUT's table."""
+             extensions=IMAGE_EXTENSIONS, threshold: float | None = None, run_id: str | None = None,
+             allow_roots: list[str] | None = None) -> Plan:
+    """List the inputs, resolve the model(s) (checking their weights), and leave out what
+    OUTPUT's table already settles for the same content and model version: an ok row, or
+    an error row of kind "input" (the file itself is bad). Transient errors are retried."""
     t0 = time.perf_counter()
     output = output.rstrip("/") if is_s3(output) else filesystem_for(output)[1]  # URIs in the table are absolute
     models = resolve_models(model, threshold)
@@ -51,26 +54,32 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     reserved = set(table_schema([]).names) | {"size_bytes"}
     if clash := reserved.intersection(partitions):
         raise ValueError(f"partition names {sorted(clash)} are table columns; choose other names")
-    inputs = list_inputs(source, partitions, extensions, exclude=output)
+    inputs = list_inputs(source, partitions, extensions, exclude=output, allow_roots=allow_roots)
     t_list = time.perf_counter() - t0
-    done = read_index(join_uri(output, SCORES))
-    done = {(u, v) for u, v, s in zip(done["image_uri"].to_pylist(), done["model_version"].to_pylist(),
-                                      done["status"].to_pylist()) if s == "ok"}
-    uris = inputs["image_uri"].to_pylist()
+    index = read_index(join_uri(output, SCORES))
+    done = {(u, iv, v) for u, iv, v, s, k in zip(*(index[c].to_pylist() for c in (
+        "image_uri", "input_version", "model_version", "status", "error_kind")))
+        if s == "ok" or k == INPUT_ERROR}
+    uris, input_versions = inputs["image_uri"].to_pylist(), inputs["input_version"].to_pylist()
     categories = inputs[CATEGORY].to_pylist() if registry else [None] * len(uris)
     refs = [models.get(c) for c in categories]
-    pending_rows = [i for i, (u, ref) in enumerate(zip(uris, refs)) if ref is None or (u, ref.version) not in done]
-    pending = inputs.take(pending_rows)
+    pending_rows = [i for i, (u, iv, ref) in enumerate(zip(uris, input_versions, refs))
+                    if ref is None or (u, iv, ref.version) not in done]
+    pending = inputs.take(pa.array(pending_rows, pa.int64()))
     refs = [refs[i] for i in pending_rows]
     known = ", ".join(sorted(str(k) for k in models))
-    errors = [None if ref else f"model: no model for category {categories[i]!r} in {model} (known: {known})"
-              for i, ref in zip(pending_rows, refs)]
-    pending = set_columns(pending,
+    refused = pending["_input_error"].to_pylist()
+    errors = [r or (None if ref else f"model: no model for category {categories[i]!r} in {model} (known: {known})")
+              for i, ref, r in zip(pending_rows, refs, refused)]
+    kinds = [INPUT_ERROR if r else (None if ref else TRANSIENT_ERROR) for ref, r in zip(refs, refused)]
+    pending = set_columns(drop_columns(pending, "_input_error"),
                           image_id=([image_id(u) for u in pending["image_uri"].to_pylist()], pa.string()),
                           model_name=([ref.name if ref else None for ref in refs], pa.string()),
                           model_version=([ref.version if ref else None for ref in refs], pa.string()),
-                          status=(["error" if e else None for e in errors], pa.string()), error=(errors, pa.string()),
-                          _model_key=([(ref.name if registry else "") if ref else None for ref in refs], pa.string()),
+                          status=(["error" if e else None for e in errors], pa.string()),
+                          error=(errors, pa.string()), error_kind=(kinds, pa.string()),
+                          _model_key=([(ref.name if registry else "") if ref else None for ref in refs],
+                                      pa.string()),
                           _size=([ref.input_size if ref else 0 for ref in refs], pa.int32()))
     run_id = run_id or new_run_id()
     return Plan(output=output, run_id=run_id, models=models, partitions=partitions, pending=pending,

@@ -25,31 +25,40 @@ range raw = threshold + (pixel / 255 - 0.5) * (score_max - score_min) (`map_to_r
 score_min and score_max of each model are in model.json and in _SUCCESS.
 
 Exactly once: every listed input yields one row (unreadable, corrupt, truncated, empty,
-oversized and unsupported files yield status="error" rows naming the reason). A run first
-reads the existing table and skips inputs that already have an ok row for the same model
-version; error rows are retried. Table files are written whole (temp file + rename, or one
-S3 PUT) and named by a hash of their rows, maps at deterministic keys before their rows, so
-a killed run leaves only complete rows, and a re-run writes what is missing. Before
-_SUCCESS, rows superseded by a retry are removed, so the table holds one row per
-(image_uri, model_version).
+oversized, unsupported and non-regular files yield status="error" rows naming the reason).
+An input is its canonical URI (local paths absolute and normalised) plus its input_version
+(size and modification time as listed): a replaced file is a new input_version and is
+scored again. A run first reads the existing table and skips inputs whose current
+input_version already has, for the same model version, an ok row or an error row of kind
+"input" (the file itself is bad); "transient" errors (a model that failed in an actor, IO)
+are retried by every later run. Models are checked on the driver first (weights against
+their hashes), so a model that cannot load fails the run before any row is written.
+
+Table files are written whole (temp file + rename, or one S3 PUT) and named by a hash of
+their rows, every ROWS_PER_FILE rows or FLUSH_S seconds, maps at deterministic keys before
+their rows, so a killed run leaves only complete rows and loses at most about FLUSH_S of
+work; a re-run writes what is missing. Before _SUCCESS, rows superseded by a retry or by
+newer content are removed, so the table holds one row per (image_uri, model_version): the
+history across model versions. `read_scores(OUTPUT)` (table.latest_rows) is the one row per
+input of the last run's model versions; _SUCCESS counts both (table_* and latest_*).
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.distributed.plan import Plan, plan_run
-from stfpm.distributed.sink import ROWS_PER_FILE, ScoreTableSink, merge_stats, remove_superseded
+from stfpm.distributed.sources import MODEL_CACHE
+from stfpm.distributed.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
 from stfpm.distributed.stages import MAX_BYTES, ScoreActor, load_images, write_maps
-from stfpm.distributed.table import MAPS, SCORES, SUCCESS
+from stfpm.distributed.table import MAPS, SCORES, SUCCESS, latest_rows, read_index
 from stfpm.storage import filesystem_for, join_uri, s3_settings, write_bytes
 
 DECODE_BATCHES_PER_WORKER = 256
@@ -83,7 +92,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
           gpus_per_actor: float = 0, cpus_per_actor: float = 1, threads_per_actor: int | None = None,
           threshold: float | None = None, overlays: bool = False, run_id: str | None = None, ray_address: str | None = None,
           max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
-          rows_per_file: int = ROWS_PER_FILE, verbose: bool = True) -> dict:
+          rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S, allow_roots: list[str] | None = None,
+          verbose: bool = True) -> dict:
     """Score every image of SOURCE with MODEL on Ray Data and write OUTPUT (module docstring).
 
     model: a model directory (local or s3://) or a registry YAML (category -> model directory).
@@ -91,11 +101,13 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         an image. partitions: names for the directory levels under it (e.g. category, line).
     actors: pool size, N or "MIN..MAX" (autoscaling); gpus_per_actor > 0 puts each actor on a
         GPU Ray assigns. Ray is started locally unless it is running or ray_address is given.
+    allow_roots: folders local inputs must lie in (symlinks resolved); default: anywhere the
+        workers can read. Table files are written every rows_per_file rows or flush_s seconds.
     Returns the _SUCCESS summary (counts, timings, per-stage throughput, models)."""
     echo = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     started = time.perf_counter()
     low, high = parse_actors(actors)
-    plan = plan_run(model, source, output, partitions, extensions, threshold, run_id)
+    plan = plan_run(model, source, output, partitions, extensions, threshold, run_id, allow_roots=allow_roots)
     _delete(join_uri(plan.output, SUCCESS))
     echo(f"{plan.n_listed} inputs listed in {plan.timings['list_s']:.1f}s; {plan.n_skipped} already scored "
          f"with the same model version; {len(plan.pending)} to score")
@@ -111,22 +123,23 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
             if started_ray and ray_address is None:
                 check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
             t0 = time.perf_counter()
-            ds, sink = build_pipeline(plan, batch_size=batch_size, actors=(low, high), gpus_per_actor=gpus_per_actor,
-                                      cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor,
-                                      threshold=threshold, overlays=overlays,
-                                      max_pixels=max_pixels, max_bytes=max_bytes, wait_for_actors_s=wait_for_actors_s,
-                                      rows_per_file=rows_per_file, progress_bars=verbose)
-            ds.write_datasink(sink)
-            totals = sink.totals
+            ds, writer = build_pipeline(plan, batch_size=batch_size, actors=(low, high),
+                                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+                                        threads_per_actor=threads_per_actor, threshold=threshold,
+                                        overlays=overlays, max_pixels=max_pixels, max_bytes=max_bytes,
+                                        wait_for_actors_s=wait_for_actors_s, rows_per_file=rows_per_file,
+                                        flush_s=flush_s, progress_bars=verbose)
+            totals = writer.consume(ds)
             plan.timings["pipeline_s"] = time.perf_counter() - t0
         finally:
             if started_ray:
                 ray.shutdown()
     t0 = time.perf_counter()
-    removed, table_status = remove_superseded(join_uri(plan.output, SCORES))
+    removed = remove_superseded(join_uri(plan.output, SCORES))
+    index = read_index(join_uri(plan.output, SCORES))
     plan.timings["compact_s"] = time.perf_counter() - t0
     plan.timings["total_s"] = time.perf_counter() - started
-    summary = _summary(plan, totals, removed, table_status)
+    summary = _summary(plan, totals, removed, index)
     write_bytes(join_uri(plan.output, SUCCESS), json.dumps(summary, indent=2).encode())
     echo(format_report(summary))
     return summary
@@ -136,10 +149,10 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
                    cpus_per_actor: float = 1, threads_per_actor: int | None = None,
                    threshold: float | None = None, overlays: bool = False,
                    max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
-                   rows_per_file: int = ROWS_PER_FILE,
-                   progress_bars: bool = False) -> tuple[ray.data.Dataset, ScoreTableSink]:
-    """The Ray Data pipeline for `plan.pending` up to the maps, and the sink for its rows:
-    `ds.write_datasink(sink)` runs it; `sink.totals` then holds the counts and stage times."""
+                   rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S,
+                   progress_bars: bool = False) -> tuple[ray.data.Dataset, TableWriter]:
+    """The Ray Data pipeline for `plan.pending` up to the maps, and the writer of its rows:
+    `writer.consume(ds)` runs it and returns the counts and stage times."""
     pending = plan.pending
     ds = ray.data.from_arrow([pending.slice(i, batch_size) for i in range(0, len(pending), batch_size)])
     ds.context.wait_for_min_actors_s = wait_for_actors_s
@@ -157,11 +170,11 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
                         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
                         num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
                         fn_constructor_kwargs={"models": models, "threshold": threshold, "threads": threads_per_actor,
-                                               "cache_dir": os.path.join(tempfile.gettempdir(), "stfpm-models")})
+                                               "cache_dir": MODEL_CACHE})
     ds = ds.map_batches(write_maps, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         fn_kwargs={"output": plan.output, "overlays": overlays, "score_ranges": ranges,
                                    "max_pixels": max_pixels, "max_bytes": max_bytes})
-    return ds, ScoreTableSink(join_uri(plan.output, SCORES), plan.run_id, plan.schema, rows_per_file)
+    return ds, TableWriter(join_uri(plan.output, SCORES), plan.run_id, plan.schema, rows_per_file, flush_s)
 
 
 def _delete(uri: str) -> None:
@@ -170,9 +183,11 @@ def _delete(uri: str) -> None:
         fs.delete_file(path)
 
 
-def _summary(plan: Plan, totals: dict, removed: int, status: list[str]) -> dict:
+def _summary(plan: Plan, totals: dict, removed: int, index: pa.Table) -> dict:
     rows = totals["rows"]
     wall = plan.timings.get("pipeline_s")
+    status = index["status"].to_pylist()
+    latest = latest_rows(index, {ref.name: ref.version for ref in plan.models.values()})["status"].to_pylist()
     stages = {s: {"busy_s": round(t, 3), "images_per_busy_s": round(rows / t, 1) if t > 0 else None}
               for s, t in totals["seconds"].items()}
     return {
@@ -182,9 +197,11 @@ def _summary(plan: Plan, totals: dict, removed: int, status: list[str]) -> dict:
                                         "score_min": ref.score_min, "score_max": ref.score_max,
                                         "input_size": ref.input_size} for k, ref in plan.models.items()},
         "counts": {"listed": plan.n_listed, "skipped_already_scored": plan.n_skipped, "scored": rows,
-                   "ok": totals["ok"], "error": totals["error"], "anomalous": totals["anomalous"],
+                   "ok": totals["ok"], "error": totals["error"], "error_input": totals["error_input"],
+                   "error_transient": totals["error_transient"], "anomalous": totals["anomalous"],
                    "superseded_rows_removed": removed, "files_written": totals["files"],
-                   "table_rows": len(status), "table_ok": status.count("ok"), "table_error": status.count("error")},
+                   "table_rows": len(status), "table_ok": status.count("ok"), "table_error": status.count("error"),
+                   "latest_rows": len(latest), "latest_ok": latest.count("ok"), "latest_error": latest.count("error")},
         "timings_s": {k: round(v, 3) for k, v in plan.timings.items()},
         "images_per_s": round(rows / wall, 2) if wall else None,
         "stages": stages, "actor_peak_rss_mb": round(totals["actor_peak_rss_mb"], 1),

@@ -1,4 +1,5 @@
-"""Writing the score table: whole Parquet files named by their rows, and removing rows a retry superseded."""
+"""Writing the score table: whole Parquet files named by their rows, flushed by size and time, and
+removing rows a retry superseded."""
 from __future__ import annotations
 
 import hashlib
@@ -7,36 +8,61 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.block import BlockAccessor
-from ray.data.datasource import Datasink
 
-from stfpm.distributed.table import read_index, set_columns, winning_rows
+from stfpm.distributed.table import INPUT_ERROR, TRANSIENT_ERROR, read_index, set_columns, winning_rows
 from stfpm.storage import filesystem_for, is_s3, join_uri, write_bytes
 
 ROWS_PER_FILE = 4096
+FLUSH_S = 30.0
 STAGES = ("read", "decode", "predict", "maps", "table")
 
 
-class ScoreTableSink(Datasink):
-    """Writes each bundle of rows as one Parquet file named by a hash of its rows (so a
-    retried task rewrites the same file) and returns per-bundle counts and stage times,
-    summed on the driver into `self.totals`."""
+class TableWriter:
+    """Writes the pipeline's rows into table files as they arrive on the driver: a file when
+    `rows_per_file` rows are buffered or the oldest buffered row has waited `flush_s`, so a
+    killed run loses at most about `flush_s` of scored rows (their maps are rewritten by
+    the re-run). Each file is named by a hash of its rows; `totals` sums their stats."""
 
-    def __init__(self, scores_uri: str, run_id: str, schema: pa.Schema, rows_per_file: int = ROWS_PER_FILE):
-        self.scores_uri, self.run_id, self.schema, self.rows_per_file = scores_uri, run_id, schema, rows_per_file
-        self.totals: dict = {}
+    def __init__(self, scores_uri: str, run_id: str, schema: pa.Schema, rows_per_file: int = ROWS_PER_FILE,
+                 flush_s: float = FLUSH_S):
+        self.scores_uri, self.run_id, self.schema = scores_uri, run_id, schema
+        self.rows_per_file, self.flush_s = rows_per_file, flush_s
+        self.buffer: list[pa.Table] = []
+        self.since = 0.0
+        self.parts: list[dict] = []
+
+    def consume(self, ds) -> dict:
+        """Run a Ray Data dataset (streaming), writing its rows; returns `totals`."""
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            self.add(batch)
+        self.flush()
+        return self.totals
+
+    def add(self, batch: pa.Table) -> None:
+        if not len(batch):
+            return
+        if not self.buffer:
+            self.since = time.monotonic()
+        self.buffer.append(batch)
+        while sum(map(len, self.buffer)) >= self.rows_per_file:
+            rows = pa.concat_tables(self.buffer)
+            self.buffer = [rows.slice(self.rows_per_file)] if len(rows) > self.rows_per_file else []
+            self._write(rows.slice(0, self.rows_per_file))
+        if self.buffer and time.monotonic() - self.since >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            rows, self.buffer = pa.concat_tables(self.buffer), []
+            self._write(rows)
+
+    def _write(self, rows: pa.Table) -> None:
+        self.parts.append(write_table_file(rows, self.scores_uri, self.run_id, self.schema))
+        self.since = time.monotonic()
 
     @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks, ctx) -> dict:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if len(t)]
-        return write_table_file(pa.concat_tables(tables), self.scores_uri, self.run_id, self.schema) if tables else {}
-
-    def on_write_complete(self, write_result) -> None:
-        self.totals = merge_stats(write_result.write_returns)
+    def totals(self) -> dict:
+        return merge_stats(self.parts)
 
 
 def write_table_file(batch: pa.Table, scores_uri: str, run_id: str, schema: pa.Schema) -> dict:
@@ -44,15 +70,17 @@ def write_table_file(batch: pa.Table, scores_uri: str, run_id: str, schema: pa.S
     t0 = time.perf_counter()
     n = len(batch)
     now = datetime.now(timezone.utc)
-    batch = set_columns(batch, run_id=([run_id] * n, pa.string()), scored_at=([now] * n, pa.timestamp("us", tz="UTC")))
+    batch = set_columns(batch, run_id=([run_id] * n, pa.string()),
+                        scored_at=([now] * n, pa.timestamp("us", tz="UTC")))
     table = pa.table([batch[f.name].cast(f.type) for f in schema], schema=schema)
     keys = sorted(zip(table["image_id"].to_pylist(), table["model_version"].to_pylist()))
     name = "part-" + hashlib.sha256(repr(keys).encode()).hexdigest()[:24] + ".parquet"
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     write_bytes(join_uri(scores_uri, name), sink.getvalue().to_pybytes())
-    status = table["status"].to_pylist()
+    status, kinds = table["status"].to_pylist(), table["error_kind"].to_pylist()
     stats = {"rows": n, "ok": status.count("ok"), "error": status.count("error"),
+             "error_input": kinds.count(INPUT_ERROR), "error_transient": kinds.count(TRANSIENT_ERROR),
              "anomalous": sum(bool(a) for a in table["is_anomaly"].to_pylist()), "files": 1,
              "seconds": {s: float(sum(batch[f"_t_{s}"].to_pylist()))
                          for s in STAGES[:-1] if f"_t_{s}" in batch.column_names},
@@ -66,12 +94,13 @@ def write_table_file(batch: pa.Table, scores_uri: str, run_id: str, schema: pa.S
 
 
 def merge_stats(parts: list[dict]) -> dict:
-    total = {"rows": 0, "ok": 0, "error": 0, "anomalous": 0, "files": 0, "seconds": {s: 0.0 for s in STAGES},
+    counted = ("rows", "ok", "error", "error_input", "error_transient", "anomalous", "files")
+    total = {**dict.fromkeys(counted, 0), "seconds": {s: 0.0 for s in STAGES},
              "actor_peak_rss_mb": 0.0, "devices": [], "error_examples": []}
     for part in parts:
         if not part:
             continue
-        for k in ("rows", "ok", "error", "anomalous", "files"):
+        for k in counted:
             total[k] += part[k]
         for s, v in part["seconds"].items():
             total["seconds"][s] += v
@@ -82,20 +111,21 @@ def merge_stats(parts: list[dict]) -> dict:
 
 
 
-def remove_superseded(scores_uri: str) -> tuple[int, list[str]]:
-    """Keep one row per (image_uri, model_version): the ok row, else the latest. An error row
-    without a model version (unknown category) is superseded by any later row of its input.
-    Files holding superseded rows are rewritten without them (idempotent, so a run killed
-    here is finished by the next). Returns (rows removed, status of each remaining row)."""
+def remove_superseded(scores_uri: str) -> int:
+    """Keep one row per (image_uri, model_version): the one that stands (table.winning_rows:
+    of the current content, the ok row, else the latest). An error row without a model
+    version (unknown category) is superseded by any later row of its input. Files holding
+    superseded rows are rewritten without them (idempotent, so a run killed here is finished
+    by the next). Returns the number of rows removed."""
     index = read_index(scores_uri)
     if not len(index):
-        return 0, []
+        return 0
     df = index.to_pandas()
     latest = df.groupby("image_uri")["scored_at"].transform("max")
     losers = (~df.index.isin(winning_rows(index, ["image_uri", "model_version"]))
               | (df["model_version"].isna() & (df["scored_at"] < latest)))
     if not losers.any():
-        return 0, df["status"].tolist()
+        return 0
     fs, _ = filesystem_for(scores_uri)
     for file, group in df[losers].groupby("file"):
         table = pq.read_table(file, filesystem=fs)
@@ -109,4 +139,4 @@ def remove_superseded(scores_uri: str) -> tuple[int, list[str]]:
             write_bytes(uri, sink.getvalue().to_pybytes())
         else:
             fs.delete_file(file)
-    return int(losers.sum()), df.loc[~losers, "status"].tolist()
+    return int(losers.sum())

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import stat
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -37,11 +37,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
-from stfpm.artifact import MODEL_JSON, ModelDirError, parse_card
+from stfpm.artifact import MODEL_JSON, ModelDirError, parse_card, verify_weights
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.storage import filesystem_for, is_s3, join_uri, read_bytes
+from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, read_bytes
 
 MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path")
+MODEL_CACHE = os.path.join(tempfile.gettempdir(), "stfpm-models")  # s3:// model directories, fetched
 CATEGORY = "category"
 REGISTRY_SUFFIXES = (".yaml", ".yml")
 
@@ -58,7 +59,9 @@ def _uri(fs: pafs.FileSystem, path: str) -> str:
 
 def _resolve(entry: str, base: str) -> str:
     """A manifest or registry entry, relative ones taken relative to the folder `base`."""
-    if "://" in entry or entry.startswith("/"):
+    if entry.startswith(("/", "file://")):  # normalised: "d/../d/a.png" is "d/a.png"
+        return filesystem_for(entry)[1]
+    if "://" in entry:  # s3:// keys are taken literally; other schemes fail when read
         return entry
     if is_s3(base):
         return join_uri(base, entry)
@@ -72,48 +75,93 @@ def _folder(uri: str) -> str:
 # ---------------------------------------------------------------------------------- inputs
 
 def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
-                exclude: str | None = None) -> pa.Table:
+                exclude: str | None = None, allow_roots: list[str] | None = None) -> pa.Table:
     """The inputs of `source` as a table sorted by image_uri, one row per distinct URI:
-    image_uri, size_bytes (null when unknown), then one string column per partition name.
-    `exclude` is a URI prefix to skip (the output of the run)."""
+    image_uri, input_version (Listed.version; null when the entry cannot be stat'ed),
+    size_bytes (null when unknown), one string column per partition name, and
+    `_input_error`: why the input is refused before reading (null when it is not).
+    `exclude` is a URI prefix to skip (the output of the run). With `allow_roots`, a local
+    input whose real path (symlinks resolved) is not under one of these folders is refused."""
     fs, root = filesystem_for(source)
     info = fs.get_file_info(root.rstrip("/"))
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{source}: no such directory, prefix, manifest or image")
     extra: dict[str, list] = {}
     if info.type == pafs.FileType.Directory:
-        listed = list_files(source, extensions, exclude)
-        uris, sizes, root_uri = [f.uri for f in listed], [f.size for f in listed], _uri(fs, root.rstrip("/"))
+        listed, root_uri = list_files(source, extensions, exclude), _uri(fs, root.rstrip("/"))
     elif info.path.lower().endswith(tuple(extensions)):
-        uris, sizes, root_uri = [_uri(fs, info.path)], [info.size], _folder(_uri(fs, info.path))
+        listed = list_files(source, extensions)
+        root_uri = _folder(listed[0].uri) if listed else _folder(source)
     else:
         uris, extra = read_manifest(source)
-        sizes, root_uri = [None] * len(uris), _common_folder(uris)
-    columns = {"image_uri": uris, "size_bytes": sizes}
+        given = extra.pop("input_version", None) or [None] * len(uris)  # e.g. the audit's, from its listing
+        unknown = [i for i, v in enumerate(given) if v is None]
+        found = dict(zip(unknown, stat_entries([uris[i] for i in unknown])))
+        listed = [found.get(i) or Listed(u, None, None, given[i]) for i, u in enumerate(uris)]
+        root_uri = _common_folder(uris)
+    uris = [f.uri for f in listed]
+    columns = {"image_uri": uris, "input_version": [f.version for f in listed], "size_bytes": [f.size for f in listed]}
     for i, name in enumerate(partitions):
         columns[name] = extra[name] if name in extra else [path_level(uri, root_uri, i) for uri in uris]
+    columns["_input_error"] = [None if allowed(uri, allow_roots) else
+                               "read: outside the folders inputs may be read from (allow_roots)" for uri in uris]
     first = {}
     for i, uri in enumerate(uris):
         first.setdefault(uri, i)
     table = pa.table({k: pa.array(v, pa.int64() if k == "size_bytes" else pa.string())
                       for k, v in columns.items()})
     if len(first) != len(uris):
-        table = table.take(sorted(first.values()))
-    table = table.sort_by("image_uri")
-    return table
+        table = table.take(pa.array(sorted(first.values()), pa.int64()))
+    return table.sort_by("image_uri")
+
+
+def allowed(uri: str, roots: list[str] | None) -> bool:
+    """Whether a local input lies under one of `roots` once symlinks are resolved (always
+    for S3 objects, whose access the bucket policy governs, and when `roots` is None)."""
+    if roots is None or is_s3(uri) or is_http(uri):
+        return True
+    real = os.path.realpath(filesystem_for(uri)[1])
+    return any(real == r or real.startswith(r.rstrip("/") + "/")
+               for r in (os.path.realpath(filesystem_for(root)[1]) for root in roots))
+
+
+def stat_entries(uris: list[str]) -> list[Listed]:
+    """Manifest entries as listed, looked up concurrently (S3: one HEAD each); an entry that
+    cannot be found (or is a URL) gets size and version None and becomes an error row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s3 = filesystem_for("s3://x")[0] if any(is_s3(u) for u in uris) else None
+
+    def one(uri: str) -> Listed:
+        try:
+            if is_s3(uri):
+                info = s3.get_file_info(uri[len("s3://"):])
+                if info.type == pafs.FileType.File:
+                    return _s3_listed(uri, info)
+            elif not is_http(uri):
+                return stat_local(filesystem_for(uri)[1])
+        except (OSError, ValueError):
+            pass
+        return Listed(uri, None, None, None)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(one, uris))
 
 
 class Listed(NamedTuple):
-    uri: str            # s3://bucket/key, or an absolute local path
+    uri: str                # s3://bucket/key, or an absolute local path
     size: int
-    arrived: datetime   # S3: LastModified; local: the later of mtime and ctime
+    arrived: datetime       # S3: LastModified; local: the later of mtime and ctime
+    version: str            # what changes when the content does: "<size>-<arrived, ns>"
 
 
 def list_files(uri: str, extensions, exclude: str | None = None) -> list[Listed]:
-    """Every regular file under a folder or s3:// prefix (or the one file `uri` names) whose
-    name ends with one of `extensions` (case-insensitive), sorted by URI. Names starting with
-    "." at any level below `uri` and anything under `exclude` (a run's own output) are
-    skipped; local folder symlinks are followed, each real folder once.
+    """Every file under a folder or s3:// prefix (or the one file `uri` names) whose name ends
+    with one of `extensions` (case-insensitive), sorted by URI. Names starting with "." at
+    any level below `uri` and anything under `exclude` (a run's own output) are skipped;
+    local folder symlinks are followed, each real folder once. Entries that are not regular
+    files (a FIFO, a dangling symlink, a symlink loop) are listed too, so that they get an
+    error row; nothing is opened here.
 
     "Arrived" locally is the later of mtime and ctime: ctime catches a file copied with its
     old mtime kept (`rsync -a`, `cp -p`)."""
@@ -127,11 +175,11 @@ def list_files(uri: str, extensions, exclude: str | None = None) -> list[Listed]
 
 
 def _list_local(root: str):
-    """(Listed, path relative to root) of the regular files under root."""
+    """(Listed, path relative to root) of the files under root."""
     if not os.path.isdir(root):
-        if not os.path.isfile(root):
+        if not os.path.lexists(root):
             raise FileNotFoundError(f"{root}: no such folder or file")
-        yield _local(root), os.path.basename(root)
+        yield stat_local(root), os.path.basename(root)
         return
     seen = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
@@ -144,19 +192,23 @@ def _list_local(root: str):
         for name in files:
             path = os.path.join(folder, name)
             try:
-                item = _local(path)
-            except OSError:  # removed while listing, a dangling symlink, a symlink loop
+                yield stat_local(path), os.path.relpath(path, root)
+            except FileNotFoundError:  # removed while listing
                 continue
-            if item is not None:
-                yield item, os.path.relpath(path, root)
 
 
-def _local(path: str) -> Listed | None:
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    arrived = datetime.fromtimestamp(max(st.st_mtime_ns, st.st_ctime_ns) / 1e9, timezone.utc)
-    return Listed(path, st.st_size, arrived)
+def stat_local(path: str) -> Listed:
+    """A local file as listed: through symlinks, or the link itself when it leads nowhere."""
+    try:
+        st = os.stat(path)
+    except OSError:  # a dangling symlink or a symlink loop: lstat still works
+        st = os.lstat(path)
+    modified = max(st.st_mtime_ns, st.st_ctime_ns)
+    return Listed(path, st.st_size, datetime.fromtimestamp(modified / 1e9, timezone.utc), f"{st.st_size}-{modified}")
+
+
+def _s3_listed(uri: str, info: pafs.FileInfo) -> Listed:
+    return Listed(uri, info.size, info.mtime, f"{info.size}-{info.mtime_ns}")
 
 
 def _list_s3(uri: str):
@@ -164,13 +216,13 @@ def _list_s3(uri: str):
     root = root.rstrip("/")
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
-        yield Listed(uri, info.size, info.mtime), posixpath.basename(root)
+        yield _s3_listed(uri, info), posixpath.basename(root)
         return
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{uri}: no such object or prefix")
     for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if item.type == pafs.FileType.File:
-            yield Listed(f"s3://{item.path}", item.size, item.mtime), item.path[len(root) + 1:]
+            yield _s3_listed(f"s3://{item.path}", item), item.path[len(root) + 1:]
 
 
 def read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
@@ -182,7 +234,7 @@ def read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
             raise ValueError(f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_URI_COLUMNS}")
         uris = [_resolve(str(u), base) for u in table[column].to_pylist() if u]
         extra = {c: [None if v is None else str(v) for v in table[c].to_pylist()]
-                 for c in table.column_names if c not in (column, "image_uri", "size_bytes")}
+                 for c in table.column_names if c not in (column, "image_uri", "size_bytes", "arrived_at")}
         if len(uris) != len(table):
             raise ValueError(f"{uri}: the {column!r} column has empty entries")
         return uris, extra
@@ -230,6 +282,11 @@ class ModelRef:
 
     @classmethod
     def read(cls, name: str, uri: str, threshold: float | None = None) -> "ModelRef":
+        """model.json of `uri`, with the weight files checked against it (artifact.verify_weights;
+        an s3:// model is fetched to the local cache the actors use): a model that cannot
+        load fails the run before any row is written, not with an error row per input."""
+        from stfpm.storage import fetch_to_cache
+
         uri = uri.rstrip("/") if is_s3(uri) else filesystem_for(uri)[1]
         card_uri = join_uri(uri, MODEL_JSON)
         try:
@@ -237,6 +294,7 @@ class ModelRef:
         except FileNotFoundError:
             raise ModelDirError(f"{uri} is not a model directory: it has no {MODEL_JSON} "
                                 "(train one with `stfpm train`)") from None
+        verify_weights(fetch_to_cache(uri, MODEL_CACHE), card)
         cal = card.calibration
         return cls(name=name, uri=uri, version=card.model_version, input_size=card.input.size,
                    threshold=cal.threshold if threshold is None else float(threshold),

@@ -6,8 +6,10 @@ makes its rows error rows; no input can fail a batch.
 """
 from __future__ import annotations
 
+import errno
 import os
 import resource
+import stat
 import time
 import warnings
 
@@ -18,8 +20,9 @@ import pyarrow.fs as pafs
 import ray
 
 from stfpm.data.images import decode_image, resize_for_model, sniff_image
-from stfpm.distributed.table import MAPS, OVERLAYS, drop_columns, map_to_raw, set_columns
-from stfpm.storage import filesystem_for, is_s3, join_uri, write_bytes
+from stfpm.distributed.table import (INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, map_to_raw,
+                                    set_columns)
+from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, write_bytes
 
 warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time noise, in every worker
 
@@ -35,13 +38,59 @@ def _input_fs(uri: str, cache: dict) -> tuple[pafs.FileSystem, str]:
     return cache["s3"], uri[len("s3://"):]
 
 
+class InputError(ValueError):
+    """The input itself cannot be scored (missing, not a regular file, too big, a URL):
+    an error row of kind "input", not retried until the file changes. Never quotes content."""
+
+
 def _read(uri: str, max_bytes: int, cache: dict) -> bytes:
+    """The bytes of a local file or S3 object. Nothing but a regular file is ever opened (a
+    FIFO would block forever, a device could be endless), and a file above max_bytes is
+    refused from its size."""
+    if is_http(uri):
+        raise InputError("scoring reads local files and s3:// objects, not http(s):// URLs; "
+                         "copy the images to a folder or bucket")
+    if not is_s3(uri):
+        return _read_local(filesystem_for(uri)[1], max_bytes)
     fs, path = _input_fs(uri, cache)
-    with fs.open_input_file(path) as f:
-        size = f.size()
-        if size > max_bytes:
-            raise ValueError(f"file is {size:,} bytes, above max_bytes={max_bytes:,}")
+    try:
+        f = fs.open_input_file(path)
+    except FileNotFoundError:
+        raise InputError("no such object") from None
+    with f:
+        _check_size(f.size(), max_bytes)
         return f.read()
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    try:
+        st = os.stat(path)  # follows symlinks: a dangling one or a loop fails here
+    except FileNotFoundError:
+        raise InputError("no such file (removed since listing, or a dangling symlink)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError("a symlink loop") from None
+        raise
+    _check_regular(st)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # replaced by a FIFO since the stat: still no hang
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        _check_regular(st)
+        _check_size(st.st_size, max_bytes)
+        return f.read()
+
+
+def _check_regular(st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+        raise InputError(f"not a regular file ({kind}); only regular files are read")
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise InputError(f"file is {size:,} bytes, above max_bytes={max_bytes:,}")
 
 
 def _full_size(data: bytes, image: np.ndarray) -> tuple[int, int]:
@@ -67,39 +116,46 @@ def _header_size(data: bytes | None) -> tuple[int | None, int | None]:
 def load_images(batch: pa.Table, max_pixels: int, max_bytes: int) -> pa.Table:
     """Read, decode and resize each row's image to its model's input (`_size`). A file that
     cannot be read or decoded makes its row an error row; no file can fail the batch."""
-    status, errors, heights, widths, images = [], [], [], [], []
+    status, errors, kinds, heights, widths, images = [], [], [], [], [], []
     t_read = t_decode = 0.0
     cache: dict = {}
-    for row in batch.select(["image_uri", "status", "error", "_size"]).to_pylist():
+    for row in batch.select(["image_uri", "status", "error", "error_kind", "_size"]).to_pylist():
         height = width = image = None
-        error = row["error"]
+        error, kind = row["error"], row["error_kind"]
         if row["status"] != "error":
             data = None
             t0 = time.perf_counter()
             try:
                 data = _read(row["image_uri"], max_bytes, cache)
-            except (OSError, ValueError) as e:  # missing, unreadable, too big: this row's error
-                error = f"read: {e}"
+            except InputError as e:
+                error, kind = f"read: {e}", INPUT_ERROR
+            except OSError as e:  # permissions, the network, a storage outage: retried by the next run
+                error, kind = f"read: {type(e).__name__}: {e}", TRANSIENT_ERROR
             t1 = time.perf_counter()
             if data is not None:
                 try:
                     decoded = decode_image(data, row["image_uri"], max_pixels, min_side=row["_size"])
                     height, width = _full_size(data, decoded)
                     image = resize_for_model(decoded, row["_size"]).tobytes()
-                except (ValueError, cv2.error, MemoryError) as e:  # ImageDecodeError is a ValueError;
+                except (ValueError, cv2.error) as e:  # ImageDecodeError is a ValueError;
                     # anything else is a bug in this code and fails the task loudly
                     error = f"decode: {getattr(e, 'reason', None) or f'{type(e).__name__}: {e}'}"
+                    kind = INPUT_ERROR
                     height, width = _header_size(data)
+                except MemoryError:
+                    error, kind = "decode: out of memory", TRANSIENT_ERROR
             t_read += t1 - t0
             t_decode += time.perf_counter() - t1
         status.append("error" if error else "ok")
         errors.append(error)
+        kinds.append(kind)
         heights.append(height)
         widths.append(width)
         images.append(image)
     n = max(len(batch), 1)
     return set_columns(batch, status=(status, pa.string()), error=(errors, pa.string()),
-                       height=(heights, pa.int32()), width=(widths, pa.int32()), _image=(images, pa.binary()),
+                       error_kind=(kinds, pa.string()), height=(heights, pa.int32()),
+                       width=(widths, pa.int32()), _image=(images, pa.binary()),
                        _t_read=([t_read / n] * len(batch), pa.float64()),
                        _t_decode=([t_decode / n] * len(batch), pa.float64()))
 
@@ -159,7 +215,7 @@ class ScoreActor:
 
         t0 = time.perf_counter()
         n = len(batch)
-        status, errors = batch["status"].to_pylist(), batch["error"].to_pylist()
+        status, errors, kinds = (batch[c].to_pylist() for c in ("status", "error", "error_kind"))
         versions = batch["model_version"].to_pylist()
         raw, norm, anomalous, thresholds, maps = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
         keys, images = batch["_model_key"].to_pylist(), batch["_image"].to_pylist()
@@ -168,7 +224,7 @@ class ScoreActor:
             predictor = self._predictor(key)
             if predictor is None:
                 for i in rows:
-                    status[i], errors[i] = "error", self.failed[key]
+                    status[i], errors[i], kinds[i] = "error", self.failed[key], TRANSIENT_ERROR
                 continue
             size = predictor.size
             stack = np.stack([np.frombuffer(images[i], np.uint8).reshape(size, size, 3) for i in rows])
@@ -181,7 +237,8 @@ class ScoreActor:
         per_row = (time.perf_counter() - t0) / max(n, 1)
         batch = drop_columns(batch, "_image")
         return set_columns(batch, status=(status, pa.string()), error=(errors, pa.string()),
-                           model_version=(versions, pa.string()), raw_score=(raw, pa.float64()),
+                           error_kind=(kinds, pa.string()), model_version=(versions, pa.string()),
+                           raw_score=(raw, pa.float64()),
                            score=(norm, pa.float64()), is_anomaly=(anomalous, pa.bool_()),
                            threshold=(thresholds, pa.float64()), device=([self.device] * n, pa.string()),
                            _map=(maps, pa.binary()), _t_predict=([per_row] * n, pa.float64()),

@@ -1,6 +1,7 @@
 """The score table: its columns (TABLE_DOC), map scaling, reading it, and which row stands for an input."""
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -8,14 +9,16 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from stfpm.storage import filesystem_for
+from stfpm.storage import filesystem_for, join_uri, read_bytes
 
 SCORES, MAPS, OVERLAYS, SUCCESS = "scores", "maps", "overlays", "_SUCCESS"
 
 TABLE_DOC = """\
 column         type                 meaning
 image_id       string               sha256(image_uri)[:32]; the maps' file name
-image_uri      string               the input (s3://bucket/key or an absolute local path)
+image_uri      string               the input (s3://bucket/key or an absolute, normalised local path)
+input_version  string               "<size>-<modified, ns>" of the file as listed (local: the later of
+                                    mtime and ctime; S3: LastModified); a new version is scored again
 <partitions>   string               one per --partitions name (null where a file has no such level)
 model_name     string               registry category, or the model directory's name
 model_version  string               model.json's model_version (a hash of the weights)
@@ -29,18 +32,21 @@ overlay_uri    string               overlay PNG (--overlays, anomalous inputs on
 status         string               "ok" or "error"
 error          string               why the row failed ("read: ...", "decode: ...", "model: ..."),
                                     or on an ok row why its overlay is missing ("overlay: ...")
+error_kind     string               on error rows: "input" (the file itself is bad: not retried until
+                                    its input_version changes) or "transient" (model, IO: retried)
 device         string               where the forward ran: "cpu", "gpu:N", with the GPU Ray assigned
 run_id         string               the run that wrote the row
 scored_at      timestamp[us, UTC]   when the row was written"""
 
 
 def table_schema(partitions: list[str]) -> pa.Schema:
-    head = [("image_id", pa.string()), ("image_uri", pa.string())]
+    head = [("image_id", pa.string()), ("image_uri", pa.string()), ("input_version", pa.string())]
     tail = [("model_name", pa.string()), ("model_version", pa.string()), ("raw_score", pa.float64()),
             ("score", pa.float64()), ("is_anomaly", pa.bool_()), ("threshold", pa.float64()),
             ("width", pa.int32()), ("height", pa.int32()), ("map_uri", pa.string()),
             ("overlay_uri", pa.string()), ("status", pa.string()), ("error", pa.string()),
-            ("device", pa.string()), ("run_id", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC"))]
+            ("error_kind", pa.string()), ("device", pa.string()), ("run_id", pa.string()),
+            ("scored_at", pa.timestamp("us", tz="UTC"))]
     return pa.schema(head + [(p, pa.string()) for p in partitions] + tail)
 
 
@@ -49,31 +55,65 @@ def map_to_raw(pixels: np.ndarray, threshold: float, score_min: float, score_max
     return threshold + (pixels.astype(np.float64) / 255.0 - 0.5) * (score_max - score_min)
 
 
+INPUT_ERROR, TRANSIENT_ERROR = "input", "transient"
+INDEX_SCHEMA = pa.schema([("image_uri", pa.string()), ("input_version", pa.string()),
+                          ("model_name", pa.string()), ("model_version", pa.string()), ("status", pa.string()),
+                          ("error_kind", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC"))])
+
+
 def read_index(scores_uri: str) -> pa.Table:
-    """(image_uri, model_version, status, scored_at, file) of every row already written;
-    files whose names start with "." or "_" (in-progress temp files) are not read."""
+    """INDEX_SCHEMA's columns and `file` of every row already written (a column older files
+    lack is null); files whose names start with "." or "_" (in-progress temp files) are not read."""
     fs, path = filesystem_for(scores_uri)
-    columns = ["image_uri", "model_version", "status", "scored_at"]
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return pa.table({c: pa.array([], pa.string()) for c in columns + ["file"]})
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    table = dataset.to_table(columns=columns + ["__filename"])
-    return table.rename_columns(columns + ["file"])
+        return pa.table({f.name: pa.array([], f.type) for f in INDEX_SCHEMA} | {"file": pa.array([], pa.string())})
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
+    table = dataset.to_table(columns=INDEX_SCHEMA.names + ["__filename"])
+    return table.rename_columns(INDEX_SCHEMA.names + ["file"])
 
 
 def winning_rows(table: pa.Table, keys: Sequence[str]) -> list[int]:
     """The row numbers, ascending, of the row that stands for each distinct `keys` value (a
-    null counts as ""): its ok row if it has one, else its latest; among equals the latest
+    null counts as ""): among the rows of the input's current content (the input_version of
+    its latest row), its ok row if it has one, else its latest; among equals the latest
     `scored_at`, then the last `file` if the table has that column."""
     if not table.num_rows:
         return []
     order = ["scored_at"] + (["file"] if "file" in table.column_names else [])
-    df = table.select([*keys, "status", *order]).to_pandas()
+    versioned = "input_version" in table.column_names
+    df = table.select([*keys, "status", *order, *(["input_version"] if versioned else [])]).to_pandas()
     for key in keys:
         df[key] = df[key].fillna("")
+    df["_current"] = True
+    if versioned:
+        df["input_version"] = df["input_version"].fillna("")
+        newest = df.sort_values(order, kind="stable").groupby(list(keys))["input_version"].transform("last")
+        df["_current"] = df["input_version"] == newest.reindex(df.index)
     df["_ok"] = df["status"] == "ok"
-    ranked = df.sort_values(["_ok", *order], ascending=False, kind="stable")
+    ranked = df.sort_values(["_current", "_ok", *order], ascending=False, kind="stable")
     return sorted(int(i) for i in ranked.index[~ranked.duplicated(list(keys), keep="first")])
+
+
+def latest_rows(table: pa.Table, versions: dict[str, str]) -> pa.Table:
+    """One row per input, for the models `versions` names (model_name -> model_version, as
+    _SUCCESS lists the last run's): the row that stands (winning_rows) among the input's
+    rows of those versions, or of no model (a category without one). Rows of other model
+    versions (history, from before a retrain) are left out."""
+    names, found = table["model_name"].to_pylist(), table["model_version"].to_pylist()
+    current = table.filter(pa.array([v is None or versions.get(n) == v for n, v in zip(names, found)], pa.bool_()))
+    return current.take(pa.array(winning_rows(current, ["image_uri"]), pa.int64()))
+
+
+def read_scores(output: str, latest: bool = True):
+    """OUTPUT's score table as a pandas DataFrame. latest=True (the default): one row per
+    input, scored by the model version(s) of the last finished run (latest_rows; _SUCCESS
+    says which); latest=False: every row kept, one per input and model version."""
+    fs, path = filesystem_for(join_uri(output, SCORES))
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    if latest:
+        success = json.loads(read_bytes(join_uri(output, SUCCESS)))
+        table = latest_rows(table, {name: m["model_version"] for name, m in success["models"].items()})
+    return table.sort_by("image_uri").to_pandas()
 
 
 # ---------------------------------------------------------------- the pipeline's row batches
