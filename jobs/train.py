@@ -62,9 +62,9 @@ def train_job(argv: list[str] | None) -> int:
     distributed = {"use_gpu": args.gpu, "max_failures": args.max_failures, "cpus_per_worker": args.cpus_per_worker,
                    "storage": storage if is_s3(storage) else filesystem_for(storage)[1]}  # Ray wants absolute paths
     if args.workers:
-        import ray
+        from stfpm.noise import init_ray
 
-        ray.init()  # inside a job: the job's cluster; elsewhere: a local Ray
+        init_ray()  # inside a job: the job's cluster; elsewhere: a local Ray
     fs, path = filesystem_for(args.data)
     marks = fs.get_file_info([path.rstrip("/") + "/train", path.rstrip("/") + "/train.txt"])
     is_category = any(m.type != pafs.FileType.NotFound for m in marks)

@@ -1,5 +1,8 @@
 """stfpm: STFPM unsupervised image anomaly detection on PaddlePaddle."""
+from stfpm import noise as _noise
 from stfpm import runtime as _runtime  # noqa: F401  (reads OMP_NUM_THREADS before Paddle changes it)
+
+_noise.install_warning_filters()  # before Paddle is imported: its import-time warning is one of them
 
 __version__ = "0.1.0"
 

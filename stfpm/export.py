@@ -20,6 +20,7 @@ import yaml
 
 from stfpm.artifact import (MODEL_JSON, ModelCard, ModelDirError, load_model, read_card, sha256_file,
                             verify_weights, write_card)
+from stfpm.noise import PIR_OUT_TENSOR, native_lines_dropped
 from stfpm.runtime import cpu_threads
 
 PROGRAM, PARAMS, INFERENCE_YML = "inference.json", "inference.pdiparams", "inference.yml"
@@ -47,7 +48,8 @@ def save_program(network, size: int, out_dir: str | Path) -> Path:
     was_training = network.training
     layer.eval()
     spec = paddle.static.InputSpec([None, 3, size, size], "float32", "image")
-    paddle.jit.save(layer, str(out / "inference"), input_spec=[spec])
+    with native_lines_dropped(PIR_OUT_TENSOR):
+        paddle.jit.save(layer, str(out / "inference"), input_spec=[spec])
     if was_training:
         network.train()
     return out

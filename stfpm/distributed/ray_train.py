@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, init_ray, native_lines_dropped
 from stfpm.train import TrainConfig, TrainResult, finalize, split_dataset
 
 CHECKPOINT_STATE = "state.json"
@@ -96,7 +97,10 @@ def train_loop_per_worker(config: dict) -> None:
     from stfpm.data import normalize_batch
     from stfpm.distributed.paddle_backend import init_process_group
     from stfpm.nn import backbone_spec
+    from stfpm.noise import drop_materialized_dataset_cpu_warning
     from stfpm.train import ProgressLog, augment_batch, build_network, make_optimizer, mean_loss, run_epoch
+
+    drop_materialized_dataset_cpu_warning()  # this worker holds the CPUs; its datasets need none
 
     cfg = TrainConfig(**config["cfg"])
     spec = backbone_spec(cfg.backbone)
@@ -172,7 +176,7 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     cfg = cfg.resolved()
     split = split_dataset(data, cfg)
     if not ray.is_initialized():
-        ray.init()
+        init_ray()
     datasets = {"train": image_dataset([split.uri(s.image) for s in split.train], cfg.image_size),
                 "holdout": image_dataset([split.uri(s.image) for s in split.holdout], cfg.image_size)}
     storage_filesystem = None
@@ -192,7 +196,8 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=run_config, datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
-    result = trainer.fit()
+    with native_lines_dropped(ACTOR_ARGS_IN_OBJECT_STORE):  # Ray Train's own actors, as Ray Data's (stfpm.noise)
+        result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
         network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
@@ -242,7 +247,7 @@ def train_categories(root: str, out: str, cfg: TrainConfig, num_workers: int = 0
         import ray
 
         if not ray.is_initialized():
-            ray.init()
+            init_ray()
         per_run = num_workers * distributed.get("cpus_per_worker", 1)
         parallel = parallel or max(1, int(ray.cluster_resources().get("CPU", 1) // per_run))
     parallel = parallel or 1

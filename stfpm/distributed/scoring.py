@@ -59,6 +59,7 @@ from stfpm.distributed.sources import MODEL_CACHE
 from stfpm.distributed.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
 from stfpm.distributed.stages import MAX_BYTES, ScoreActor, load_images, write_maps
 from stfpm.distributed.table import MAPS, SCORES, SUCCESS, latest_rows, read_index
+from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, init_ray, native_lines_dropped
 from stfpm.storage import filesystem_for, join_uri, s3_settings, write_bytes
 
 DECODE_BATCHES_PER_WORKER = 256
@@ -116,7 +117,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         t0 = time.perf_counter()
         if not ray.is_initialized():
             env = s3_settings()  # S3 endpoint and region (never credentials) for workers on a cluster
-            ray.init(address=ray_address, runtime_env={"env_vars": env} if env else None, log_to_driver=verbose)
+            init_ray(address=ray_address, runtime_env={"env_vars": env} if env else None, log_to_driver=verbose)
             started_ray = True
         plan.timings["ray_start_s"] = time.perf_counter() - t0
         try:
@@ -129,7 +130,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
                                         overlays=overlays, max_pixels=max_pixels, max_bytes=max_bytes,
                                         wait_for_actors_s=wait_for_actors_s, rows_per_file=rows_per_file,
                                         flush_s=flush_s, progress_bars=verbose)
-            totals = writer.consume(ds)
+            with native_lines_dropped(ACTOR_ARGS_IN_OBJECT_STORE):
+                totals = writer.consume(ds)
             plan.timings["pipeline_s"] = time.perf_counter() - t0
         finally:
             if started_ray:

@@ -1,0 +1,104 @@
+"""Paddle's and Ray's known-harmless messages, each silenced where it arises; all others pass.
+
+- "No ccache found" (UserWarning at `import paddle`): about compiling C++ extensions, which
+  stfpm never does. Filtered by message and module before Paddle is imported.
+- "When training, we now always track global mean and variance." (UserWarning of every
+  BatchNorm forward in training mode): Paddle announcing its own behaviour. Filtered by
+  message and module.
+- "Paddle static graph(PIR) not support input out tensor for now!!!!!" (a C++ glog line on
+  every model load): Paddle's own `paddle.add`/`divide`/... pass `out=None` to the C++ op,
+  which PIR tracing takes for an out tensor. Dropped from stderr while a program is traced.
+- "Token authentication is enabled for this Ray cluster" (on every local `ray.init`): Ray
+  announcing its default for a new local Ray. `init_ray` filters that one message of Ray's
+  token-setup logger; the other authentication messages (a missing or wrong token) pass.
+- "has constructor arguments in the object store and max_restarts > 0" (an error-level
+  core_worker line per scoring run, and per Ray Train run): Ray Data and Ray Train pass their
+  actors' context by object reference and restart failed actors; they hold those references
+  until the run ends, so a restart finds them. Dropped from the driver's stderr (where worker
+  logs are printed too) while a pipeline or a training run goes.
+- "does not have any available CPUs. The Dataset job will hang" (in Ray Train workers, which
+  hold the CPUs while they iterate datasets that are already materialized and need none).
+  Dropped by a filter on Ray Data's logger in those workers only.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import threading
+import warnings
+
+PIR_OUT_TENSOR = "not support input out tensor for now"
+ACTOR_ARGS_IN_OBJECT_STORE = "has constructor arguments in the object store and max_restarts > 0"
+TOKEN_AUTH_ENABLED = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled"
+NO_CPUS_FOR_DATASET = "does not have any available CPUs. The Dataset job will hang"
+
+
+def install_warning_filters() -> None:
+    warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning,
+                            module=r"paddle\.utils\.cpp_extension")
+    warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance",
+                            category=UserWarning, module=r"paddle\.nn\.layer\.norm")
+
+
+@contextlib.contextmanager
+def native_lines_dropped(*needles: str):
+    """Inside the block, lines written to file descriptor 2 (C++ glog lines too) that contain
+    one of `needles` are dropped; every other line is forwarded as it comes. Only for blocks
+    that start no processes (a child would inherit the pipe)."""
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    encoded = [n.encode() for n in needles]
+
+    def forward():
+        pending = b""
+        while chunk := os.read(read_end, 1 << 16):
+            *lines, pending = re.split(rb"(?<=[\n\r])", pending + chunk)
+            kept = b"".join(line for line in lines if not any(n in line for n in encoded))
+            if kept:
+                os.write(original, kept)
+        if pending and not any(n in pending for n in encoded):
+            os.write(original, pending)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's write end: the forwarder reads to the end and stops
+        thread.join(timeout=10)
+        os.close(original)
+        if not thread.is_alive():
+            os.close(read_end)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, needle: str):
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in record.getMessage()
+
+
+def drop_materialized_dataset_cpu_warning() -> None:
+    """For processes that iterate materialized datasets while holding every CPU (Ray Train workers)."""
+    logger = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage(NO_CPUS_FOR_DATASET))
+
+
+def init_ray(address: str | None = None, **kwargs):
+    """ray.init, without Ray's announcement that a new local Ray uses token auth (its default)."""
+    import ray
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage(TOKEN_AUTH_ENABLED))
+    return ray.init(address=address, **kwargs)
