@@ -52,6 +52,19 @@ def _expand(item: Any) -> Iterator[tuple[str | None, Any]]:
                         "a path, a URL, a directory, a dict {'img': ...} or a list of these")
 
 
+def check_inputs(inputs: list) -> tuple[list, list[str]]:
+    """(the inputs that name images, a message for each that does not), before a model loads:
+    a missing path or a folder without images is found before any work is done."""
+    good, problems = [], []
+    for item in inputs:
+        try:
+            next(iter(_expand(item)), None)
+            good.append(item)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            problems.append(str(e))
+    return good, problems
+
+
 def _load(input_path: str | None, source: Any) -> np.ndarray:
     from stfpm.data import decode_image, read_image, to_bgr_uint8
 

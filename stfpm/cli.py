@@ -6,15 +6,15 @@ import functools
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time noise
+from stfpm.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain (click) help: Typer's rich help labels every flag, --help included, "<bool>" as if it took a value.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="STFPM unsupervised image anomaly detection on PaddlePaddle.")
 
 # The errors a user can cause (stfpm.errors.UserError, and the ValueErrors, FileNotFoundErrors and
@@ -66,8 +66,10 @@ def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads
         return {}
     import ray
 
+    from stfpm.noise import init_ray
+
     if not ray.is_initialized():
-        ray.init(address=ray_address) if ray_address else ray.init()
+        init_ray(address=ray_address)
     return {"use_gpu": gpu, "storage": storage, "name": name, "max_failures": max_failures,
             "threads_per_worker": threads_per_worker}
 
@@ -151,6 +153,7 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
                f"threshold {result.calibration.threshold:.6g})")
     if result.metrics:
         typer.echo(json.dumps(_headline(result.metrics), indent=2))
+        typer.echo(_threshold_note(result.threshold, result.metrics))
 
 
 @app.command("train-all")
@@ -189,6 +192,8 @@ def evaluate(model_dir: Path = typer.Argument(..., help="Model directory"),
     result = evaluate_model(model, load_dataset(data), batch_size=batch_size, threshold=threshold)
     path = write_evaluation(result, out)
     typer.echo(json.dumps(_headline(result["metrics"]), indent=2))
+    if threshold is None:
+        typer.echo(_threshold_note(model.meta["threshold"], result["metrics"]))
     typer.echo(f"written to {path}")
     if set_threshold:
         scores = [r["score"] for r in result["images"]]
@@ -206,9 +211,13 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
             out: Path = typer.Option(Path("output/predict"), help="Folder for overlays and JSON"),
             batch_size: int = typer.Option(8, help="Images per forward pass"),
             threshold: Optional[float] = typer.Option(None, help="Override the stored threshold")):
-    """Score images; save an overlay PNG and a JSON per input and print a table."""
-    from stfpm.api import create_model
+    """Score images; save an overlay PNG and a JSON per input and print a table. Inputs that
+    name no image are reported at the end (exit 2); the others are scored first."""
+    from stfpm.api import check_inputs, create_model
 
+    inputs, problems = check_inputs(inputs)
+    if not inputs:
+        raise UserError("no input names an image: " + "; ".join(problems))
     model = create_model(model_dir=model_dir)
     typer.echo(f"{'image':<48} {'score':>10} {'norm':>6}  decision")
     n = n_anomalous = 0
@@ -225,17 +234,20 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
         n_anomalous += res["is_anomaly"]
     typer.echo(f"{n} images, {n_anomalous} anomalous at threshold {model.threshold if threshold is None else threshold:.6g}; "
                f"overlays and JSON in {out}")
+    if problems:
+        for problem in problems:
+            typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
 
 
 def _unique_stem(input_path: str | None, index: int, used: set[str]) -> str:
-    """Output name per input: its stem, prefixed by its folder when two inputs share a stem
-    (MVTec's test/good/000.png and test/crack/000.png)."""
+    """Output name per input: <folder>_<stem> (test/good/000.png -> good_000, test/crack/000.png
+    -> crack_000), with _1, _2... when two inputs still share a name; image_<index> for arrays."""
     if input_path is None:
         stem = f"image_{index:06d}"
     else:
-        stem = Path(input_path).stem
-        if stem in used:
-            stem = f"{Path(input_path).parent.name}_{stem}"
+        path = Path(input_path)
+        stem = f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
     base, k = stem, 1
     while stem in used:
         stem, k = f"{base}_{k}", k + 1
@@ -335,9 +347,11 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data
     run_train(str(data), str(model_dir), TrainConfig(backbone="efficientnet_lite0", epochs=epochs,
                                                      image_size=size, seed=seed))
     typer.echo(f"[2/5] model trained: {model_dir}")
-    result = evaluate_model(load_model(model_dir), load_dataset(data))
+    model = load_model(model_dir)
+    result = evaluate_model(model, load_dataset(data))
     write_evaluation(result, out / "evaluate")
-    typer.echo(f"[3/5] evaluation: {json.dumps(_headline(result['metrics']))}")
+    typer.echo(f"[3/5] evaluation: {json.dumps(_headline(result['metrics']))}\n"
+               f"      {_threshold_note(model.meta['threshold'], result['metrics'])}")
     predict(model_dir, [str(data / "test")], out / "predict", batch_size=8, threshold=None)
     typer.echo(f"[4/5] overlays and JSON per test image in {out / 'predict'}")
     from stfpm.distributed import score as run_score
@@ -349,6 +363,16 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data
     typer.echo(f"[5/5] {summary['counts']['scored']} test images scored on a local Ray: table {scores}, "
                f"maps {summary['output']['maps']}\n      read it with: python -c \"import pandas as pd; "
                f"print(pd.read_parquet('{scores}').nlargest(5, 'score')[['image_uri', 'score', 'is_anomaly']])\"")
+
+
+def _threshold_note(threshold: dict, metrics: dict) -> str:
+    """Which threshold decides (the model's) and what the evaluation's F1 threshold is."""
+    how = {"holdout_quantile": f"the {threshold.get('quantile')} quantile of held-out good images' scores",
+           "imported_good_quantile": f"the {threshold.get('quantile')} quantile of the --good images' scores",
+           "f1_test": "F1-optimal on a labelled test set"}.get(threshold.get("source"), threshold.get("source"))
+    return (f"decisions use the model's threshold {threshold['value']:.6g} ({how}); image_f1_threshold "
+            f"{metrics['image_f1_threshold']:.6g} is the F1-optimal one on this test set, for reference "
+            f"(`stfpm evaluate MODEL DATA --set-threshold` makes it the model's)")
 
 
 def _headline(metrics: dict) -> dict:

@@ -25,7 +25,7 @@ def test_cli_workflow(tmp_path):
                         "--image-size", 64, "--batch-size", 8)
     assert code == 0 and "model written" in text, text
     code, text = invoke("evaluate", model, data, "--out", out / "eval", "--set-threshold")
-    assert code == 0, text
+    assert code == 0 and "decisions use the model's threshold" in text and "holdout" in text, text
     metrics = json.loads((out / "eval" / "evaluate_result.json").read_text())["metrics"]
     assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold",
             "per_defect_type_image_auroc"} <= set(metrics)
@@ -33,7 +33,12 @@ def test_cli_workflow(tmp_path):
     assert meta["threshold"]["source"] == "f1_test" and meta["threshold"]["value"] == metrics["image_f1_threshold"]
     code, text = invoke("predict", model, data / "test", "--out", out / "pred", "--batch-size", 4)
     assert code == 0 and "8 images" in text, text
-    assert len(list((out / "pred").glob("*.png"))) == 8 and len(list((out / "pred").glob("*.json"))) == 8
+    names = {f"{p.parent.name}_{p.stem}" for p in (data / "test").rglob("*.png")}  # good_000, blur_000, ...
+    assert {p.stem for p in (out / "pred").glob("*.png")} == names == {p.stem for p in (out / "pred").glob("*.json")}
+    # a wrong path is named before any work; the good inputs are still scored, then exit 2
+    code, text = invoke("predict", model, data / "test" / "good", tmp_path / "missing.png", "--out", out / "pred3")
+    assert code == 2 and "missing.png" in text and "Traceback" not in text, text
+    assert text.index("images,") < text.index("missing.png") and len(list((out / "pred3").glob("*.png"))) > 0
     code, text = invoke("export", model, "--out", model / "inference")
     assert code == 0 and (model / "inference" / "inference.yml").is_file(), text
     code, text = invoke("predict", model / "inference", data / "test" / "good", "--out", out / "pred2")
@@ -51,6 +56,12 @@ def test_train_all_writes_a_registry(tmp_path):
     registry = yaml.safe_load((tmp_path / "models" / "registry.yaml").read_text())
     assert registry == {"models": {"alpha": "alpha", "beta": "beta"}}
     assert (tmp_path / "models" / "beta" / "model.json").is_file()
+
+
+def test_help_shows_no_value_for_flags():
+    code, text = invoke("evaluate", "--help")
+    assert code == 0 and "--set-threshold  " in text and "--threshold <float>" in text, text
+    assert "<bool>" not in text and "BOOLEAN" not in text  # a flag takes no value
 
 
 def test_errors_name_what_is_wrong(tmp_path):
