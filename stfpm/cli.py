@@ -153,7 +153,7 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
                f"threshold {result.calibration.threshold:.6g})")
     if result.metrics:
         typer.echo(json.dumps(_headline(result.metrics), indent=2))
-        typer.echo(_threshold_note(result.threshold, result.metrics))
+        typer.echo(_threshold_note(result.calibration, result.metrics))
 
 
 @app.command("train-all")
@@ -193,7 +193,7 @@ def evaluate(model_dir: Path = typer.Argument(..., help="Model directory"),
     path = write_evaluation(result, out)
     typer.echo(json.dumps(_headline(result["metrics"]), indent=2))
     if threshold is None:
-        typer.echo(_threshold_note(model.meta["threshold"], result["metrics"]))
+        typer.echo(_threshold_note(model.card.calibration, result["metrics"]))
     typer.echo(f"written to {path}")
     if set_threshold:
         scores = [r["score"] for r in result["images"]]
@@ -351,7 +351,7 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data
     result = evaluate_model(model, load_dataset(data))
     write_evaluation(result, out / "evaluate")
     typer.echo(f"[3/5] evaluation: {json.dumps(_headline(result['metrics']))}\n"
-               f"      {_threshold_note(model.meta['threshold'], result['metrics'])}")
+               f"      {_threshold_note(model.card.calibration, result['metrics'])}")
     predict(model_dir, [str(data / "test")], out / "predict", batch_size=8, threshold=None)
     typer.echo(f"[4/5] overlays and JSON per test image in {out / 'predict'}")
     from stfpm.distributed import score as run_score
@@ -365,12 +365,13 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data
                f"print(pd.read_parquet('{scores}').nlargest(5, 'score')[['image_uri', 'score', 'is_anomaly']])\"")
 
 
-def _threshold_note(threshold: dict, metrics: dict) -> str:
-    """Which threshold decides (the model's) and what the evaluation's F1 threshold is."""
-    how = {"holdout_quantile": f"the {threshold.get('quantile')} quantile of held-out good images' scores",
-           "imported_good_quantile": f"the {threshold.get('quantile')} quantile of the --good images' scores",
-           "f1_test": "F1-optimal on a labelled test set"}.get(threshold.get("source"), threshold.get("source"))
-    return (f"decisions use the model's threshold {threshold['value']:.6g} ({how}); image_f1_threshold "
+def _threshold_note(calibration, metrics: dict) -> str:
+    """Which threshold decides (the model's Calibration) and what the evaluation's F1 threshold is."""
+    quantile = calibration.details.get("quantile")
+    how = {"holdout_quantile": f"the {quantile} quantile of held-out good images' scores",
+           "imported_good_quantile": f"the {quantile} quantile of the --good images' scores",
+           "f1_test": "F1-optimal on a labelled test set"}.get(calibration.source, calibration.source)
+    return (f"decisions use the model's threshold {calibration.threshold:.6g} ({how}); image_f1_threshold "
             f"{metrics['image_f1_threshold']:.6g} is the F1-optimal one on this test set, for reference "
             f"(`stfpm evaluate MODEL DATA --set-threshold` makes it the model's)")
 

@@ -25,7 +25,7 @@ def test_cli_workflow(tmp_path):
                         "--image-size", 64, "--batch-size", 8)
     assert code == 0 and "model written" in text, text
     code, text = invoke("evaluate", model, data, "--out", out / "eval", "--set-threshold")
-    assert code == 0 and "decisions use the model's threshold" in text and "holdout" in text, text
+    assert code == 0 and "decisions use the model's threshold" in text and "held-out" in text, text
     metrics = json.loads((out / "eval" / "evaluate_result.json").read_text())["metrics"]
     assert {"image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold",
             "per_defect_type_image_auroc"} <= set(metrics)
