@@ -16,6 +16,8 @@
   actors' context by object reference and restart failed actors; they hold those references
   until the run ends, so a restart finds them. Dropped from the driver's stderr (where worker
   logs are printed too) while a pipeline or a training run goes.
+- "Progress bars disabled. To enable, set ..." (Ray Data, once per process): the scoring run
+  turns Ray Data's progress off on purpose and draws its own (stfpm.distributed.progress).
 - "does not have any available CPUs. The Dataset job will hang" (in Ray Train workers, which
   hold the CPUs while they iterate datasets that are already materialized and need none).
   Dropped by a filter on Ray Data's logger in those workers only.
@@ -33,6 +35,7 @@ import warnings
 PIR_OUT_TENSOR = "not support input out tensor for now"
 ACTOR_ARGS_IN_OBJECT_STORE = "has constructor arguments in the object store and max_restarts > 0"
 TOKEN_AUTH_ENABLED = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled"
+PROGRESS_BARS_DISABLED = "Progress bars disabled. To enable, set"
 NO_CPUS_FOR_DATASET = "does not have any available CPUs. The Dataset job will hang"
 
 
@@ -87,18 +90,24 @@ class _DropMessage(logging.Filter):
         return self.needle not in record.getMessage()
 
 
+def _drop(logger: logging.Logger, needle: str) -> None:
+    if not any(isinstance(f, _DropMessage) and f.needle == needle for f in logger.filters):
+        logger.addFilter(_DropMessage(needle))
+
+
 def drop_materialized_dataset_cpu_warning() -> None:
     """For processes that iterate materialized datasets while holding every CPU (Ray Train workers)."""
-    logger = logging.getLogger("ray.data.dataset")
-    if not any(isinstance(f, _DropMessage) for f in logger.filters):
-        logger.addFilter(_DropMessage(NO_CPUS_FOR_DATASET))
+    _drop(logging.getLogger("ray.data.dataset"), NO_CPUS_FOR_DATASET)
+
+
+def drop_progress_bars_disabled_notice() -> None:
+    """For the scoring driver, which turns Ray Data's progress off to draw its own."""
+    _drop(logging.getLogger("ray.data._internal.progress"), PROGRESS_BARS_DISABLED)
 
 
 def init_ray(address: str | None = None, **kwargs):
     """ray.init, without Ray's announcement that a new local Ray uses token auth (its default)."""
     import ray
 
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DropMessage) for f in logger.filters):
-        logger.addFilter(_DropMessage(TOKEN_AUTH_ENABLED))
+    _drop(logging.getLogger("ray._private.authentication.authentication_token_setup"), TOKEN_AUTH_ENABLED)
     return ray.init(address=address, **kwargs)

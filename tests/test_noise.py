@@ -3,8 +3,11 @@ lines, warnings included, still come through."""
 from __future__ import annotations
 
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from stfpm.noise import native_lines_dropped
@@ -37,6 +40,29 @@ def _stfpm(*args, env) -> str:
     return output
 
 
+def _stfpm_on_a_terminal(*args, env) -> str:
+    """Run the CLI with stdin/stdout/stderr on a pseudo-terminal, as a person at a shell does."""
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "stfpm.cli", *map(str, args)], env=env,
+                            stdin=child, stdout=child, stderr=child)
+    os.close(child)
+    chunks, deadline = [], time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 1.0)
+        if ready:
+            try:
+                chunks.append(os.read(main, 1 << 16))
+                continue
+            except OSError:  # the terminal closed: every process on it is gone
+                break
+        if proc.poll() is not None:  # exited; Ray's daemons may hold the terminal a while longer
+            break
+    os.close(main)
+    output = b"".join(chunks).decode(errors="replace")
+    assert proc.wait(timeout=60) == 0, output[-5000:]
+    return output
+
+
 def test_train_on_ray_and_score_print_none_of_the_known_noise(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     env.update(PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
@@ -46,7 +72,9 @@ def test_train_on_ray_and_score_print_none_of_the_known_noise(tmp_path):
     output = _stfpm("train", data, "--out", tmp_path / "model", "--backbone", "efficientnet_lite0", "--epochs", 1,
                     "--image-size", 64, "--batch-size", 4, "--workers", 2, "--storage", tmp_path / "ray", env=env)
     assert "model written" in output
-    output += _stfpm("score", tmp_path / "model", data / "test", tmp_path / "audit", "--batch-size", 4,
-                     "--cpus-per-actor", 0.5, env=env)
-    assert "4 scored" in output
+    scored = _stfpm_on_a_terminal("score", tmp_path / "model", data / "test", tmp_path / "audit", "--batch-size", 2,
+                                  "--cpus-per-actor", 0.5, env=env)
+    assert "4 scored" in scored
+    assert "\r[" + "#" * 30 + "] 4/4 rows" in scored and "images/s  ETA" in scored  # the progress bar, done
+    output += scored
     assert [n for n in NOISE if n in output] == []

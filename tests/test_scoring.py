@@ -6,9 +6,11 @@ images are tiny (64 px, model input 64) and the runs few."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import ray
 from stfpm.artifact import ModelDirError
 from stfpm.distributed import map_to_raw, score
 from stfpm.distributed.plan import plan_run
+from stfpm.distributed.progress import ScoringProgress, progress_text
 from stfpm.distributed.scoring import build_pipeline, parse_actors
 from stfpm.distributed.stages import paddle_device
 from stfpm.distributed.table import read_index, table_schema
@@ -205,11 +208,29 @@ def test_local_folder_end_to_end(workspace, ray_local):
     assert success["devices"] == ["cpu"]
 
 
-def test_rerun_skips_scored_inputs_and_finishes_a_killed_run(workspace, ray_local, tmp_path):
+def test_progress_lines_and_bar():
+    assert progress_text(25, 100, 5.0, bar=False) == "scored 25/100 rows (25%), 5.0 images/s, ETA 00:00:15"
+    assert progress_text(50, 100, 10.0, bar=True) == "[" + "#" * 15 + "." * 15 + "] 50/100 rows  5.0 images/s  ETA 00:00:10"
+    assert progress_text(0, 100, 3.0, bar=False).endswith("0.0 images/s, ETA --:--:--")
+    stream = io.StringIO()
+    with ScoringProgress(10, stream=stream, bar=False, interval=0.2) as progress:
+        progress.add(4)
+        deadline = time.monotonic() + 60
+        while "scored 4/10 rows (40%)" not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        progress.add(6)
+    lines = stream.getvalue().splitlines()
+    assert "scored 4/10 rows (40%)" in lines[0] and lines[-1].startswith("scored 10/10 rows (100%)")
+    assert len(lines) == len(set(lines))  # a line only when the count moved, and the final one
+
+
+def test_rerun_skips_scored_inputs_and_finishes_a_killed_run(workspace, ray_local, tmp_path, capfd):
     root, _ = workspace
     out = tmp_path / "out"
     args = (str(root / "model"), str(root / "data"), str(out))
-    first = score(*args, batch_size=4, rows_per_file=4, verbose=False)
+    first = score(*args, batch_size=4, rows_per_file=4)  # verbose: the report and the progress lines
+    n = len(listed_files(root / "data"))
+    assert f"scored {n}/{n} rows (100%)" in capfd.readouterr().err
     files = sorted((out / "scores").glob("part-*.parquet"))
     assert len(files) >= 3 and first["counts"]["scored"] == len(listed_files(root / "data"))
 

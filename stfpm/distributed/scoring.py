@@ -44,6 +44,7 @@ input of the last run's model versions; _SUCCESS counts both (table_* and latest
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -59,7 +60,8 @@ from stfpm.distributed.sources import MODEL_CACHE
 from stfpm.distributed.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
 from stfpm.distributed.stages import MAX_BYTES, ScoreActor, load_images, write_maps
 from stfpm.distributed.table import MAPS, SCORES, SUCCESS, latest_rows, read_index
-from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, init_ray, native_lines_dropped
+from stfpm.distributed.progress import ScoringProgress
+from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
 from stfpm.storage import filesystem_for, join_uri, s3_settings, write_bytes
 
 DECODE_BATCHES_PER_WORKER = 256
@@ -94,7 +96,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
           threshold: float | None = None, overlays: bool = False, run_id: str | None = None, ray_address: str | None = None,
           max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
           rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S, allow_roots: list[str] | None = None,
-          verbose: bool = True) -> dict:
+          verbose: bool = True, progress_bar: bool | None = None) -> dict:
     """Score every image of SOURCE with MODEL on Ray Data and write OUTPUT (module docstring).
 
     model: a model directory (local or s3://) or a registry YAML (category -> model directory).
@@ -104,6 +106,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         GPU Ray assigns. Ray is started locally unless it is running or ray_address is given.
     allow_roots: folders local inputs must lie in (symlinks resolved); default: anywhere the
         workers can read. Table files are written every rows_per_file rows or flush_s seconds.
+    verbose: report on stderr, with the progress of the rows (stfpm.distributed.progress): a
+        bar when stderr is a terminal (or progress_bar=True), else a line every 30 s.
     Returns the _SUCCESS summary (counts, timings, per-stage throughput, models)."""
     echo = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     started = time.perf_counter()
@@ -124,14 +128,15 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
             if started_ray and ray_address is None:
                 check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
             t0 = time.perf_counter()
+            progress = ScoringProgress(len(plan.pending), bar=progress_bar) if verbose else None
             ds, writer = build_pipeline(plan, batch_size=batch_size, actors=(low, high),
                                         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                                         threads_per_actor=threads_per_actor, threshold=threshold,
                                         overlays=overlays, max_pixels=max_pixels, max_bytes=max_bytes,
                                         wait_for_actors_s=wait_for_actors_s, rows_per_file=rows_per_file,
-                                        flush_s=flush_s, progress_bars=verbose)
-            with native_lines_dropped(ACTOR_ARGS_IN_OBJECT_STORE):
-                totals = writer.consume(ds)
+                                        flush_s=flush_s)
+            with native_lines_dropped(ACTOR_ARGS_IN_OBJECT_STORE), progress or contextlib.nullcontext():
+                totals = writer.consume(ds, on_rows=progress and progress.add)
             plan.timings["pipeline_s"] = time.perf_counter() - t0
         finally:
             if started_ray:
@@ -151,14 +156,15 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
                    cpus_per_actor: float = 1, threads_per_actor: int | None = None,
                    threshold: float | None = None, overlays: bool = False,
                    max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
-                   rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S,
-                   progress_bars: bool = False) -> tuple[ray.data.Dataset, TableWriter]:
+                   rows_per_file: int = ROWS_PER_FILE,
+                   flush_s: float = FLUSH_S) -> tuple[ray.data.Dataset, TableWriter]:
     """The Ray Data pipeline for `plan.pending` up to the maps, and the writer of its rows:
     `writer.consume(ds)` runs it and returns the counts and stage times."""
     pending = plan.pending
     ds = ray.data.from_arrow([pending.slice(i, batch_size) for i in range(0, len(pending), batch_size)])
     ds.context.wait_for_min_actors_s = wait_for_actors_s
-    ds.context.enable_progress_bars = progress_bars
+    ds.context.enable_progress_bars = False  # progress.py draws ours
+    drop_progress_bars_disabled_notice()
     models = {("" if key is None else key): ref.uri for key, ref in plan.models.items()}
     ranges = {("" if key is None else key): (ref.score_min, ref.score_max) for key, ref in plan.models.items()}
     # max_calls: a decoding worker is replaced after that many batches, so heap fragmentation

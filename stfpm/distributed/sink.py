@@ -31,10 +31,13 @@ class TableWriter:
         self.since = 0.0
         self.parts: list[dict] = []
 
-    def consume(self, ds) -> dict:
-        """Run a Ray Data dataset (streaming), writing its rows; returns `totals`."""
+    def consume(self, ds, on_rows=None) -> dict:
+        """Run a Ray Data dataset (streaming), writing its rows; returns `totals`. `on_rows(n)`
+        hears of every batch of n rows that arrives (the progress display)."""
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             self.add(batch)
+            if on_rows:
+                on_rows(len(batch))
         self.flush()
         return self.totals
 

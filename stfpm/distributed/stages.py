@@ -11,7 +11,6 @@ import os
 import resource
 import stat
 import time
-import warnings
 
 import cv2
 import numpy as np
@@ -23,8 +22,6 @@ from stfpm.data.images import decode_image, resize_for_model, sniff_image
 from stfpm.distributed.table import (INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, map_to_raw,
                                     set_columns)
 from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, write_bytes
-
-warnings.filterwarnings("ignore", message="No ccache found")  # Paddle's import-time noise, in every worker
 
 MAX_BYTES = 256 << 20
 
