@@ -358,7 +358,7 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data
 
     one_core = len(os.sched_getaffinity(0)) < 2  # the actor must leave a CPU for decoding
     summary = run_score(str(model_dir), str(data / "test"), str(out / "audit"), partitions=["kind"],
-                        batch_size=16, cpus_per_actor=0.5 if one_core else 1, verbose=False)
+                        batch_size=16, cpus_per_actor=0.5 if one_core else 1, verbose=False, progress=True)
     scores = summary["output"]["scores"]
     typer.echo(f"[5/5] {summary['counts']['scored']} test images scored on a local Ray: table {scores}, "
                f"maps {summary['output']['maps']}\n      read it with: python -c \"import pandas as pd; "

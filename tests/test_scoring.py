@@ -240,7 +240,9 @@ def test_rerun_skips_scored_inputs_and_finishes_a_killed_run(workspace, ray_loca
     lost = set(pq.read_table(files[0])["image_uri"].to_pylist())
     files[0].unlink()
     (out / "scores" / ".part-unfinished.parquet.tmp").write_bytes(b"PAR1 half a file")
-    second = score(*args, batch_size=4, rows_per_file=4, verbose=False)
+    second = score(*args, batch_size=4, rows_per_file=4, verbose=False, progress=True)  # as the demo runs it
+    err, k = capfd.readouterr().err, second["counts"]["scored"]
+    assert f"scored {k}/{k} rows (100%)" in err and "inputs listed" not in err
     df = read_table(out)
     assert sorted(df.image_uri) == sorted(listed_files(root / "data"))  # exactly one row each
     assert second["counts"]["scored"] == len(lost)                       # only the lost rows: bad files

@@ -96,7 +96,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
           threshold: float | None = None, overlays: bool = False, run_id: str | None = None, ray_address: str | None = None,
           max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
           rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S, allow_roots: list[str] | None = None,
-          verbose: bool = True, progress_bar: bool | None = None) -> dict:
+          verbose: bool = True, progress: bool | None = None) -> dict:
     """Score every image of SOURCE with MODEL on Ray Data and write OUTPUT (module docstring).
 
     model: a model directory (local or s3://) or a registry YAML (category -> model directory).
@@ -106,8 +106,9 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         GPU Ray assigns. Ray is started locally unless it is running or ray_address is given.
     allow_roots: folders local inputs must lie in (symlinks resolved); default: anywhere the
         workers can read. Table files are written every rows_per_file rows or flush_s seconds.
-    verbose: report on stderr, with the progress of the rows (stfpm.distributed.progress): a
-        bar when stderr is a terminal (or progress_bar=True), else a line every 30 s.
+    verbose: report on stderr. progress (default: verbose): rows done, images/s and ETA while
+        the pipeline runs (stfpm.distributed.progress): a bar when stderr is a terminal, else
+        a line every 30 s.
     Returns the _SUCCESS summary (counts, timings, per-stage throughput, models)."""
     echo = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     started = time.perf_counter()
@@ -128,15 +129,16 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
             if started_ray and ray_address is None:
                 check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
             t0 = time.perf_counter()
-            progress = ScoringProgress(len(plan.pending), bar=progress_bar) if verbose else None
+            shown = verbose if progress is None else progress
+            meter = ScoringProgress(len(plan.pending)) if shown else None
             ds, writer = build_pipeline(plan, batch_size=batch_size, actors=(low, high),
                                         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
                                         threads_per_actor=threads_per_actor, threshold=threshold,
                                         overlays=overlays, max_pixels=max_pixels, max_bytes=max_bytes,
                                         wait_for_actors_s=wait_for_actors_s, rows_per_file=rows_per_file,
                                         flush_s=flush_s)
-            with native_lines_dropped(ACTOR_ARGS_IN_OBJECT_STORE), progress or contextlib.nullcontext():
-                totals = writer.consume(ds, on_rows=progress and progress.add)
+            with native_lines_dropped(ACTOR_ARGS_IN_OBJECT_STORE), meter or contextlib.nullcontext():
+                totals = writer.consume(ds, on_rows=meter and meter.add)
             plan.timings["pipeline_s"] = time.perf_counter() - t0
         finally:
             if started_ray:
