@@ -146,6 +146,14 @@ def test_an_input_is_its_canonical_uri_and_its_content_version(model, tmp_path):
     _images(tmp_path / "replacement", 1, seed=5)[0].replace(paths[1])  # new content under the old name
     for source in (str(manifest), str(tmp_path / "data")):
         assert plan_run(str(model), source, out).pending["image_uri"].to_pylist() == [str(paths[1])]
+    # rows from before input_version existed settle any content: an upgrade rescores nothing
+    legacy = tmp_path / "legacy"
+    plan = plan_run(str(model), str(manifest), str(legacy))
+    old_rows = _pipeline_rows(plan, ["ok", "ok"], [None, None])
+    old_rows = old_rows.set_column(old_rows.column_names.index("input_version"), "input_version",
+                                   pa.nulls(2, pa.string()))
+    write_table_file(old_rows, f"{legacy}/scores", plan.run_id, plan.schema)
+    assert len(plan_run(str(model), str(manifest), str(legacy)).pending) == 0
 
 
 def test_table_files_are_flushed_by_time_as_well_as_rows(model, tmp_path):

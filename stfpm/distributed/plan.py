@@ -42,7 +42,9 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
              allow_roots: list[str] | None = None) -> Plan:
     """List the inputs, resolve the model(s) (checking their weights), and leave out what
     OUTPUT's table already settles for the same content and model version: an ok row, or
-    an error row of kind "input" (the file itself is bad). Transient errors are retried."""
+    an error row of kind "input" (the file itself is bad). Transient errors are retried.
+    A row without input_version (written before it existed) settles any content, so an
+    upgrade does not rescore a whole table."""
     t0 = time.perf_counter()
     output = output.rstrip("/") if is_s3(output) else filesystem_for(output)[1]  # URIs in the table are absolute
     models = resolve_models(model, threshold)
@@ -63,8 +65,8 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     uris, input_versions = inputs["image_uri"].to_pylist(), inputs["input_version"].to_pylist()
     categories = inputs[CATEGORY].to_pylist() if registry else [None] * len(uris)
     refs = [models.get(c) for c in categories]
-    pending_rows = [i for i, (u, iv, ref) in enumerate(zip(uris, input_versions, refs))
-                    if ref is None or (u, iv, ref.version) not in done]
+    pending_rows = [i for i, (u, iv, ref) in enumerate(zip(uris, input_versions, refs))  # rows written before
+                    if ref is None or not {(u, iv, ref.version), (u, None, ref.version)} & done]  # input_version: any
     pending = inputs.take(pa.array(pending_rows, pa.int64()))
     refs = [refs[i] for i in pending_rows]
     known = ", ".join(sorted(str(k) for k in models))
