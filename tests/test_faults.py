@@ -31,7 +31,8 @@ def test_user_errors_share_one_base_and_print_one_line_with_exit_2(tmp_path):
     assert issubclass(ModelDirError, UserError) and issubclass(DatasetError, UserError)
     with pytest.raises(UserError, match="no model.json"):
         read_card(tmp_path)
-    result = CliRunner().invoke(app, ["predict", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o")])
+    image = _images(tmp_path / "images", 1)[0]
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), str(image), "--out", str(tmp_path / "o")])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "model.json" in lines[0]
 
