@@ -65,16 +65,15 @@ def check_inputs(inputs: list) -> tuple[list, list[str]]:
     return good, problems
 
 
-def _load(input_path: str | None, source: Any) -> np.ndarray:
-    from stfpm.data import decode_image, read_image, to_bgr_uint8
-
+def _load(source: Any) -> bytes | np.ndarray:
+    """What `Predictor.prepare` takes: an array as given, a URL's or a file's bytes."""
     if isinstance(source, np.ndarray):
-        return to_bgr_uint8(source)
+        return source
     if _is_url(source):
         from stfpm.storage import read_bytes
 
-        return decode_image(read_bytes(source), source)
-    return read_image(source)
+        return read_bytes(source)
+    return Path(source).read_bytes()
 
 
 class STFPMModel:
@@ -96,7 +95,8 @@ class STFPMModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch, index = [], 0
         for input_path, source in _expand(input):
-            batch.append((input_path, _load(input_path, source)))
+            name = input_path or "<array>"
+            batch.append((input_path, self.predictor.prepare(_load(source), name, keep_image=True)))
             if len(batch) == batch_size:
                 yield from self._run(batch, index, threshold)
                 index += len(batch)
@@ -105,10 +105,9 @@ class STFPMModel:
             yield from self._run(batch, index, threshold)
 
     def _run(self, batch, index, threshold):
-        images = [image for _, image in batch]
         p = self.predictor
-        for i, ((input_path, image), pred) in enumerate(zip(batch, p.predict(images, threshold))):
-            yield AnomalyResult(input_path, image, pred, p.score_min, p.score_max, index + i)
+        for i, ((input_path, prepared), pred) in enumerate(zip(batch, p.run([b for _, b in batch], threshold))):
+            yield AnomalyResult(input_path, prepared.image, pred, p.calibration, index + i)
 
 
 def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None) -> STFPMModel:

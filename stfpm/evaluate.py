@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from stfpm.artifact import LoadedModel
-from stfpm.data import Dataset, read_image, read_mask
+from stfpm.data import Dataset, read_mask
 from stfpm.inference import Predictor
 from stfpm.metrics import PixelMetrics, auroc, f1_max
 
@@ -26,14 +26,14 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, batch_size: int = 32,
     scores, records = [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        images = [read_image(s.image) for s in chunk]
-        for sample, image, pred in zip(chunk, images, predictor.predict(images)):
+        inputs = [predictor.prepare(Path(s.image).read_bytes(), s.image) for s in chunk]
+        for sample, prepared, pred in zip(chunk, inputs, predictor.run(inputs)):
             scores.append(pred.score)
             records.append({"image": sample.image, "defect_type": sample.defect_type, "label": sample.label,
                             "score": pred.score, "norm_score": pred.norm_score, "is_anomaly": pred.is_anomaly})
             if pixels is not None:
-                mask = (read_mask(sample.mask, image.shape[:2]) if sample.mask
-                        else np.zeros(image.shape[:2], dtype=bool))
+                shape = (prepared.height, prepared.width)
+                mask = read_mask(sample.mask, shape) if sample.mask else np.zeros(shape, dtype=bool)
                 pixels.update(pred.anomaly_map, mask)
     scores = np.array(scores)
     f1, f1_thr = f1_max(labels, scores)

@@ -1,6 +1,7 @@
-"""The one batched forward + post-processing used by predict, evaluate and batch scoring.
+"""The one per-image path (prepare, infer, calibrate, encode) used by predict, evaluate,
+training's calibration and batch scoring.
 
-A batch of decoded images goes through ONE forward pass; each map is then resized back to
+A batch of prepared images goes through ONE forward pass; each map is then resized back to
 its own image's size, scored (max of the map), normalised (0.5 at the threshold, DESIGN §7)
 and thresholded into a 0/255 mask.
 
@@ -17,8 +18,8 @@ import cv2
 import numpy as np
 import paddle
 
-from stfpm.artifact import Calibration, LoadedModel, ModelCard
-from stfpm.data.images import normalize_batch, preprocess
+from stfpm.artifact import LoadedModel, ModelCard
+from stfpm.data.images import ModelInput, normalize_batch, prepare_input
 from stfpm.nn import anomaly_map
 
 ENGINES = ("auto", "onednn", "dygraph")
@@ -34,15 +35,28 @@ class Prediction:
     pred: np.ndarray         # uint8 (H, W) 0/255 mask, map >= threshold
 
 
-def normalize_score(raw, threshold: float, score_min: float, score_max: float):
-    """`Calibration.normalize` for a bare threshold and score range."""
-    return Calibration(float(threshold), float(score_min), float(score_max)).normalize(raw)
+def to_heat(norm_map: np.ndarray) -> np.ndarray:
+    """A normalised map (0-1, 0.5 at the threshold) as the 8-bit map PNGs hold: round(255 * s)."""
+    return np.rint(np.asarray(norm_map) * 255).astype(np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
 
 
 class Predictor:
-    """Post-processing around a layer-map forward: a model directory's network compiled into
-    Paddle Inference (CPU) or run on the dynamic graph (GPU), or an exported model's program;
-    all give the same maps."""
+    """The whole per-image path of a model, used by predict, evaluate, training's threshold
+    calibration and Ray Data scoring (whose stages call its parts on different nodes):
+
+        prepare (bytes or array -> ModelInput, the one decode policy) -> infer (a batch of
+        inputs -> maps, ONE forward) -> calibrate (score, normalise, decide; maps at each
+        image's size) -> encode (`to_heat` + `encode_png` for map PNGs, `results.overlay`)
+
+    The forward is a model directory's network compiled into Paddle Inference (CPU) or run on
+    the dynamic graph (GPU), or an exported model's program; all give the same maps."""
 
     def __init__(self, card: ModelCard, layer_forward: Callable[[np.ndarray], list], threshold: float | None = None):
         self.card = card
@@ -97,26 +111,23 @@ class Predictor:
     def model_version(self) -> str:
         return self.card.model_version
 
+    def prepare(self, source: bytes | np.ndarray, name: str = "<image>", max_pixels: int = 100_000_000,
+                keep_image: bool = False) -> ModelInput:
+        """File bytes or a BGR array -> this model's input (`stfpm.data.images.prepare_input`)."""
+        return prepare_input(source, self.size, name, max_pixels, keep_image)
+
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps."""
         return anomaly_map(self.layer_forward(batch), (batch.shape[2], batch.shape[3]), self.layer_norm)
 
-    def predict(self, images: list[np.ndarray], threshold: float | None = None) -> list[Prediction]:
-        """BGR uint8 images of any sizes -> one Prediction each, from a single forward pass."""
-        if not images:
-            return []
-        maps = self.forward(preprocess(images, self.size, self.mean, self.std))
-        return self.postprocess(maps, [image.shape[:2] for image in images], threshold)
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        """RGB uint8 (N, S, S, 3) model inputs (`ModelInput.pixels`) -> (N, S, S) float32 maps."""
+        return self.forward(normalize_batch(pixels, self.mean, self.std))
 
-    def predict_resized(self, batch: np.ndarray, sizes: list[tuple[int, int]],
-                        threshold: float | None = None) -> list[Prediction]:
-        """For pipelines that decode and resize elsewhere (Ray Data CPU tasks): `batch` is
-        uint8 (N, S, S, 3) RGB from `resize_for_model`, `sizes` the (h, w) to return maps at."""
-        return self.postprocess(self.forward(normalize_batch(batch, self.mean, self.std)), sizes, threshold)
-
-    def postprocess(self, maps: np.ndarray, sizes: list[tuple[int, int]],
-                    threshold: float | None = None) -> list[Prediction]:
-        """(N, S, S) maps -> Predictions with maps and masks resized to each (h, w)."""
+    def calibrate(self, maps: np.ndarray, sizes: list[tuple[int, int]],
+                  threshold: float | None = None) -> list[Prediction]:
+        """(N, S, S) maps -> Predictions: score (max of the map), normalised score, decision,
+        and map and mask resized to each (h, w)."""
         thr = self.threshold if threshold is None else float(threshold)
         scores = maps.reshape(len(maps), -1).max(axis=1)
         norm = self.calibration.normalize(scores, thr)
@@ -127,3 +138,15 @@ class Predictor:
                                   threshold=thr, anomaly_map=full,
                                   pred=np.where(full >= thr, 255, 0).astype(np.uint8)))
         return out
+
+    def predict(self, sources: list, names: list[str] | None = None, threshold: float | None = None) -> list[Prediction]:
+        """File bytes or BGR arrays of any sizes -> one Prediction each, from a single forward."""
+        if not sources:
+            return []
+        inputs = [self.prepare(src, name) for src, name in zip(sources, names or ["<image>"] * len(sources))]
+        return self.run(inputs, threshold)
+
+    def run(self, inputs: list[ModelInput], threshold: float | None = None) -> list[Prediction]:
+        """infer + calibrate for prepared inputs."""
+        maps = self.infer(np.stack([i.pixels for i in inputs]))
+        return self.calibrate(maps, [(i.height, i.width) for i in inputs], threshold)

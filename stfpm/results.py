@@ -11,7 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stfpm.inference import Prediction
+from stfpm.artifact import Calibration
+from stfpm.inference import Prediction, to_heat
 
 SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold")
 
@@ -27,24 +28,26 @@ def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 20) -
     return sorted(regions, key=lambda r: -r["area"])[:limit]
 
 
-def overlay(image: np.ndarray, prediction: Prediction, score_min: float, score_max: float) -> np.ndarray:
-    """The input with a heatmap of the normalised map (red = above threshold), the predicted
-    defect contours and a caption with score and decision."""
-    from stfpm.inference import normalize_score
-
-    heat = (normalize_score(prediction.anomaly_map, prediction.threshold, score_min, score_max) * 255).astype(np.uint8)
+def overlay(image: np.ndarray, heat: np.ndarray, is_anomaly: bool, norm_score: float, score: float) -> np.ndarray:
+    """The input with a colour map of `heat` (the 8-bit normalised map, `inference.to_heat`;
+    red = above the threshold), the contours of its above-threshold region (heat >= 128) and
+    a caption with the scores and the decision. An image decoded at reduced scale is scaled
+    up to the map's size first, so the overlay is always at the input's size."""
+    h, w = heat.shape
+    if image.shape[:2] != (h, w):
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     colored = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
     out = cv2.addWeighted(image, 0.6, colored, 0.4, 0)
-    contours, _ = cv2.findContours((prediction.pred > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    thickness = max(1, round(max(image.shape[:2]) / 256))
+    contours, _ = cv2.findContours((heat >= 128).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    thickness = max(1, round(max(h, w) / 256))
     cv2.drawContours(out, contours, -1, (255, 255, 255), thickness + 1)
     cv2.drawContours(out, contours, -1, (0, 0, 255), thickness)
-    label = f"{'ANOMALY' if prediction.is_anomaly else 'OK'} {prediction.norm_score:.2f} (raw {prediction.score:.4g})"
-    scale = max(0.35, image.shape[1] / 640)
+    label = f"{'ANOMALY' if is_anomaly else 'OK'} {norm_score:.2f} (raw {score:.4g})"
+    scale = max(0.35, w / 640)
     (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     cv2.rectangle(out, (0, 0), (tw + 6, th + base + 6), (0, 0, 0), -1)
     cv2.putText(out, label, (3, th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                (0, 0, 255) if prediction.is_anomaly else (0, 255, 0), 1, cv2.LINE_AA)
+                (0, 0, 255) if is_anomaly else (0, 255, 0), 1, cv2.LINE_AA)
     return out
 
 
@@ -53,12 +56,12 @@ class AnomalyResult(dict):
     `threshold`, `anomaly_map` (float32 HxW), `pred` (uint8 0/255 HxW)."""
 
     def __init__(self, input_path: str | None, image: np.ndarray, prediction: Prediction,
-                 score_min: float, score_max: float, index: int = 0):
+                 calibration: Calibration, index: int = 0):
         super().__init__(input_path=input_path, score=prediction.score, norm_score=prediction.norm_score,
                          is_anomaly=prediction.is_anomaly, threshold=prediction.threshold,
                          anomaly_map=prediction.anomaly_map, pred=prediction.pred)
         self._image, self._prediction = image, prediction
-        self._score_range = (score_min, score_max)
+        self._calibration = calibration
         self._index = index
 
     @property
@@ -74,7 +77,9 @@ class AnomalyResult(dict):
 
     @property
     def img(self) -> dict:
-        return {"res": overlay(self._image, self._prediction, *self._score_range)}
+        p = self._prediction
+        heat = to_heat(self._calibration.normalize(p.anomaly_map, p.threshold))
+        return {"res": overlay(self._image, heat, p.is_anomaly, p.norm_score, p.score)}
 
     def _default_name(self) -> str:
         return Path(self["input_path"]).stem if self["input_path"] else f"image_{self._index:06d}"

@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 
 from stfpm.artifact import Calibration, InputSpec, LoadedModel, MapSpec, ModelCard, save_model, write_card
-from stfpm.data import load_dataset, preprocess, read_image, split_holdout
+from stfpm.data import load_dataset, normalize_batch, prepare_input, split_holdout
 from stfpm.nn import LAYER_NORMS, STFPM, backbone_spec, stfpm_loss
 from stfpm.runtime import configure_threads
 from stfpm.storage import fetch_to_cache, is_s3, upload_dir
@@ -136,8 +136,10 @@ def mean_loss(network: STFPM, images: np.ndarray, batch_size: int) -> float:
 
 
 def load_images(paths: list[str], size: int, mean, std) -> np.ndarray:
-    return np.concatenate([preprocess([read_image(p) for p in paths[i:i + 64]], size, mean, std)
-                           for i in range(0, len(paths), 64)])
+    """Image files -> the normalised (N, 3, S, S) float32 batch the network sees, through the
+    decode policy every other path uses (`stfpm.data.prepare_input`)."""
+    pixels = np.stack([prepare_input(Path(p).read_bytes(), size, p).pixels for p in paths])
+    return normalize_batch(pixels, mean, std)
 
 
 UNCALIBRATED = Calibration(threshold=0.0, score_min=0.0, score_max=1.0)  # a card's until it is calibrated

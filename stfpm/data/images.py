@@ -252,6 +252,43 @@ def resize_for_model(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(resized[..., ::-1])
 
 
+@dataclass
+class ModelInput:
+    """One image prepared for a model: what the network sees and the size to answer at."""
+    pixels: np.ndarray           # RGB uint8 (S, S, 3), `resize_for_model` of the decoded image
+    height: int                  # the image's full-resolution size (EXIF orientation applied):
+    width: int                   # maps and masks are returned at this size
+    image: np.ndarray | None = None  # the decoded BGR image, when asked for (overlays); a large
+                                     # JPEG's is at the reduced scale it was decoded at
+
+
+def prepare_input(source: bytes | np.ndarray, size: int, name: str = "<image>", max_pixels: int = 100_000_000,
+                  keep_image: bool = False) -> ModelInput:
+    """THE decode policy, for every path that feeds a network (training, its threshold
+    calibration, predict, evaluate, Ray Train, Ray Data scoring), so a file gets the same
+    score whichever way it comes in. Bytes are decoded with `decode_image(min_side=size)`: a
+    JPEG at least twice the input on both sides is decoded at 1/2, 1/4 or 1/8 scale (1.5-7x
+    faster, bench/RESULTS.md); arrays (already decoded) go through `to_bgr_uint8`."""
+    if isinstance(source, np.ndarray):
+        image = to_bgr_uint8(source, name)
+        height, width = image.shape[:2]
+    else:
+        image = decode_image(source, name, max_pixels, min_side=size)
+        height, width = full_size(source, image)
+    return ModelInput(resize_for_model(image, size), height, width, image if keep_image else None)
+
+
+def full_size(data: bytes, image: np.ndarray) -> tuple[int, int]:
+    """(h, w) of the full-resolution image `data` decoded to `image`: a JPEG decoded at reduced
+    scale is smaller than its header says, and possibly turned by its EXIF orientation."""
+    h, w = image.shape[:2]
+    header = sniff_image(data)
+    if header.format != "jpeg" or {h, w} == {header.width, header.height}:
+        return h, w
+    turned = abs(h * header.width - w * header.height) > abs(h * header.height - w * header.width)
+    return (header.width, header.height) if turned else (header.height, header.width)
+
+
 def normalize_batch(batch: np.ndarray, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> np.ndarray:
     """RGB uint8 (N, S, S, 3) -> float32 (N, 3, S, S): /255 then (x - mean) / std."""
     rgb = batch.astype(np.float32) / 255.0

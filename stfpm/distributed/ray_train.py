@@ -8,7 +8,6 @@ with the same name resumes and a replaced worker continues from the last epoch."
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -23,10 +22,9 @@ CHECKPOINT_STATE = "state.json"
 
 
 def _decode_resize(batch: dict, size: int) -> dict:
-    from stfpm.data import decode_image, resize_for_model
+    from stfpm.data import prepare_input
 
-    images = [resize_for_model(decode_image(bytes(data), str(path)), size)
-              for data, path in zip(batch["bytes"], batch["path"])]
+    images = [prepare_input(bytes(data), size, str(path)).pixels for data, path in zip(batch["bytes"], batch["path"])]
     return {"image": np.stack(images), "path": batch["path"]}
 
 

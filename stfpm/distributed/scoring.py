@@ -168,22 +168,20 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
     ds.context.enable_progress_bars = False  # progress.py draws ours
     drop_progress_bars_disabled_notice()
     models = {("" if key is None else key): ref.uri for key, ref in plan.models.items()}
-    ranges = {("" if key is None else key): (ref.score_min, ref.score_max) for key, ref in plan.models.items()}
     # max_calls: a decoding worker is replaced after that many batches, so heap fragmentation
     # from images of every size cannot build up. Being a remote argument the actors lack, it
     # also keeps Ray Data from fusing decoding into the actors: decoding stays in CPU tasks
     # that any node can run, and the stage report can tell it apart (DESIGN §10).
     ds = ds.map_batches(load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         max_calls=DECODE_BATCHES_PER_WORKER,
-                        fn_kwargs={"max_pixels": max_pixels, "max_bytes": max_bytes})
+                        fn_kwargs={"max_pixels": max_pixels, "max_bytes": max_bytes, "keep_images": overlays})
     ds = ds.map_batches(ScoreActor, batch_format="pyarrow", batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
                         num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
                         fn_constructor_kwargs={"models": models, "threshold": threshold, "threads": threads_per_actor,
                                                "cache_dir": MODEL_CACHE})
     ds = ds.map_batches(write_maps, batch_format="pyarrow", batch_size=None, num_cpus=1,
-                        fn_kwargs={"output": plan.output, "overlays": overlays, "score_ranges": ranges,
-                                   "max_pixels": max_pixels, "max_bytes": max_bytes})
+                        fn_kwargs={"output": plan.output})
     return ds, TableWriter(join_uri(plan.output, SCORES), plan.run_id, plan.schema, rows_per_file, flush_s)
 
 

@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from stfpm.data.images import decode_image, resize_for_model, sniff_image
-from stfpm.distributed.table import (INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, map_to_raw,
-                                    set_columns)
+from stfpm.data.images import prepare_input, sniff_image
+from stfpm.distributed.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
 from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, write_bytes
 
 MAX_BYTES = 256 << 20
@@ -90,17 +89,6 @@ def _check_size(size: int, max_bytes: int) -> None:
         raise InputError(f"file is {size:,} bytes, above max_bytes={max_bytes:,}")
 
 
-def _full_size(data: bytes, image: np.ndarray) -> tuple[int, int]:
-    """(h, w) of the full-resolution image: a JPEG decoded at reduced scale is smaller than
-    its header says, and possibly turned by its EXIF orientation."""
-    h, w = image.shape[:2]
-    header = sniff_image(data)
-    if header.format != "jpeg" or {h, w} == {header.width, header.height}:
-        return h, w
-    turned = abs(h * header.width - w * header.height) > abs(h * header.height - w * header.width)
-    return (header.width, header.height) if turned else (header.height, header.width)
-
-
 def _header_size(data: bytes | None) -> tuple[int | None, int | None]:
     """(h, w) an undecodable file's header claims, where plausible (it fits the int32 columns)."""
     header = sniff_image(data) if data else None
@@ -110,14 +98,17 @@ def _header_size(data: bytes | None) -> tuple[int | None, int | None]:
 
 # ------------------------------------------------------------------------ stage 1: CPU tasks
 
-def load_images(batch: pa.Table, max_pixels: int, max_bytes: int) -> pa.Table:
-    """Read, decode and resize each row's image to its model's input (`_size`). A file that
-    cannot be read or decoded makes its row an error row; no file can fail the batch."""
-    status, errors, kinds, heights, widths, images = [], [], [], [], [], []
+def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: bool = False) -> pa.Table:
+    """Read each row's file and prepare it for its model (`_size`) with the decode policy of
+    every other path (`stfpm.data.prepare_input`). `keep_images` (overlays) also keeps the
+    decoded image (`_decoded`, raw pixels) so the maps stage does not read and decode the
+    file again. A file that cannot be read or decoded makes its row an error row; no file can
+    fail the batch."""
+    status, errors, kinds, heights, widths, images, decoded = [], [], [], [], [], [], []
     t_read = t_decode = 0.0
     cache: dict = {}
     for row in batch.select(["image_uri", "status", "error", "error_kind", "_size"]).to_pylist():
-        height = width = image = None
+        height = width = image = kept = None
         error, kind = row["error"], row["error_kind"]
         if row["status"] != "error":
             data = None
@@ -131,9 +122,10 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int) -> pa.Table:
             t1 = time.perf_counter()
             if data is not None:
                 try:
-                    decoded = decode_image(data, row["image_uri"], max_pixels, min_side=row["_size"])
-                    height, width = _full_size(data, decoded)
-                    image = resize_for_model(decoded, row["_size"]).tobytes()
+                    prepared = prepare_input(data, row["_size"], row["image_uri"], max_pixels, keep_images)
+                    height, width, image = prepared.height, prepared.width, prepared.pixels.tobytes()
+                    if keep_images:
+                        kept = _pack(prepared.image)
                 except (ValueError, cv2.error) as e:  # ImageDecodeError is a ValueError;
                     # anything else is a bug in this code and fails the task loudly
                     error = f"decode: {getattr(e, 'reason', None) or f'{type(e).__name__}: {e}'}"
@@ -149,12 +141,24 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int) -> pa.Table:
         heights.append(height)
         widths.append(width)
         images.append(image)
+        decoded.append(kept)
     n = max(len(batch), 1)
+    columns = {"_decoded": (decoded, pa.binary())} if keep_images else {}
     return set_columns(batch, status=(status, pa.string()), error=(errors, pa.string()),
                        error_kind=(kinds, pa.string()), height=(heights, pa.int32()),
                        width=(widths, pa.int32()), _image=(images, pa.binary()),
                        _t_read=([t_read / n] * len(batch), pa.float64()),
-                       _t_decode=([t_decode / n] * len(batch), pa.float64()))
+                       _t_decode=([t_decode / n] * len(batch), pa.float64()), **columns)
+
+
+def _pack(image: np.ndarray) -> bytes:
+    """A BGR uint8 image as bytes: an 8-byte (h, w) header, then the pixels."""
+    return np.array(image.shape[:2], np.int32).tobytes() + image.tobytes()
+
+
+def _unpack(data: bytes) -> np.ndarray:
+    h, w = np.frombuffer(data[:8], np.int32)
+    return np.frombuffer(data[8:], np.uint8).reshape(h, w, 3)
 
 
 # ---------------------------------------------------------------------- stage 2: actor pool
@@ -208,7 +212,7 @@ class ScoreActor:
         return self.predictors.get(key)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from stfpm.inference import normalize_score
+        from stfpm.inference import to_heat
 
         t0 = time.perf_counter()
         n = len(batch)
@@ -225,10 +229,9 @@ class ScoreActor:
                 continue
             size = predictor.size
             stack = np.stack([np.frombuffer(images[i], np.uint8).reshape(size, size, 3) for i in rows])
-            for i, p in zip(rows, predictor.predict_resized(stack, [(size, size)] * len(rows))):
-                heat = normalize_score(p.anomaly_map, p.threshold, predictor.score_min, predictor.score_max)
+            for i, p in zip(rows, predictor.calibrate(predictor.infer(stack), [(size, size)] * len(rows))):
                 raw[i], norm[i], anomalous[i], thresholds[i] = p.score, p.norm_score, p.is_anomaly, p.threshold
-                maps[i] = np.rint(heat * 255).astype(np.uint8).tobytes()
+                maps[i] = to_heat(predictor.calibration.normalize(p.anomaly_map, p.threshold)).tobytes()
                 versions[i] = predictor.model_version
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         per_row = (time.perf_counter() - t0) / max(n, 1)
@@ -244,18 +247,20 @@ class ScoreActor:
 
 # ------------------------------------------------------------------------ stage 3: CPU tasks
 
-def write_maps(batch: pa.Table, output: str, overlays: bool, score_ranges: dict[str, tuple[float, float]],
-               max_pixels: int, max_bytes: int) -> pa.Table:
+def write_maps(batch: pa.Table, output: str) -> pa.Table:
     """Resize each ok row's 8-bit map to the input's size, PNG-encode it and write it to its
-    deterministic key (a re-run overwrites it with the same content). With `overlays`,
-    anomalous inputs also get the heatmap over the image."""
+    deterministic key (a re-run overwrites it with the same content). Rows that carry their
+    decoded image (overlays) and are anomalous also get the overlay, drawn from that map."""
+    from stfpm.inference import encode_png
+    from stfpm.results import overlay
+
     t0 = time.perf_counter()
     n = len(batch)
     map_uris, overlay_uris = [None] * n, [None] * n
     errors = batch["error"].to_pylist()
-    cache: dict = {}
-    rows = batch.select(["image_id", "image_uri", "status", "model_version", "width", "height", "_size", "_map",
-                         "_model_key", "is_anomaly", "threshold", "raw_score", "score"]).to_pylist()
+    images = batch["_decoded"].to_pylist() if "_decoded" in batch.column_names else [None] * n
+    rows = batch.select(["image_id", "status", "model_version", "width", "height", "_size", "_map",
+                         "is_anomaly", "raw_score", "score"]).to_pylist()
     for i, row in enumerate(rows):
         if row["status"] != "ok":
             continue
@@ -265,35 +270,15 @@ def write_maps(batch: pa.Table, output: str, overlays: bool, score_ranges: dict[
             heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
         key = f"{row['model_version']}/{row['image_id']}.png"
         map_uris[i] = join_uri(output, MAPS, key)
-        write_bytes(map_uris[i], _png(heat))
-        if overlays and row["is_anomaly"]:
+        write_bytes(map_uris[i], encode_png(heat))
+        if images[i] is not None and row["is_anomaly"]:
             try:
-                image = decode_image(_read(row["image_uri"], max_bytes, cache), row["image_uri"], max_pixels)
+                drawn = overlay(_unpack(images[i]), heat, True, row["score"], row["raw_score"])
                 overlay_uris[i] = join_uri(output, OVERLAYS, key)
-                write_bytes(overlay_uris[i], _png(_overlay(image, heat, row, *score_ranges[row["_model_key"]])))
+                write_bytes(overlay_uris[i], encode_png(drawn))
             except Exception as e:  # noqa: BLE001 - the score stands; the optional picture failed
                 overlay_uris[i], errors[i] = None, f"overlay: {e}"
     per_row = (time.perf_counter() - t0) / max(n, 1)
-    return set_columns(drop_columns(batch, "_map"), map_uri=(map_uris, pa.string()),
+    return set_columns(drop_columns(batch, "_map", "_decoded"), map_uri=(map_uris, pa.string()),
                        overlay_uri=(overlay_uris, pa.string()), error=(errors, pa.string()),
                        _t_maps=([per_row] * n, pa.float64()))
-
-
-def _png(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def _overlay(image: np.ndarray, heat: np.ndarray, row: dict, score_min: float, score_max: float) -> np.ndarray:
-    """results.overlay on a Prediction rebuilt from the 8-bit map (same picture as `predict`)."""
-    from stfpm.inference import Prediction
-    from stfpm.results import overlay
-
-    raw_map = map_to_raw(heat, row["threshold"], score_min, score_max).astype(np.float32)
-    prediction = Prediction(score=row["raw_score"], norm_score=row["score"], is_anomaly=row["is_anomaly"],
-                            threshold=row["threshold"], anomaly_map=raw_map,
-                            pred=np.where(heat >= 128, 255, 0).astype(np.uint8))
-    return overlay(image, prediction, score_min, score_max)
-
