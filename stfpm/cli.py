@@ -74,7 +74,7 @@ def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads
             "threads_per_worker": threads_per_worker}
 
 
-# Options shared by `train` and `train-all`: name -> (type, typer option).
+# Options shared by `train`, `train-all` and jobs/train.py: name -> (type, typer option).
 TRAINING_OPTIONS = {
     "backbone": (str, typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | "
                                                     "efficientnet_lite2")),
@@ -109,6 +109,15 @@ TRAINING_OPTIONS = {
 _RAY_OPTIONS = ("ray_address", "workers", "gpu", "storage", "name", "max_failures", "threads_per_worker")
 
 
+def train_config(values: dict):
+    """The TrainConfig of TRAINING_OPTIONS values (the CLI's and jobs/train.py's)."""
+    from stfpm.train import TrainConfig
+
+    values = {name: value for name, value in values.items() if name not in _RAY_OPTIONS}
+    values["holdout_fraction"] = values.pop("holdout")
+    return TrainConfig(**values)
+
+
 def training_options(command):
     """Give a command the shared training options (one list for `train` and `train-all`).
     It receives them as `cfg` (TrainConfig), `workers` and `ray_options` ({} to train in this
@@ -122,13 +131,9 @@ def training_options(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from stfpm.train import TrainConfig
-
         values = {name: kwargs.pop(name) for name in TRAINING_OPTIONS}
-        workers = values["workers"]
-        ray_options = _ray_options(**{name: values.pop(name) for name in _RAY_OPTIONS})
-        values["holdout_fraction"] = values.pop("holdout")
-        return command(*args, **kwargs, cfg=TrainConfig(**values), workers=workers, ray_options=ray_options)
+        ray_options = _ray_options(**{name: values[name] for name in _RAY_OPTIONS})
+        return command(*args, **kwargs, cfg=train_config(values), workers=values["workers"], ray_options=ray_options)
 
     wrapper.__signature__ = signature.replace(parameters=own + shared)
     return wrapper

@@ -1,4 +1,4 @@
-"""Process-wide runtime settings for Paddle on CPU."""
+"""Process-wide runtime settings for Paddle: CPU threads, and the device Ray assigned."""
 from __future__ import annotations
 
 import os
@@ -29,3 +29,30 @@ def configure_threads(threads: int | None = None) -> int:
     n = threads or cpu_threads()
     paddle.base.core.set_num_threads(n)
     return n
+
+
+def paddle_device(gpu_ids: list, cuda_visible: str | None, compiled_with_cuda: bool) -> tuple[str, str]:
+    """(Paddle device, description) for the GPUs Ray assigned to this process (`ray.get_gpu_ids()`);
+    used by the scoring actors and the Ray Train workers.
+
+    Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so the device index is the assigned
+    id's position in that list (0 for one GPU), never a hard-coded gpu:0. Without CUDA in
+    Paddle (fake GPUs in tests, a CPU wheel) the forward runs on the CPU and the
+    description still records what Ray assigned."""
+    if not gpu_ids:
+        return "cpu", "cpu"
+    assigned = str(gpu_ids[0])
+    visible = [d.strip() for d in cuda_visible.split(",")] if cuda_visible else []
+    index = visible.index(assigned) if assigned in visible else int(assigned)
+    if not compiled_with_cuda:
+        return "cpu", f"cpu (ray gpu {assigned} assigned; paddle built without CUDA)"
+    return f"gpu:{index}", f"gpu:{index} (ray gpu {assigned})"
+
+
+def ray_paddle_device() -> tuple[str, str]:
+    """`paddle_device` of this Ray worker (CPU outside Ray)."""
+    import paddle
+    import ray
+
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    return paddle_device(gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"), paddle.is_compiled_with_cuda())

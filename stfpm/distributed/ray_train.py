@@ -93,7 +93,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     from stfpm.data import normalize_batch
-    from stfpm.distributed.paddle_backend import init_process_group
     from stfpm.nn import backbone_spec
     from stfpm.noise import drop_materialized_dataset_cpu_warning
     from stfpm.train import ProgressLog, augment_batch, build_network, make_optimizer, mean_loss, run_epoch
@@ -104,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
     spec = backbone_spec(cfg.backbone)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = init_process_group()
+    device = paddle.device.get_device()  # set by PaddleConfig's train_func_context; the collective is joined
     network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
     optimizer = make_optimizer(network, cfg)
     start, best_loss, best_state, history = 1, float("inf"), None, []
@@ -205,21 +204,27 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     return finalize(network, cfg, split, holdout_images, out_dir, state["history"])
 
 
+def is_category(uri: str) -> bool:
+    """Whether `uri` (local or s3://) is one category's dataset: it holds train/ or train.txt."""
+    import pyarrow.fs as pafs
+
+    from stfpm.storage import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    marks = fs.get_file_info([path.rstrip("/") + "/train", path.rstrip("/") + "/train.txt"])
+    return any(m.type != pafs.FileType.NotFound for m in marks)
+
+
 def find_categories(root: str) -> list[str]:
-    """Category folders under `root` (local or s3://): those holding train/ or train.txt."""
+    """Category folders under `root` (local or s3://): those `is_category` accepts."""
     import pyarrow.fs as pafs
 
     from stfpm.storage import filesystem_for
 
     fs, path = filesystem_for(root)
     entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    found = []
-    for entry in sorted(entries, key=lambda e: e.path):
-        if entry.type != pafs.FileType.Directory:
-            continue
-        marks = fs.get_file_info([entry.path + "/train", entry.path + "/train.txt"])
-        if any(m.type != pafs.FileType.NotFound for m in marks):
-            found.append(entry.base_name)
+    found = [entry.base_name for entry in sorted(entries, key=lambda e: e.path)
+             if entry.type == pafs.FileType.Directory and is_category(root.rstrip("/") + "/" + entry.base_name)]
     if not found:
         raise ValueError(f"{root}: no category folders (folders holding train/good or train.txt) found")
     return found

@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import ray
 
 from stfpm.data.images import prepare_input, sniff_image
 from stfpm.distributed.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
@@ -163,23 +162,6 @@ def _unpack(data: bytes) -> np.ndarray:
 
 # ---------------------------------------------------------------------- stage 2: actor pool
 
-def paddle_device(gpu_ids: list, cuda_visible: str | None, compiled_with_cuda: bool) -> tuple[str, str]:
-    """(Paddle device, description) for the GPUs Ray assigned to this process.
-
-    Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so the device index is the assigned
-    id's position in that list (0 for one GPU), never a hard-coded gpu:0. Without CUDA in
-    Paddle (fake GPUs in tests, a CPU wheel) the forward runs on the CPU and the
-    description still records what Ray assigned."""
-    if not gpu_ids:
-        return "cpu", "cpu"
-    assigned = str(gpu_ids[0])
-    visible = [d.strip() for d in cuda_visible.split(",")] if cuda_visible else []
-    index = visible.index(assigned) if assigned in visible else int(assigned)
-    if not compiled_with_cuda:
-        return "cpu", f"cpu (ray gpu {assigned} assigned; paddle built without CUDA)"
-    return f"gpu:{index}", f"gpu:{index} (ray gpu {assigned})"
-
-
 class ScoreActor:
     """Runs the STFPM predictor. Each actor loads each model it needs once (fetching an
     s3:// model directory to a local cache itself), on the device Ray assigned it, with
@@ -190,14 +172,13 @@ class ScoreActor:
         import paddle
 
         from stfpm.inference import Predictor
+        from stfpm.runtime import ray_paddle_device
 
         self._open = Predictor.open
         self.models, self.threshold, self.cache_dir, self.threads = models, threshold, cache_dir, threads
         self.predictors: dict[str, object] = {}
         self.failed: dict[str, str] = {}
-        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        device, self.device = paddle_device(gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"),
-                                            paddle.is_compiled_with_cuda())
+        device, self.device = ray_paddle_device()
         paddle.set_device(device)
 
     def _predictor(self, key: str):
