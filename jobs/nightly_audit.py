@@ -24,6 +24,9 @@ import traceback
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stfpm.runtime import configure_logging
+
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="Audit config YAML (local path or s3://)")

@@ -28,7 +28,9 @@ JOB_DEFAULTS = {"workers": 2, "max_failures": 2}
 
 def main(argv: list[str] | None = None) -> int:
     from stfpm.errors import UserError
+    from stfpm.runtime import configure_logging
 
+    configure_logging()
     try:
         return train_job(argv)
     except (UserError, ValueError, FileNotFoundError) as e:  # the data or an option is wrong: say which

@@ -46,7 +46,7 @@ run retries); 2 invalid arguments, configuration or model directory.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -66,6 +66,8 @@ from stfpm.storage import filesystem_for, is_s3, join_uri, read_bytes, set_s3_en
 
 __all__ = ["AlertConfig", "AuditConfig", "AuditResult", "ReportConfig", "ScoringConfig", "load_config",
            "rerender_report", "run_audit"]
+
+logger = logging.getLogger(__name__)
 
 STATE = "_audit_state.json"
 RUNS = "runs"
@@ -163,7 +165,7 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
     in place for the next run to retry."""
     from stfpm.distributed import score
 
-    echo = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
+    echo = logger.info if verbose else logger.debug
     _apply_s3(cfg.s3)
     now = now or _now()
     state = read_state(cfg.output)

@@ -17,6 +17,15 @@ from stfpm.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="STFPM unsupervised image anomaly detection on PaddlePaddle.")
 
+@app.callback()
+def _configure() -> None:
+    """Progress and summaries of the library (its module loggers) go to stderr as plain lines;
+    the commands' own results are printed to stdout."""
+    from stfpm.runtime import configure_logging
+
+    configure_logging()
+
+
 # The errors a user can cause (stfpm.errors.UserError, and the ValueErrors, FileNotFoundErrors and
 # RuntimeErrors of bad arguments): reported as one line naming what is wrong, never a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # UserError is a ValueError
@@ -384,10 +393,6 @@ def _threshold_note(calibration, metrics: dict) -> str:
 def _headline(metrics: dict) -> dict:
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold")
     return {k: metrics.get(k) for k in keys}
-
-
-def main() -> None:  # pragma: no cover
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

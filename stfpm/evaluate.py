@@ -1,5 +1,5 @@
 """Evaluation on a labelled test split: image AUROC, pixel AUROC, AUPRO (FPR <= 0.3),
-F1-optimal threshold and per-defect-type image AUROC (DESIGN §2: not mIoU)."""
+F1-optimal threshold and per-defect-type image AUROC (docs/design.md §2: not mIoU)."""
 from __future__ import annotations
 
 import json

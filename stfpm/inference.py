@@ -2,7 +2,7 @@
 training's calibration and batch scoring.
 
 A batch of prepared images goes through ONE forward pass; each map is then resized back to
-its own image's size, scored (max of the map), normalised (0.5 at the threshold, DESIGN §7)
+its own image's size, scored (max of the map), normalised (0.5 at the threshold, docs/design.md §3)
 and thresholded into a 0/255 mask.
 
 The forward runs on one of two engines that give the same maps (within 1e-6): on CPU the

@@ -1,6 +1,7 @@
-"""Process-wide runtime settings for Paddle: CPU threads, and the device Ray assigned."""
+"""Process-wide runtime settings: Paddle's CPU threads, the device Ray assigned, logging."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -56,3 +57,27 @@ def ray_paddle_device() -> tuple[str, str]:
 
     gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
     return paddle_device(gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"), paddle.is_compiled_with_cuda())
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record is emitted (a test runner may
+    swap it between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Messages of the `stfpm` loggers (one per module) as plain lines on stderr: called by the
+    CLI, the job entrypoints and the rank-0 Ray Train worker, never by library code itself."""
+    package = logging.getLogger("stfpm")
+    package.setLevel(level)
+    if not any(isinstance(h, _CurrentStderr) for h in package.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import sys
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +22,7 @@ from stfpm.runtime import configure_threads
 from stfpm.storage import fetch_to_cache, is_s3, upload_dir
 from stfpm.weights import apply_state, default_cache_dir, load_teacher_state
 
+logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("none", "flip", "d4")
 
@@ -147,7 +148,7 @@ UNCALIBRATED = Calibration(threshold=0.0, score_min=0.0, score_max=1.0)  # a car
 
 def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> Calibration:
     """Threshold = a high quantile of held-out good images' scores; their range scales
-    the normalised score (DESIGN §7)."""
+    the normalised score (docs/design.md §3)."""
     return Calibration(threshold=float(np.quantile(holdout_scores, quantile)), score_min=float(holdout_scores.min()),
                        score_max=float(holdout_scores.max()), source="holdout_quantile",
                        details={"quantile": quantile, "n_images": int(len(holdout_scores))})
@@ -174,22 +175,20 @@ def fingerprint(paths: list[str]) -> str:
 
 
 class ProgressLog:
-    """One line per epoch, flushed: reads well in a terminal and in `ray job logs`."""
+    """One log line per epoch (this module's logger, INFO): reads well in a terminal and in
+    `ray job logs`. `enabled=False` (quiet runs, Ray Train ranks other than 0) logs at DEBUG."""
 
-    def __init__(self, total_epochs: int, first_epoch: int = 1, stream=sys.stderr):
-        self.total, self.first, self.stream, self.start = total_epochs, first_epoch, stream, time.time()
+    def __init__(self, total_epochs: int, first_epoch: int = 1, enabled: bool = True):
+        self.total, self.first, self.start = total_epochs, first_epoch, time.time()
+        self.emit = logger.info if enabled else logger.debug
 
     def epoch(self, record: dict) -> None:
-        if self.stream is None:
-            return
         done = record["epoch"] - self.first + 1
         eta = (time.time() - self.start) / done * (self.total - record["epoch"])
         best = " *" if record.get("best") else ""
-        # write(), not print(): Ray Train patches print() and would log every line twice
-        self.stream.write(f"epoch {record['epoch']:>3}/{self.total}  loss {record['loss']:.4f}  "
-                          f"holdout {record['holdout_loss']:.4f}{best}  {record['images_per_s']:.1f} img/s  "
-                          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}\n")
-        self.stream.flush()
+        self.emit(f"epoch {record['epoch']:>3}/{self.total}  loss {record['loss']:.4f}  "
+                  f"holdout {record['holdout_loss']:.4f}{best}  {record['images_per_s']:.1f} img/s  "
+                  f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
 
 
 @dataclass
@@ -243,7 +242,7 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
     network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
     optimizer = make_optimizer(network, cfg)
     rng = np.random.default_rng(cfg.seed)
-    log = ProgressLog(cfg.epochs, stream=sys.stderr if progress else None)
+    log = ProgressLog(cfg.epochs, enabled=progress)
     best_loss, best_state, history = float("inf"), None, []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()

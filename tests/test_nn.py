@@ -1,4 +1,4 @@
-"""Pins the STFPM definitions of DESIGN.md §3 with small numeric checks."""
+"""Pins the STFPM definitions of docs/design.md §1 with small numeric checks."""
 import numpy as np
 import paddle
 import pytest

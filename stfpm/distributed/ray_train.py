@@ -87,14 +87,13 @@ def _average_batchnorm_statistics(layer) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import sys
-
     import paddle
     import ray.train
 
     from stfpm.data import normalize_batch
     from stfpm.nn import backbone_spec
     from stfpm.noise import drop_materialized_dataset_cpu_warning
+    from stfpm.runtime import configure_logging
     from stfpm.train import ProgressLog, augment_batch, build_network, make_optimizer, mean_loss, run_epoch
 
     drop_materialized_dataset_cpu_warning()  # this worker holds the CPUs; its datasets need none
@@ -103,6 +102,8 @@ def train_loop_per_worker(config: dict) -> None:
     spec = backbone_spec(cfg.backbone)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:
+        configure_logging()  # this worker process's epoch lines, for `ray job logs`
     device = paddle.device.get_device()  # set by PaddleConfig's train_func_context; the collective is joined
     network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
     optimizer = make_optimizer(network, cfg)
@@ -123,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
     holdout = np.concatenate([normalize_batch(b["image"], spec.mean, spec.std) for b in
                               ray.train.get_dataset_shard("holdout").iter_batches(batch_size=256, batch_format="numpy")])
     shard = ray.train.get_dataset_shard("train")
-    log = ProgressLog(cfg.epochs, first_epoch=start, stream=sys.stderr if rank == 0 else None)
+    log = ProgressLog(cfg.epochs, first_epoch=start, enabled=rank == 0)
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, epoch, rank])

@@ -3,7 +3,7 @@
     list inputs (driver) -> read + decode + resize (CPU tasks) -> STFPM forward (actor pool,
     one model load per actor, GPU if asked) -> encode + write maps (CPU tasks) -> table files
 
-Decoding is the expensive part at scale (DESIGN §10), so it runs in CPU tasks that Ray can
+Decoding is the expensive part at scale (docs/design.md §6), so it runs in CPU tasks that Ray can
 place on CPU-only nodes; only uint8 model-size images reach the actors. A JPEG at least
 twice the model's input is decoded at 1/2, 1/4 or 1/8 scale. Everything streams: each
 stage holds a few batches, whatever the number of images.
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
+import logging
 import time
 from datetime import datetime, timezone
 
@@ -63,6 +63,8 @@ from stfpm.distributed.table import MAPS, SCORES, SUCCESS, latest_rows, read_ind
 from stfpm.distributed.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
 from stfpm.storage import filesystem_for, join_uri, s3_settings, write_bytes
+
+logger = logging.getLogger(__name__)
 
 DECODE_BATCHES_PER_WORKER = 256
 
@@ -110,7 +112,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         the pipeline runs (stfpm.distributed.progress): a bar when stderr is a terminal, else
         a line every 30 s.
     Returns the _SUCCESS summary (counts, timings, per-stage throughput, models)."""
-    echo = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
+    echo = logger.info if verbose else logger.debug
     started = time.perf_counter()
     low, high = parse_actors(actors)
     plan = plan_run(model, source, output, partitions, extensions, threshold, run_id, allow_roots=allow_roots)
@@ -171,7 +173,7 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
     # max_calls: a decoding worker is replaced after that many batches, so heap fragmentation
     # from images of every size cannot build up. Being a remote argument the actors lack, it
     # also keeps Ray Data from fusing decoding into the actors: decoding stays in CPU tasks
-    # that any node can run, and the stage report can tell it apart (DESIGN §10).
+    # that any node can run, and the stage report can tell it apart (docs/design.md §6).
     ds = ds.map_batches(load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         max_calls=DECODE_BATCHES_PER_WORKER,
                         fn_kwargs={"max_pixels": max_pixels, "max_bytes": max_bytes, "keep_images": overlays})

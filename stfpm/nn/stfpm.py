@@ -1,4 +1,4 @@
-"""The STFPM network, loss and anomaly map (DESIGN.md section 3).
+"""The STFPM network, loss and anomaly map (docs/design.md §1).
 
 A frozen teacher and a trainable student of the same architecture see the same image.
 Per tapped layer the discrepancy is 0.5 * ||n(t) - n(s)||^2 over channels, n being L2
