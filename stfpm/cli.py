@@ -122,7 +122,7 @@ def train_config(values: dict):
     """The TrainConfig of TRAINING_OPTIONS values (the CLI's and jobs/train.py's)."""
     from stfpm.train import TrainConfig
 
-    values = {name: value for name, value in values.items() if name not in _RAY_OPTIONS}
+    values = {name: values[name] for name in TRAINING_OPTIONS if name not in _RAY_OPTIONS}
     values["holdout_fraction"] = values.pop("holdout")
     return TrainConfig(**values)
 

@@ -79,3 +79,24 @@ def test_errors_name_what_is_wrong(tmp_path):
     assert code == 2 and "empty" in text
     code, text = invoke("train-all", tmp_path / "empty", "--out", tmp_path / "models")
     assert code == 2 and "no category folders" in text
+
+
+def test_the_train_job_takes_every_training_option_of_the_cli():
+    """jobs/train.py builds its options from the CLI's list, so none can drift (it lacked
+    --augment and --layer-norm before): the same flags give the same TrainConfig."""
+    import importlib.util
+    from pathlib import Path
+
+    from stfpm.cli import TRAINING_OPTIONS, train_config
+
+    spec = importlib.util.spec_from_file_location("train_job", Path(__file__).parents[1] / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    flags = ["--backbone", "efficientnet_lite0", "--augment", "d4", "--layer-norm", "median", "--epochs", "3",
+             "--holdout", "0.3", "--threshold-quantile", "0.95", "--gpu"]
+    args = vars(job.parser().parse_args(["--data", "d", "--out", "o", *flags]))
+    assert set(TRAINING_OPTIONS) <= set(args)
+    cfg = train_config(args)
+    assert (cfg.augment, cfg.layer_norm, cfg.epochs, cfg.holdout_fraction, cfg.threshold_quantile) == (
+        "d4", "median", 3, 0.3, 0.95)
+    assert args["gpu"] and args["workers"] == 2 and args["max_failures"] == 2  # the job's own defaults
