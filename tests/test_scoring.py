@@ -27,9 +27,9 @@ from stfpm.distributed import map_to_raw, score
 from stfpm.distributed.plan import plan_run
 from stfpm.distributed.progress import ScoringProgress, progress_text
 from stfpm.distributed.scoring import build_pipeline, parse_actors
-from stfpm.runtime import paddle_device
-from stfpm.distributed.table import read_index, table_schema
 from stfpm.distributed.sources import image_id, list_inputs, resolve_models
+from stfpm.distributed.table import read_index, table_schema
+from stfpm.runtime import paddle_device
 from test_images import cmyk_jpeg, hand_png, png_chunk
 
 SIZE = 64
