@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from stfpm.errors import UserError
+from stfpm.ood import InDistribution
+from stfpm.score_scale import ScoreScale
 
 SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
@@ -59,27 +61,36 @@ class MapSpec:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The decision threshold on the raw score and the score range that scales the
-    normalised score (0.5 at the threshold). Stored under model.json's "threshold" key, the
-    threshold itself as "value". `details` keeps how it was made (quantile, image count,
-    data) and any key this version does not know; a new typed field is a new attribute."""
+    """What training fitted on good images it did not train on: the decision threshold on the
+    raw score, the calibration scores' range, the normalised score's scale (stfpm.score_scale;
+    None in cards from before it: derived from the range) and the in-distribution check
+    (stfpm.ood; None in cards from before it: no check). Stored under model.json's
+    "threshold" key, the threshold itself as "value". `details` keeps how it was made
+    (quantile, image count, data) and any key this version does not know; a new typed field
+    is a new attribute."""
     threshold: float
     score_min: float
     score_max: float
     source: str | None = None
     details: dict = field(default_factory=dict)
+    score_scale: ScoreScale | None = None
+    ood: InDistribution | None = None
+
+    @property
+    def scale(self) -> ScoreScale:
+        return self.score_scale or ScoreScale.from_range(self.score_min, self.score_max, self.threshold)
 
     def normalize(self, raw, threshold: float | None = None) -> np.ndarray:
-        """anomalib's convention: clip((raw - threshold) / (score_max - score_min) + 0.5, 0, 1)."""
-        thr = self.threshold if threshold is None else float(threshold)
-        span = max(self.score_max - self.score_min, 1e-12)
-        return np.clip((np.asarray(raw, dtype=np.float64) - thr) / span + 0.5, 0.0, 1.0)
+        """Raw scores (any shape) -> [0, 1], 0.5 at `threshold` (default: the stored one), same order."""
+        return self.scale.normalize(raw, self.threshold if threshold is None else float(threshold))
 
     def to_dict(self) -> dict:
         out = dict(self.details)
         for f in dataclasses.fields(self):
-            if f.name != "details" and getattr(self, f.name) is not None:
-                out["value" if f.name == "threshold" else f.name] = getattr(self, f.name)
+            value = getattr(self, f.name)
+            if f.name != "details" and value is not None:
+                out["value" if f.name == "threshold" else f.name] = (
+                    value.to_dict() if isinstance(value, (ScoreScale, InDistribution)) else value)
         return out
 
 
@@ -195,9 +206,23 @@ def _calibration(f: _Fields) -> Calibration:
     low, high = f.number("score_min", THRESHOLD_FIX), f.number("score_max", THRESHOLD_FIX)
     if high < low:
         f.fail("score_max", f"({high}) is below score_min ({low})", THRESHOLD_FIX)
-    known = {k: f.doc[k] for k in typed if k in f.doc and k not in ("score_min", "score_max")}
-    details = {k: v for k, v in f.doc.items() if k not in typed | {"value", "score_min", "score_max"}}
-    return Calibration(threshold=threshold, score_min=low, score_max=high, details=details, **known)
+    parsed = {"score_min", "score_max", "score_scale", "ood"}
+    known = {k: f.doc[k] for k in typed if k in f.doc and k not in parsed}
+    details = {k: v for k, v in f.doc.items() if k not in typed | {"value"}}
+    scale = f.optional_dict("score_scale")
+    if scale is not None:
+        log_scale = f.sub("score_scale").number("log_scale")
+        if log_scale <= 0:
+            f.fail("score_scale.log_scale", f"must be above 0, got {log_scale}")
+        scale = ScoreScale(log_scale=log_scale, median_good=scale.get("median_good"))
+    ood = f.optional_dict("ood")
+    if ood is not None:
+        try:
+            ood = InDistribution.from_dict(ood)
+        except (KeyError, TypeError, ValueError) as e:
+            f.fail("ood", f"is not an in-distribution check ({e!r})")
+    return Calibration(threshold=threshold, score_min=low, score_max=high, details=details,
+                       score_scale=scale, ood=ood, **known)
 
 
 def _weights(f: _Fields, model_name: str) -> dict:

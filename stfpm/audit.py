@@ -39,9 +39,10 @@ and scored again by the next run, night after night until they score or fail as 
 bad files (error_kind "input") are reported once and not retried until they change.
 
 Exit codes (jobs/nightly_audit.py): 0 done, every category at or under its alert level;
-3 done, some category's anomaly rate above its alert level; 4 done, but transient errors
-above alert.error_rate of the inputs (default: any); 1 failed (state not advanced, the next
-run retries); 2 invalid arguments, configuration or model directory.
+3 done, some category's anomaly rate above its alert level, or its share of inputs unlike
+the model's training images (`ood`: wrong model, changed camera) above `alert.ood_rate`;
+4 done, but transient errors above alert.error_rate of the inputs (default: any); 1 failed
+(state not advanced, the next run retries); 2 invalid arguments, configuration or model directory.
 """
 from __future__ import annotations
 
@@ -223,7 +224,8 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
     state.update(last_success=finished, open_run=None, runs=(state["runs"] + [finished])[-HISTORY:])
     write_state(cfg.output, state)
     echo(f"run {run_id}: {summary['status']} ({summary['totals']['inputs']} inputs, "
-         f"{summary['totals']['anomalous']} anomalous, {summary['totals']['error']} errors); report: {report}")
+         f"{summary['totals']['anomalous']} anomalous, {summary['totals']['ood']} ood, "
+         f"{summary['totals']['error']} errors); report: {report}")
     return AuditResult(summary["exit_code"], run_id, summary, report)
 
 
@@ -281,12 +283,14 @@ def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: st
     categories = {name: _category_summary(name, group, cfg) for name, group in sorted(by_category.items())}
     ok = sum(c["ok"] for c in categories.values())
     anomalous = sum(c["anomalous"] for c in categories.values())
+    ood = sum(c["ood"] for c in categories.values())
     alerts = [name for name, c in categories.items() if c["alert"]]
     kinds = [r.get("error_kind") for r in rows if r["status"] != "ok"]
     transient = kinds.count(TRANSIENT_ERROR)
     totals = {"inputs": len(inputs), "retried": retried, "scored": len(rows), "ok": ok,
               "error": sum(c["error"] for c in categories.values()), "error_input": kinds.count(INPUT_ERROR),
-              "error_transient": transient, "anomalous": anomalous, "anomaly_rate": anomalous / ok if ok else None}
+              "error_transient": transient, "anomalous": anomalous, "anomaly_rate": anomalous / ok if ok else None,
+              "ood": ood, "ood_rate": ood / ok if ok else None}
     failing = bool(transient) and transient / max(len(inputs), 1) > cfg.alert.error_rate
     status, code = ("alert", EXIT_ALERT) if alerts else ("errors", EXIT_ERRORS) if failing else ("ok", EXIT_OK)
     return {
@@ -310,6 +314,14 @@ def _category_summary(name: str, rows: list[dict], cfg: AuditConfig) -> dict:
     anomalous = sum(bool(r["is_anomaly"]) for r in ok)
     rate = anomalous / len(ok) if ok else None
     level = cfg.alert.level(name)
+    ood = sorted((r for r in ok if r.get("ood")), key=lambda r: r["ood_score"], reverse=True)  # null: no check
+    ood_rate = len(ood) / len(ok) if ok else None
+    reasons = []
+    if len(ok) >= cfg.alert.min_images and rate is not None and rate > level:
+        reasons.append(f"anomaly rate {rate:.2%} above {level:.2%}")
+    if len(ok) >= cfg.alert.min_images and ood_rate is not None and ood_rate > cfg.alert.ood_rate:
+        reasons.append(f"{ood_rate:.2%} of inputs unlike the model's training images (ood), above "
+                       f"{cfg.alert.ood_rate:.2%}: wrong model or changed images?")
     counts, edges = np.histogram([r["score"] for r in ok], bins=HISTOGRAM_BINS, range=(0.0, 1.0))
     top = sorted(ok, key=lambda r: (r["score"], r["raw_score"]), reverse=True)[:cfg.report.top_k]
     kinds: dict[str, int] = {}
@@ -319,12 +331,14 @@ def _category_summary(name: str, rows: list[dict], cfg: AuditConfig) -> dict:
     models = sorted({(r["model_name"], r["model_version"], r["threshold"]) for r in ok}, key=str)
     return {
         "inputs": len(rows), "ok": len(ok), "error": len(errors), "anomalous": anomalous, "anomaly_rate": rate,
-        "alert_level": level, "alert": rate is not None and len(ok) >= cfg.alert.min_images and rate > level,
+        "alert_level": level, "alert": bool(reasons), "alert_reasons": reasons,
+        "ood": len(ood), "ood_rate": ood_rate,
+        "ood_examples": [[r["image_uri"], r["ood_score"]] for r in ood[:cfg.report.top_k]],
         "models": [{"name": n, "model_version": v, "threshold": t} for n, v, t in models],
         "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
                       "of": "normalised score, 0.5 = the model's threshold"},
-        "top": [{k: r.get(k) for k in ("image_uri", "score", "raw_score", "is_anomaly", "width", "height",
-                                       "map_uri", "overlay_uri")} for r in top],
+        "top": [{k: r.get(k) for k in ("image_uri", "score", "raw_score", "is_anomaly", "ood", "ood_score",
+                                       "width", "height", "map_uri", "overlay_uri")} for r in top],
         "errors": {"by_kind": kinds, "examples": [[r["image_uri"], r["error"]] for r in errors[:20]]},
     }
 

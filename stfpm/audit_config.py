@@ -74,9 +74,10 @@ class AlertConfig:
     min_images: int = 1                 # categories with fewer ok images never alert
     error_rate: float = 0.0             # exit 4 when transient errors (not bad files) / inputs is above this
     categories: dict = field(default_factory=dict)   # per-category anomaly_rate overrides
+    ood_rate: float = 0.02              # alert when ood (unlike the training images) / ok is above this
 
     def __post_init__(self):
-        _check(self, {"anomaly_rate": "rate", "min_images": "count", "error_rate": "rate",
+        _check(self, {"anomaly_rate": "rate", "min_images": "count", "error_rate": "rate", "ood_rate": "rate",
                       "categories": "rates by name"})
 
     def level(self, category: str) -> float:

@@ -51,7 +51,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
 th:first-child,td:first-child{text-align:left}.meta{color:#666}
 .badge{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600}
-.ok{background:#2e7d32}.alert{background:#c62828}.errors{background:#e65100}
+.ok{background:#2e7d32}.alert{background:#c62828}.errors{background:#e65100}.alert-reason{color:#c62828}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:272px}
 figure img{width:128px;height:128px;object-fit:contain;background:#f4f4f4;border:1px solid #ddd}
 figcaption{font-size:12px;word-break:break-all}code{font-size:12px}
@@ -104,14 +104,16 @@ def render_report(summary: dict, report_uri: str, link_expiry_hours: float = 168
            f"models <code>{e(summary['models'])}</code>; attempt {summary['attempts']}; "
            f"generated {e(summary['generated_at'])}.</p>",
            "<table><tr><th>category</th><th>inputs</th><th>ok</th><th>errors</th><th>anomalous</th>"
-           "<th>anomaly rate</th><th>alert level</th><th></th></tr>"]
+           "<th>anomaly rate</th><th>alert level</th><th title='unlike the training images'>ood</th><th></th></tr>"]
     for name, c in summary["categories"].items():
-        badge = "<span class='badge alert'>ALERT</span>" if c["alert"] else ""
+        badge = (f"<span class='badge alert' title='{e('; '.join(c['alert_reasons']))}'>ALERT</span>"
+                 if c["alert"] else "")
         out.append(f"<tr><td><a href='#cat-{e(name)}'>{e(name)}</a></td><td>{c['inputs']}</td><td>{c['ok']}</td>"
                    f"<td>{c['error']}</td><td>{c['anomalous']}</td><td>{_fmt(c['anomaly_rate'], '.2%')}</td>"
-                   f"<td>{c['alert_level']:.2%}</td><td>{badge}</td></tr>")
+                   f"<td>{c['alert_level']:.2%}</td><td>{c['ood']}</td><td>{badge}</td></tr>")
     out.append(f"<tr><th>all</th><th>{t['inputs']}</th><th>{t['ok']}</th><th>{t['error']}</th>"
-               f"<th>{t['anomalous']}</th><th>{_fmt(t['anomaly_rate'], '.2%')}</th><th></th><th></th></tr></table>")
+               f"<th>{t['anomalous']}</th><th>{_fmt(t['anomaly_rate'], '.2%')}</th><th></th><th>{t['ood']}</th>"
+               "<th></th></tr></table>")
     if not summary["categories"]:
         out.append("<p>No images arrived in this window.</p>")
     if t.get("error"):
@@ -124,6 +126,14 @@ def render_report(summary: dict, report_uri: str, link_expiry_hours: float = 168
         out.append(f"<h2 id='cat-{e(name)}'>{e(name)}</h2><p class='meta'>{c['ok']} scored, "
                    f"{c['anomalous']} anomalous ({_fmt(c['anomaly_rate'], '.2%')}; alert above "
                    f"{c['alert_level']:.2%}), {c['error']} errors. Model: {e(models) or '-'}.</p>")
+        for reason in c["alert_reasons"]:
+            out.append(f"<p class='alert-reason'><b>Alert:</b> {e(reason)}</p>")
+        if c["ood"]:
+            out.append(f"<h3>{c['ood']} unlike the training images (ood)</h3><p class='meta'>Their scores are not "
+                       "to be trusted: check that the right model scored them and that the camera did not change."
+                       "</p><table><tr><th>input</th><th>ood score (&gt; 1 = ood)</th></tr>")
+            out += [f"<tr><td><code>{e(u)}</code></td><td>{s:.3g}</td></tr>" for u, s in c["ood_examples"]]
+            out.append("</table>")
         out.append(histogram_svg(c["histogram"]["counts"], c["histogram"]["edges"]))
         out.append("<p class='meta'>Normalised score (0.5 = threshold, dashed); bar heights on a log scale.</p>")
         if c["top"]:
@@ -136,7 +146,8 @@ def render_report(summary: dict, report_uri: str, link_expiry_hours: float = 168
                     f"<figure><a href='{e(source)}'><img src='{e(picture)}' alt='{caption} of "
                     f"{e(r['image_uri'])}'></a> <a href='{e(heat)}'><img src='{e(heat)}' alt='anomaly map of "
                     f"{e(r['image_uri'])}'></a><figcaption>score {r['score']:.3f} (raw {r['raw_score']:.4g})"
-                    f"{' <b>anomalous</b>' if r['is_anomaly'] else ''}<br><code>{e(r['image_uri'])}</code>"
+                    f"{' <b>anomalous</b>' if r['is_anomaly'] else ''}{' <b>ood</b>' if r.get('ood') else ''}"
+                    f"<br><code>{e(r['image_uri'])}</code>"
                     f"</figcaption></figure>")
             out.append("</div>")
         if c["error"]:

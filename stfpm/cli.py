@@ -198,7 +198,7 @@ def evaluate(model_dir: Path = typer.Argument(..., help="Model directory"),
              set_threshold: bool = typer.Option(False, "--set-threshold",
                                                 help="Store the F1-optimal threshold in the model")):
     """Evaluate a model: image/pixel AUROC, AUPRO, F1-optimal threshold."""
-    from stfpm.artifact import Calibration, load_model, write_card
+    from stfpm.artifact import load_model, write_card
     from stfpm.data import load_dataset
     from stfpm.evaluate import evaluate_model, write_evaluation
 
@@ -211,9 +211,10 @@ def evaluate(model_dir: Path = typer.Argument(..., help="Model directory"),
     typer.echo(f"written to {path}")
     if set_threshold:
         scores = [r["score"] for r in result["images"]]
-        calibration = Calibration(threshold=result["metrics"]["image_f1_threshold"], score_min=min(scores),
-                                  score_max=max(scores), source="f1_test",
-                                  details={"n_images": len(scores), "data": str(data)})
+        # the score scale and the in-distribution check stay: they were fitted on good images
+        calibration = dataclasses.replace(model.card.calibration, threshold=result["metrics"]["image_f1_threshold"],
+                                          score_min=min(scores), score_max=max(scores), source="f1_test",
+                                          details={"n_images": len(scores), "data": str(data)})
         write_card(model_dir, dataclasses.replace(model.card, calibration=calibration))
         typer.echo(f"stored threshold {result['metrics']['image_f1_threshold']:.6g} in {model_dir}")
 
@@ -234,7 +235,7 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
         raise UserError("no input names an image: " + "; ".join(problems))
     model = create_model(model_dir=model_dir)
     typer.echo(f"{'image':<48} {'score':>10} {'norm':>6}  decision")
-    n = n_anomalous = 0
+    n = n_anomalous = n_ood = 0
     used: set[str] = set()
     for res in model.predict(inputs, batch_size=batch_size, threshold=threshold):
         stem = _unique_stem(res["input_path"], n, used)
@@ -243,11 +244,15 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
         name = res["input_path"] or f"image_{n:06d}"
         name = name if len(name) <= 48 else "..." + name[-45:]
         typer.echo(f"{name:<48} {res['score']:>10.4g} {res['norm_score']:>6.3f}  "
-                   f"{'ANOMALY' if res['is_anomaly'] else 'ok'}")
+                   f"{'ANOMALY' if res['is_anomaly'] else 'ok'}{'  OOD' if res['ood'] else ''}")
         n += 1
         n_anomalous += res["is_anomaly"]
+        n_ood += bool(res["ood"])
     typer.echo(f"{n} images, {n_anomalous} anomalous at threshold {model.threshold if threshold is None else threshold:.6g}; "
                f"overlays and JSON in {out}")
+    if n_ood:
+        typer.secho(f"warning: {n_ood} of {n} images are unlike this model's training images (OOD: ood_score > 1); "
+                    "their scores are not to be trusted: is it the right model for them?", fg=typer.colors.YELLOW, err=True)
     if problems:
         for problem in problems:
             typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)

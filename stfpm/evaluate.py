@@ -30,7 +30,8 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, batch_size: int = 32,
         for sample, prepared, pred in zip(chunk, inputs, predictor.run(inputs)):
             scores.append(pred.score)
             records.append({"image": sample.image, "defect_type": sample.defect_type, "label": sample.label,
-                            "score": pred.score, "norm_score": pred.norm_score, "is_anomaly": pred.is_anomaly})
+                            "score": pred.score, "norm_score": pred.norm_score, "is_anomaly": pred.is_anomaly,
+                            "ood": pred.ood, "ood_score": pred.ood_score})
             if pixels is not None:
                 shape = (prepared.height, prepared.width)
                 mask = read_mask(sample.mask, shape) if sample.mask else np.zeros(shape, dtype=bool)

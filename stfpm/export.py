@@ -3,7 +3,8 @@ CPU predictor, because Paddle Inference with oneDNN runs it 3.6x (ResNet18) to 5
 faster than the dynamic graph on CPU (bench/predict.py).
 
 The program maps the normalised input (N, 3, S, S) to the per-layer distance maps
-(N, h_i, w_i); `stfpm.nn.anomaly_map` upsamples and multiplies them outside the graph
+(N, h_i, w_i) followed by the (N, D) feature profile of the in-distribution check
+(`stfpm.ood`; exports from before it return the maps only); `stfpm.nn.anomaly_map` upsamples and multiplies them outside the graph
 (oneDNN cannot run Paddle 3.3's bilinear-interpolate attributes). An export holds
 `inference.json` + `inference.pdiparams` (paddle.jit.save), a PaddleX-style
 `inference.yml`, and our `model.json` so threshold and normalisation travel with it."""
@@ -24,27 +25,29 @@ from stfpm.noise import PIR_OUT_TENSOR, native_lines_dropped
 from stfpm.runtime import cpu_threads
 
 PROGRAM, PARAMS, INFERENCE_YML = "inference.json", "inference.pdiparams", "inference.yml"
-OUTPUTS = "layer_maps"  # what the program returns; older exports returned the combined map
+OUTPUTS = "layer_maps+feature_profile"  # what the program returns
+MAPS_ONLY = "layer_maps"  # exports from before the in-distribution check; older ones returned the combined map
 
-LayerForward = Callable[[np.ndarray], list]  # (N, 3, S, S) float32 -> per-layer (N, h, w) maps
+# (N, 3, S, S) float32 -> (per-layer (N, h, w) maps, (N, D) feature profile or None)
+LayerForward = Callable[[np.ndarray], tuple[list, np.ndarray | None]]
 
 
-class _LayerMapNetwork(paddle.nn.Layer):
-    """What the program computes: input batch -> per-layer distance maps."""
+class _InferenceNetwork(paddle.nn.Layer):
+    """What the program computes: input batch -> per-layer distance maps + feature profile."""
 
     def __init__(self, network):
         super().__init__()
         self.network = network
 
     def forward(self, image):
-        return self.network.layer_maps(image)
+        return self.network.inference_outputs(image)
 
 
 def save_program(network, size: int, out_dir: str | Path) -> Path:
-    """paddle.jit.save the network's layer maps as `out_dir/inference.{json,pdiparams}`."""
+    """paddle.jit.save the network's inference outputs as `out_dir/inference.{json,pdiparams}`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layer = _LayerMapNetwork(network)
+    layer = _InferenceNetwork(network)
     was_training = network.training
     layer.eval()
     spec = paddle.static.InputSpec([None, 3, size, size], "float32", "image")
@@ -55,8 +58,9 @@ def save_program(network, size: int, out_dir: str | Path) -> Path:
     return out
 
 
-def open_program(program_dir: str | Path, threads: int | None = None) -> LayerForward:
-    """A Paddle Inference predictor of a saved program, with oneDNN on CPU when Paddle has it.
+def open_program(program_dir: str | Path, threads: int | None = None, has_profile: bool = True) -> LayerForward:
+    """A Paddle Inference predictor of a saved program, with oneDNN on CPU when Paddle has it;
+    `has_profile`: the program's last output is the feature profile.
     The predictor holds the program and weights in memory: the files may go afterwards."""
     from paddle import inference
 
@@ -72,11 +76,12 @@ def open_program(program_dir: str | Path, threads: int | None = None) -> LayerFo
     input_handle = predictor.get_input_handle(predictor.get_input_names()[0])
     output_handles = [predictor.get_output_handle(name) for name in predictor.get_output_names()]
 
-    def forward(batch: np.ndarray) -> list:
+    def forward(batch: np.ndarray) -> tuple[list, np.ndarray | None]:
         input_handle.reshape(list(batch.shape))
         input_handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
         predictor.run()
-        return [handle.copy_to_cpu() for handle in output_handles]
+        outputs = [handle.copy_to_cpu() for handle in output_handles]
+        return (outputs[:-1], outputs[-1]) if has_profile else (outputs, None)
 
     return forward
 
@@ -108,7 +113,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
         "PostProcess": {"AnomalyMap": {"combine": "product of the outputs, each bilinearly upsampled to the input size",
                                        "layer_norm": card.map.layer_norm,
                                        "score": "max", "threshold": cal.threshold,
-                                       "score_min": cal.score_min, "score_max": cal.score_max}},
+                                       "normalised_score": {**cal.scale.to_dict(), "doc": "stfpm.score_scale"}}},
     }, sort_keys=False))
     return out
 
@@ -126,7 +131,7 @@ def load_exported(model_dir: str | Path, threads: int | None = None) -> tuple[Mo
         raise ModelDirError(f"exported model {d} has no {MODEL_JSON}; re-export it with `stfpm export`")
     card = read_card(d)
     export = card.export or {}
-    if export.get("outputs") != OUTPUTS:
+    if export.get("outputs") not in (OUTPUTS, MAPS_ONLY):
         raise ModelDirError(f"exported model {d} comes from an older stfpm (its program returns the combined "
                             f"map); re-export it with `stfpm export {export.get('source_model_dir', 'MODEL_DIR')}`")
     digests = export.get("sha256")
@@ -134,4 +139,4 @@ def load_exported(model_dir: str | Path, threads: int | None = None) -> tuple[Mo
         raise ModelDirError(f"{d / MODEL_JSON}: key 'export.sha256' must hold the sha256 of {PROGRAM} and {PARAMS}; "
                             "re-export the model with `stfpm export`")
     verify_weights(d, card)
-    return card, open_program(d, threads)
+    return card, open_program(d, threads, has_profile=export["outputs"] == OUTPUTS)

@@ -3,7 +3,8 @@ training's calibration and batch scoring.
 
 A batch of prepared images goes through ONE forward pass; each map is then resized back to
 its own image's size, scored (max of the map), normalised (0.5 at the threshold, docs/design.md §3)
-and thresholded into a 0/255 mask.
+and thresholded into a 0/255 mask; the forward's feature profile gives the in-distribution
+check (`stfpm.ood`: `ood`, `ood_score`).
 
 The forward runs on one of two engines that give the same maps (within 1e-6): on CPU the
 network compiled into Paddle Inference with oneDNN (`stfpm.export.compile_network`, 3.6-5x
@@ -12,7 +13,6 @@ faster than the dynamic graph); on GPU, or where Paddle lacks oneDNN, the dynami
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -20,6 +20,7 @@ import paddle
 
 from stfpm.artifact import LoadedModel, ModelCard
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
+from stfpm.export import LayerForward
 from stfpm.nn import anomaly_map
 
 ENGINES = ("auto", "onednn", "dygraph")
@@ -28,11 +29,13 @@ ENGINES = ("auto", "onednn", "dygraph")
 @dataclass
 class Prediction:
     score: float            # raw: max of the anomaly map
-    norm_score: float       # clip((score - threshold) / (max - min) + 0.5, 0, 1)
+    norm_score: float       # in [0, 1], 0.5 at the threshold, strictly increasing in score (stfpm.score_scale)
     is_anomaly: bool
     threshold: float
     anomaly_map: np.ndarray  # float32 (H, W) at the input image's own size
     pred: np.ndarray         # uint8 (H, W) 0/255 mask, map >= threshold
+    ood: bool | None = None          # unlike the training images (None: the model has no check)
+    ood_score: float | None = None   # in-distribution distance / its limit; > 1 is ood
 
 
 def to_heat(norm_map: np.ndarray) -> np.ndarray:
@@ -58,14 +61,13 @@ class Predictor:
     The forward is a model directory's network compiled into Paddle Inference (CPU) or run on
     the dynamic graph (GPU), or an exported model's program; all give the same maps."""
 
-    def __init__(self, card: ModelCard, layer_forward: Callable[[np.ndarray], list], threshold: float | None = None):
+    def __init__(self, card: ModelCard, layer_forward: LayerForward, threshold: float | None = None):
         self.card = card
-        self.layer_forward = layer_forward  # (N, 3, S, S) normalised input -> per-layer (N, h, w) maps
+        self.layer_forward = layer_forward  # (N, 3, S, S) normalised input -> (layer maps, feature profile)
         self.size = card.input.size
         self.mean, self.std = card.input.mean, card.input.std
         self.calibration = card.calibration
         self.threshold = card.calibration.threshold if threshold is None else float(threshold)
-        self.score_min, self.score_max = card.calibration.score_min, card.calibration.score_max
         self.layer_norm = card.map.layer_norm
 
     @classmethod
@@ -89,9 +91,10 @@ class Predictor:
             return cls(model.card, compile_network(network, model.card.input.size, threads), threshold)
         network.eval()
 
-        def layer_forward(batch: np.ndarray) -> list:
+        def layer_forward(batch: np.ndarray) -> tuple[list, np.ndarray]:
             with paddle.no_grad():
-                return [d.numpy() for d in network.layer_maps(paddle.to_tensor(batch))]
+                *maps, profile = (d.numpy() for d in network.inference_outputs(paddle.to_tensor(batch)))
+            return maps, profile
 
         return cls(model.card, layer_forward, threshold)
 
@@ -116,27 +119,37 @@ class Predictor:
         """File bytes or a BGR array -> this model's input (`stfpm.data.images.prepare_input`)."""
         return prepare_input(source, self.size, name, max_pixels, keep_image)
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps."""
-        return anomaly_map(self.layer_forward(batch), (batch.shape[2], batch.shape[3]), self.layer_norm)
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps and the (N, D)
+        feature profiles (None from an export made before the in-distribution check)."""
+        layer_maps, profiles = self.layer_forward(batch)
+        return anomaly_map(layer_maps, (batch.shape[2], batch.shape[3]), self.layer_norm), profiles
 
-    def infer(self, pixels: np.ndarray) -> np.ndarray:
-        """RGB uint8 (N, S, S, 3) model inputs (`ModelInput.pixels`) -> (N, S, S) float32 maps."""
+    def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB uint8 (N, S, S, 3) model inputs (`ModelInput.pixels`) -> (N, S, S) float32 maps
+        and (N, D) feature profiles."""
         return self.forward(normalize_batch(pixels, self.mean, self.std))
 
-    def calibrate(self, maps: np.ndarray, sizes: list[tuple[int, int]],
+    def ood_scores(self, profiles: np.ndarray | None, n: int) -> list[float | None]:
+        """Each image's in-distribution score, or None where the model or export has no check."""
+        if self.calibration.ood is None or profiles is None:
+            return [None] * n
+        return [float(v) for v in self.calibration.ood.score(profiles)]
+
+    def calibrate(self, maps: np.ndarray, profiles: np.ndarray | None, sizes: list[tuple[int, int]],
                   threshold: float | None = None) -> list[Prediction]:
-        """(N, S, S) maps -> Predictions: score (max of the map), normalised score, decision,
-        and map and mask resized to each (h, w)."""
+        """(N, S, S) maps and (N, D) profiles -> Predictions: score (max of the map), normalised
+        score, decision, in-distribution check, and map and mask resized to each (h, w)."""
         thr = self.threshold if threshold is None else float(threshold)
         scores = maps.reshape(len(maps), -1).max(axis=1)
         norm = self.calibration.normalize(scores, thr)
         out = []
-        for (h, w), amap, score, ns in zip(sizes, maps, scores, norm):
+        for (h, w), amap, score, ns, ood in zip(sizes, maps, scores, norm, self.ood_scores(profiles, len(maps))):
             full = amap if (h, w) == amap.shape else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
             out.append(Prediction(score=float(score), norm_score=float(ns), is_anomaly=bool(score >= thr),
                                   threshold=thr, anomaly_map=full,
-                                  pred=np.where(full >= thr, 255, 0).astype(np.uint8)))
+                                  pred=np.where(full >= thr, 255, 0).astype(np.uint8),
+                                  ood=None if ood is None else bool(ood > 1.0), ood_score=ood))
         return out
 
     def predict(self, sources: list, names: list[str] | None = None, threshold: float | None = None) -> list[Prediction]:
@@ -148,5 +161,5 @@ class Predictor:
 
     def run(self, inputs: list[ModelInput], threshold: float | None = None) -> list[Prediction]:
         """infer + calibrate for prepared inputs."""
-        maps = self.infer(np.stack([i.pixels for i in inputs]))
-        return self.calibrate(maps, [(i.height, i.width) for i in inputs], threshold)
+        maps, profiles = self.infer(np.stack([i.pixels for i in inputs]))
+        return self.calibrate(maps, profiles, [(i.height, i.width) for i in inputs], threshold)

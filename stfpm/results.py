@@ -14,7 +14,7 @@ import numpy as np
 from stfpm.artifact import Calibration
 from stfpm.inference import Prediction, to_heat
 
-SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold")
+SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold", "ood", "ood_score")
 
 
 def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 20) -> list[dict]:
@@ -53,13 +53,15 @@ def overlay(image: np.ndarray, heat: np.ndarray, is_anomaly: bool, norm_score: f
 
 class AnomalyResult(dict):
     """One image's result: dict keys `input_path`, `score`, `norm_score`, `is_anomaly`,
-    `threshold`, `anomaly_map` (float32 HxW), `pred` (uint8 0/255 HxW)."""
+    `threshold`, `ood` (the image is unlike the training images: its score is not to be
+    trusted; None when the model has no in-distribution check), `ood_score` (> 1 is ood),
+    `anomaly_map` (float32 HxW), `pred` (uint8 0/255 HxW)."""
 
     def __init__(self, input_path: str | None, image: np.ndarray, prediction: Prediction,
                  calibration: Calibration, index: int = 0):
         super().__init__(input_path=input_path, score=prediction.score, norm_score=prediction.norm_score,
                          is_anomaly=prediction.is_anomaly, threshold=prediction.threshold,
-                         anomaly_map=prediction.anomaly_map, pred=prediction.pred)
+                         ood=prediction.ood, ood_score=prediction.ood_score, anomaly_map=prediction.anomaly_map, pred=prediction.pred)
         self._image, self._prediction = image, prediction
         self._calibration = calibration
         self._index = index

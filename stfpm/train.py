@@ -18,6 +18,8 @@ import paddle
 from stfpm.artifact import Calibration, InputSpec, LoadedModel, MapSpec, ModelCard, save_model, write_card
 from stfpm.data import load_dataset, normalize_batch, prepare_input, split_holdout
 from stfpm.nn import LAYER_NORMS, STFPM, backbone_spec, stfpm_loss
+from stfpm.ood import InDistribution
+from stfpm.score_scale import ScoreScale
 from stfpm.runtime import configure_threads
 from stfpm.storage import fetch_to_cache, is_s3, upload_dir
 from stfpm.weights import apply_state, default_cache_dir, load_teacher_state
@@ -147,21 +149,35 @@ UNCALIBRATED = Calibration(threshold=0.0, score_min=0.0, score_max=1.0)  # a car
 
 
 def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> Calibration:
-    """Threshold = a high quantile of held-out good images' scores; their range scales
-    the normalised score (docs/design.md §3)."""
-    return Calibration(threshold=float(np.quantile(holdout_scores, quantile)), score_min=float(holdout_scores.min()),
+    """Threshold = a high quantile of held-out good images' scores (docs/design.md §3); the
+    normalised score's scale is fitted on the same scores (stfpm.score_scale)."""
+    threshold = float(np.quantile(holdout_scores, quantile))
+    return Calibration(threshold=threshold, score_min=float(holdout_scores.min()),
                        score_max=float(holdout_scores.max()), source="holdout_quantile",
-                       details={"quantile": quantile, "n_images": int(len(holdout_scores))})
+                       details={"quantile": quantile, "n_images": int(len(holdout_scores))},
+                       score_scale=ScoreScale.fit(holdout_scores, threshold))
 
 
-def calibrate_on_good_images(network: STFPM, card: ModelCard, images: np.ndarray, quantile: float) -> Calibration:
-    """The threshold of `network` (with `card`'s input and map settings; its calibration is
-    not used) from the scores of good images it was not trained on: the calibration of
-    training, also used on import."""
+def calibrate_on_good_images(network: STFPM, card: ModelCard, images: np.ndarray, quantile: float,
+                             reference_paths: list[str]) -> Calibration:
+    """The calibration of `network` (with `card`'s input and map settings; its calibration is
+    not used): threshold and score scale from the scores of good `images` it was not trained
+    on, the in-distribution check's statistics from the good images at `reference_paths` (the
+    training split) with its limit from `images`. Training's calibration, also used on import."""
     from stfpm.inference import Predictor
 
-    scores = Predictor.from_model(LoadedModel(network=network, card=card, path="")).forward(images)
-    return calibrate_threshold(scores.reshape(len(images), -1).max(axis=1), quantile)
+    predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
+    maps, profiles = predictor.forward(images)
+    calibration = calibrate_threshold(maps.reshape(len(images), -1).max(axis=1), quantile)
+    reference = feature_profiles(predictor, reference_paths)
+    return dataclasses.replace(calibration, ood=InDistribution.fit(reference, profiles),
+                               details={**calibration.details, "n_ood_reference": len(reference)})
+
+
+def feature_profiles(predictor, paths: list[str], chunk: int = 64) -> np.ndarray:
+    """The forward's (N, D) feature profiles of the images at `paths`, `chunk` at a time."""
+    return np.concatenate([predictor.forward(load_images(paths[i:i + chunk], predictor.size, predictor.mean,
+                                                         predictor.std))[1] for i in range(0, len(paths), chunk)])
 
 
 def fingerprint(paths: list[str]) -> str:
@@ -282,7 +298,7 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
                   "best_epoch": best["epoch"], "best_holdout_loss": best["holdout_loss"],
                   "final_loss": history[-1]["loss"]})
     card = dataclasses.replace(card, calibration=calibrate_on_good_images(
-        network, card, holdout_images, cfg.threshold_quantile))
+        network, card, holdout_images, cfg.threshold_quantile, [s.image for s in split.train]))
     with tempfile.TemporaryDirectory() as tmp:
         local_dir = Path(tmp) if is_s3(str(out_dir)) else Path(out_dir)
         card = save_model(network, local_dir, card)

@@ -1,6 +1,8 @@
 """The `stfpm` command line, end to end on tiny generated data."""
 import json
 
+import cv2
+import numpy as np
 import yaml
 from typer.testing import CliRunner
 
@@ -43,6 +45,10 @@ def test_cli_workflow(tmp_path):
     assert code == 0 and (model / "inference" / "inference.yml").is_file(), text
     code, text = invoke("predict", model / "inference", data / "test" / "good", "--out", out / "pred2")
     assert code == 0, text
+    ramp = tmp_path / "ramp.png"  # nothing like the training textures: predict says so
+    cv2.imwrite(str(ramp), np.repeat(np.linspace(0, 255, 64, dtype=np.uint8)[None, :], 64, axis=0))
+    code, text = invoke("predict", model, ramp, data / "test" / "good" / "000.png", "--out", out / "pred3")
+    assert code == 0 and "  OOD" in text and "warning: 1 of 2 images are unlike this model's training images" in text, text
 
 
 def test_train_all_writes_a_registry(tmp_path):

@@ -460,6 +460,36 @@ def test_report_on_s3_links_presigned_urls_that_load_and_escapes_names(s3_env, t
     assert_every_image_loads(report, at_least=6)
 
 
+def test_inputs_unlike_the_training_images_are_counted_and_alerted(tmp_path):
+    """Issue 13: a category whose images the model calls ood (a misrouted category, a changed
+    camera) alerts though none is anomalous; a single ood input among many is listed, not alerted."""
+    from stfpm.distributed.table import table_schema
+
+    now, rows = datetime.now(timezone.utc), []
+    for category, n, n_ood in (("misrouted", 5, 5), ("fine", 100, 1)):
+        for i in range(n):
+            row = {c: None for c in table_schema(["category"]).names}
+            row.update(image_id=f"{category}{i}", image_uri=f"/in/{category}/{i}.png", category=category,
+                       model_name=category, model_version="v1", status="ok", run_id="r", scored_at=now,
+                       raw_score=0.05, score=0.3, is_anomaly=False, threshold=0.1, width=8, height=8,
+                       map_uri=f"/out/maps/v1/{category}{i}.png",
+                       ood=i < n_ood, ood_score=40.0 - i if i < n_ood else 0.4)
+            rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=table_schema(["category"]))
+    cfg = audit.AuditConfig(source=str(tmp_path), output=str(tmp_path / "out"), models="m", partitions=["category"])
+    summary = audit.summarize(table, table.select(["image_uri"]), cfg, run_id="r", since=None, until=now,
+                              attempts=1, scoring=None)
+    assert summary["alerts"] == ["misrouted"] and summary["exit_code"] == audit.EXIT_ALERT
+    assert summary["totals"]["ood"] == 6 and summary["totals"]["anomalous"] == 0
+    bad, fine = summary["categories"]["misrouted"], summary["categories"]["fine"]
+    assert (bad["ood"], bad["ood_rate"], fine["ood"], fine["alert"]) == (5, 1.0, 1, False)
+    assert "unlike the model's training images" in bad["alert_reasons"][0]
+    assert bad["ood_examples"][0] == ["/in/misrouted/0.png", 40.0]
+    text = audit.render_report(summary, str(tmp_path / "report.html"))
+    assert "5 unlike the training images (ood)" in text and "1 unlike the training images (ood)" in text
+    assert "<b>Alert:</b> 100.00% of inputs unlike" in text
+
+
 # ------------------------------------------------------------------------ Chromium check
 
 PROBE = """<script>

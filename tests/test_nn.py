@@ -82,8 +82,9 @@ def test_teacher_is_frozen_and_stays_in_eval_mode():
 def test_layer_maps_combine_to_input_resolution():
     net = STFPM("resnet18")
     net.eval()
-    layers = net.layer_maps(paddle.randn([3, 3, 96, 128]))
+    *layers, profile = net.inference_outputs(paddle.randn([3, 3, 96, 128]))
     assert [tuple(d.shape) for d in layers] == [(3, 24, 32), (3, 12, 16), (3, 6, 8)]
+    assert tuple(profile.shape) == (3, 64 + 128 + 256)  # channel means of the teacher's three taps
     assert anomaly_map([d.numpy() for d in layers], (96, 128)).shape == (3, 96, 128)
     # one sample, and more samples than the 128 channels resized per cv2 call
     assert anomaly_map([np.ones((1, 4, 4), np.float32)], (8, 8)).shape == (1, 8, 8)

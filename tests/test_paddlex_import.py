@@ -95,7 +95,7 @@ def test_imported_model_gives_paddleseg_maps(paddleseg_checkpoint, good_images, 
 
     test_images = load_images([s.image for s in load_dataset(good_images).test], SIZE,
                               card.input.mean, card.input.std)
-    ours = Predictor.from_model(model).forward(test_images)
+    ours, _ = Predictor.from_model(model).forward(test_images)
     with paddle.no_grad():
         theirs = network.score_map(paddle.to_tensor(test_images)).numpy() / 8  # their sum, our 0.5 per layer
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.max()))
@@ -108,6 +108,7 @@ def test_imported_model_gives_paddleseg_maps(paddleseg_checkpoint, good_images, 
     calibration = card.calibration
     assert calibration.details["n_images"] == 6 and calibration.source == "imported_good_quantile"
     assert calibration.threshold == pytest.approx(np.quantile(good_scores, 0.99), rel=1e-5)
+    assert calibration.details["n_ood_reference"] == 6 and len(calibration.ood.mean) == 448
 
 
 def test_inference_directories_and_foreign_files_are_refused(good_images, tmp_path):

@@ -30,6 +30,7 @@ from stfpm.distributed.scoring import build_pipeline, parse_actors
 from stfpm.distributed.sources import image_id, list_inputs, resolve_models
 from stfpm.distributed.table import read_index, table_schema
 from stfpm.runtime import paddle_device
+from stfpm.score_scale import ScoreScale
 from test_images import cmyk_jpeg, hand_png, png_chunk
 
 SIZE = 64
@@ -179,28 +180,28 @@ def test_local_folder_end_to_end(workspace, ray_local):
     cal = meta["threshold"]
     assert (ok.model_version == meta["model_version"]).all() and (ok.model_name == "model").all()
     assert (ok.is_anomaly == (ok.raw_score >= cal["value"])).all() and 0 < ok.is_anomaly.sum() < len(ok)
-    span = cal["score_max"] - cal["score_min"]
-    assert np.allclose(ok.score, np.clip((ok.raw_score - cal["value"]) / span + 0.5, 0, 1))
+    scale = ScoreScale.from_range(cal["score_min"], cal["score_max"], cal["value"])  # no stored scale: its range
+    assert np.allclose(ok.score, scale.normalize(ok.raw_score, cal["value"]))
+    assert ok.ood.isna().all() and ok.ood_score.isna().all()           # random weights: no calibration
 
     # scores are the one Predictor's, maps are at the input's size with the documented scaling
     predictor = Predictor.open(root / "model")
     pngs = sorted(k for k in good if k.endswith(".png"))
     expected = {str(data / k): p.score for k, p in zip(pngs, predictor.predict([good[k] for k in pngs]))}
     assert np.allclose(rows.loc[list(expected), "raw_score"], list(expected.values()), rtol=1e-5)
+    success = json.loads((out / "_SUCCESS").read_text())
     for uri, row in ok.set_index("image_uri").iterrows():
         heat = cv2.imread(row.map_uri, cv2.IMREAD_UNCHANGED)
         assert heat.dtype == np.uint8 and heat.shape == (row.height, row.width)
         assert Path(row.map_uri).name == f"{image_id(uri)}.png" and row.model_version in row.map_uri
         if (row.height, row.width) == (SIZE, SIZE):                    # no resize: exact
             assert heat.max() == round(255 * row.score)
-            assert abs(map_to_raw(heat, row.threshold, cal["score_min"], cal["score_max"]).max()
-                       - min(row.raw_score, cal["value"] + 0.5 * (cal["score_max"] - cal["score_min"]))) \
-                <= (cal["score_max"] - cal["score_min"]) / 255
+            back = map_to_raw(heat, row.threshold, success["models"]["model"]["log_scale"])  # the exact inverse
+            assert abs(scale.normalize(back.max(), row.threshold) - row.score) <= 0.5 / 255 + 1e-9
         assert pd.isna(row.overlay_uri) != row.is_anomaly              # overlays for anomalous inputs only
     large = rows.loc[str(data / "b/large.jpg")]
     assert (large.width, large.height) == (200, 300)                   # full size, though decoded at 1/2
 
-    success = json.loads((out / "_SUCCESS").read_text())
     assert success == summary and success["counts"]["scored"] == len(files)
     assert success["counts"]["error"] == len(BAD_FILES)
     assert success["models"]["model"]["model_version"] == meta["model_version"]

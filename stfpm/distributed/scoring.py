@@ -18,11 +18,10 @@ Output under OUTPUT (local folder or s3://bucket/prefix):
     _SUCCESS                     JSON with counts, timings, stage throughput, models;
                                  written last, deleted when a run starts
 
-Map scaling: pixel = round(255 * s), s = clip((raw - threshold) / (score_max - score_min)
-+ 0.5, 0, 1) per pixel, the same normalisation as the `score` column; so pixel / 255 is
-the normalised score, pixel >= 128 is at or above the threshold, and inside the unclipped
-range raw = threshold + (pixel / 255 - 0.5) * (score_max - score_min) (`map_to_raw`).
-score_min and score_max of each model are in model.json and in _SUCCESS.
+Map scaling: pixel = round(255 * s), s the normalised score of each pixel (the same
+normalisation as the `score` column, stfpm.score_scale: strictly increasing, never clipped);
+so pixel / 255 is the normalised score, pixel >= 128 is at or above the threshold, and
+`map_to_raw` is its exact inverse. Each model's log_scale is in model.json and in _SUCCESS.
 
 Exactly once: every listed input yields one row (unreadable, corrupt, truncated, empty,
 oversized, unsupported and non-regular files yield status="error" rows naming the reason).
@@ -204,11 +203,12 @@ def _summary(plan: Plan, totals: dict, removed: int, index: pa.Table) -> dict:
         "run_id": plan.run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
         "output": {"root": plan.output, "scores": join_uri(plan.output, SCORES), "maps": join_uri(plan.output, MAPS)},
         "models": {str(k or ref.name): {"uri": ref.uri, "model_version": ref.version, "threshold": ref.threshold,
-                                        "score_min": ref.score_min, "score_max": ref.score_max,
+                                        "log_scale": ref.log_scale,
                                         "input_size": ref.input_size} for k, ref in plan.models.items()},
         "counts": {"listed": plan.n_listed, "skipped_already_scored": plan.n_skipped, "scored": rows,
                    "ok": totals["ok"], "error": totals["error"], "error_input": totals["error_input"],
                    "error_transient": totals["error_transient"], "anomalous": totals["anomalous"],
+                   "ood": totals["ood"],
                    "superseded_rows_removed": removed, "files_written": totals["files"],
                    "table_rows": len(status), "table_ok": status.count("ok"), "table_error": status.count("error"),
                    "latest_rows": len(latest), "latest_ok": latest.count("ok"), "latest_error": latest.count("error")},
@@ -216,14 +216,16 @@ def _summary(plan: Plan, totals: dict, removed: int, index: pa.Table) -> dict:
         "images_per_s": round(rows / wall, 2) if wall else None,
         "stages": stages, "actor_peak_rss_mb": round(totals["actor_peak_rss_mb"], 1),
         "devices": totals["devices"], "error_examples": totals["error_examples"],
-        "map_scaling": "pixel = round(255 * clip((raw - threshold) / (score_max - score_min) + 0.5, 0, 1))",
+        "map_scaling": "pixel = round(255 * s), r = raw / threshold: s = 0.5 * r ** (1 / log_scale) "
+                       "below the threshold, 1 - 0.5 / r above (map_to_raw inverts it)",
     }
 
 
 def format_report(summary: dict) -> str:
     c, t = summary["counts"], summary["timings_s"]
     lines = [f"run {summary['run_id']}: {c['scored']} scored ({c['ok']} ok, {c['error']} errors, "
-             f"{c['anomalous']} anomalous), {c['skipped_already_scored']} skipped as already scored",
+             f"{c['anomalous']} anomalous, {c['ood']} unlike the training images (ood)), "
+             f"{c['skipped_already_scored']} skipped as already scored",
              f"  ray start {t.get('ray_start_s', 0):.1f}s, pipeline {t.get('pipeline_s', 0):.1f}s "
              f"({summary['images_per_s'] or 0} images/s), total {t['total_s']:.1f}s",
              "  stage      busy s   images per busy second (one task or actor)"]

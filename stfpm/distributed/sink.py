@@ -84,7 +84,8 @@ def write_table_file(batch: pa.Table, scores_uri: str, run_id: str, schema: pa.S
     status, kinds = table["status"].to_pylist(), table["error_kind"].to_pylist()
     stats = {"rows": n, "ok": status.count("ok"), "error": status.count("error"),
              "error_input": kinds.count(INPUT_ERROR), "error_transient": kinds.count(TRANSIENT_ERROR),
-             "anomalous": sum(bool(a) for a in table["is_anomaly"].to_pylist()), "files": 1,
+             "anomalous": sum(bool(a) for a in table["is_anomaly"].to_pylist()),
+             "ood": sum(bool(a) for a in table["ood"].to_pylist()), "files": 1,
              "seconds": {s: float(sum(batch[f"_t_{s}"].to_pylist()))
                          for s in STAGES[:-1] if f"_t_{s}" in batch.column_names},
              "actor_peak_rss_mb": max(batch["_actor_rss_mb"].to_pylist(), default=0.0)
@@ -97,7 +98,7 @@ def write_table_file(batch: pa.Table, scores_uri: str, run_id: str, schema: pa.S
 
 
 def merge_stats(parts: list[dict]) -> dict:
-    counted = ("rows", "ok", "error", "error_input", "error_transient", "anomalous", "files")
+    counted = ("rows", "ok", "error", "error_input", "error_transient", "anomalous", "ood", "files")
     total = {**dict.fromkeys(counted, 0), "seconds": {s: 0.0 for s in STAGES},
              "actor_peak_rss_mb": 0.0, "devices": [], "error_examples": []}
     for part in parts:

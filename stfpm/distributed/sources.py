@@ -277,8 +277,7 @@ class ModelRef:
     version: str     # model.json's model_version (a hash of the weights)
     input_size: int
     threshold: float
-    score_min: float
-    score_max: float
+    log_scale: float  # of the normalised score (stfpm.score_scale)
 
     @classmethod
     def read(cls, name: str, uri: str, threshold: float | None = None) -> "ModelRef":
@@ -298,7 +297,7 @@ class ModelRef:
         cal = card.calibration
         return cls(name=name, uri=uri, version=card.model_version, input_size=card.input.size,
                    threshold=cal.threshold if threshold is None else float(threshold),
-                   score_min=cal.score_min, score_max=cal.score_max)
+                   log_scale=cal.scale.log_scale)
 
 
 def is_registry(model: str) -> bool:

@@ -200,6 +200,7 @@ class ScoreActor:
         status, errors, kinds = (batch[c].to_pylist() for c in ("status", "error", "error_kind"))
         versions = batch["model_version"].to_pylist()
         raw, norm, anomalous, thresholds, maps = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+        ood, ood_scores = [None] * n, [None] * n
         keys, images = batch["_model_key"].to_pylist(), batch["_image"].to_pylist()
         for key in sorted({k for k, s in zip(keys, status) if s == "ok"}):
             rows = [i for i in range(n) if keys[i] == key and status[i] == "ok"]
@@ -210,8 +211,9 @@ class ScoreActor:
                 continue
             size = predictor.size
             stack = np.stack([np.frombuffer(images[i], np.uint8).reshape(size, size, 3) for i in rows])
-            for i, p in zip(rows, predictor.calibrate(predictor.infer(stack), [(size, size)] * len(rows))):
+            for i, p in zip(rows, predictor.calibrate(*predictor.infer(stack), [(size, size)] * len(rows))):
                 raw[i], norm[i], anomalous[i], thresholds[i] = p.score, p.norm_score, p.is_anomaly, p.threshold
+                ood[i], ood_scores[i] = p.ood, p.ood_score
                 maps[i] = to_heat(predictor.calibration.normalize(p.anomaly_map, p.threshold)).tobytes()
                 versions[i] = predictor.model_version
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -221,7 +223,8 @@ class ScoreActor:
                            error_kind=(kinds, pa.string()), model_version=(versions, pa.string()),
                            raw_score=(raw, pa.float64()),
                            score=(norm, pa.float64()), is_anomaly=(anomalous, pa.bool_()),
-                           threshold=(thresholds, pa.float64()), device=([self.device] * n, pa.string()),
+                           threshold=(thresholds, pa.float64()), ood=(ood, pa.bool_()),
+                           ood_score=(ood_scores, pa.float64()), device=([self.device] * n, pa.string()),
                            _map=(maps, pa.binary()), _t_predict=([per_row] * n, pa.float64()),
                            _actor_rss_mb=([rss_mb] * n, pa.float64()))
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from stfpm.score_scale import ScoreScale
 from stfpm.storage import filesystem_for, join_uri, read_bytes
 
 SCORES, MAPS, OVERLAYS, SUCCESS = "scores", "maps", "overlays", "_SUCCESS"
@@ -23,9 +24,14 @@ input_version  string               "<size>-<modified, ns>" of the file as liste
 model_name     string               registry category, or the model directory's name
 model_version  string               model.json's model_version (a hash of the weights)
 raw_score      double               max of the anomaly map (null on error)
-score          double               normalised: clip((raw - thr) / (max - min) + 0.5, 0, 1); 0.5 at the threshold
+score          double               normalised, in [0, 1]: 0.5 at the threshold, strictly increasing in
+                                    raw_score (same rank order); r = raw / threshold gives
+                                    0.5 * r ** (1 / log_scale) below, 1 - 0.5 / r above (stfpm.score_scale)
 is_anomaly     bool                 raw_score >= threshold
 threshold      double               the threshold used (stored or overridden)
+ood            bool                 the input is unlike the model's training images: its score is not to be
+                                    trusted (wrong model, changed camera); null: the model has no check
+ood_score      double               in-distribution distance / its limit (> 1 is ood; stfpm.ood)
 width, height  int32                the input's size in pixels (from the header on error rows, if known)
 map_uri        string               8-bit PNG anomaly map at width x height (see map scaling)
 overlay_uri    string               overlay PNG (--overlays, anomalous inputs only)
@@ -43,6 +49,7 @@ def table_schema(partitions: list[str]) -> pa.Schema:
     head = [("image_id", pa.string()), ("image_uri", pa.string()), ("input_version", pa.string())]
     tail = [("model_name", pa.string()), ("model_version", pa.string()), ("raw_score", pa.float64()),
             ("score", pa.float64()), ("is_anomaly", pa.bool_()), ("threshold", pa.float64()),
+            ("ood", pa.bool_()), ("ood_score", pa.float64()),
             ("width", pa.int32()), ("height", pa.int32()), ("map_uri", pa.string()),
             ("overlay_uri", pa.string()), ("status", pa.string()), ("error", pa.string()),
             ("error_kind", pa.string()), ("device", pa.string()), ("run_id", pa.string()),
@@ -50,9 +57,11 @@ def table_schema(partitions: list[str]) -> pa.Schema:
     return pa.schema(head + [(p, pa.string()) for p in partitions] + tail)
 
 
-def map_to_raw(pixels: np.ndarray, threshold: float, score_min: float, score_max: float) -> np.ndarray:
-    """Map PNG pixels back to raw anomaly scores (exact inside the unclipped range, +-0.5/255)."""
-    return threshold + (pixels.astype(np.float64) / 255.0 - 0.5) * (score_max - score_min)
+def map_to_raw(pixels: np.ndarray, threshold: float, log_scale: float) -> np.ndarray:
+    """Map PNG pixels back to raw anomaly scores: the exact inverse of the normalised score
+    (pixel / 255 = s; 0 -> 0, 255 -> inf), so within the 8-bit quantisation of s. `threshold`
+    is the row's, `log_scale` the model's (model.json `threshold.score_scale`, _SUCCESS)."""
+    return ScoreScale(log_scale).to_raw(np.asarray(pixels, np.float64) / 255.0, threshold)
 
 
 INPUT_ERROR, TRANSIENT_ERROR = "input", "transient"
