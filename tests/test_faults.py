@@ -70,7 +70,8 @@ def _pipeline_rows(plan, status: list[str], kinds: list[str | None]) -> pa.Table
                        error=([None if s == "ok" else "x: y" for s in status], pa.string()),
                        error_kind=(kinds, pa.string()), raw_score=([1.0] * n, pa.float64()),
                        score=([0.5] * n, pa.float64()), is_anomaly=([False] * n, pa.bool_()),
-                       threshold=([1.0] * n, pa.float64()), device=(["cpu"] * n, pa.string()),
+                       threshold=([1.0] * n, pa.float64()), ood=([None] * n, pa.bool_()),
+                       ood_score=([None] * n, pa.float64()), device=(["cpu"] * n, pa.string()),
                        width=([64] * n, pa.int32()), height=([64] * n, pa.int32()),
                        map_uri=([None] * n, pa.string()), overlay_uri=([None] * n, pa.string()))
 
