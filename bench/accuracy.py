@@ -5,6 +5,8 @@
     python bench/accuracy.py --layer-norm none --models /tmp/m      # keep the models ...
     python bench/accuracy.py --models /tmp/m --map layer_norm=median --map layer_norm=none --out /tmp/a.json
                                                                     # ... and re-score them with other maps
+    python bench/accuracy.py --model patchcore                      # PatchCore: bench/accuracy_patchcore.json
+    python bench/accuracy.py --model patchcore --bank-fraction 0.1 --map smooth_sigma=0 --out /tmp/p.json
 
 Each model kind is a function that trains on a folder of good images and returns a model
 directory (MODEL_KINDS); every kind is scored by the same path, the project's
@@ -54,7 +56,19 @@ def train_stfpm(train_dir: str, model_dir: str, recipe: dict, seed: int) -> str:
     return model_dir
 
 
-MODEL_KINDS = {"stfpm": train_stfpm}
+def train_patchcore(train_dir: str, model_dir: str, recipe: dict, seed: int) -> str:
+    """PatchCore through the same entry point (TrainConfig model="patchcore"): the memory bank,
+    no epochs; the recipe keeps only the settings PatchCore uses."""
+    recipe["model"] = "patchcore"
+    train_stfpm(train_dir, model_dir, recipe, seed)
+    used = ("model", "backbone", "image_size", "holdout_fraction", "threshold_quantile", "teacher_weights",
+            "bank_fraction", "bank_pool")
+    for key in set(recipe) - set(used):
+        del recipe[key]
+    return model_dir
+
+
+MODEL_KINDS = {"stfpm": train_stfpm, "patchcore": train_patchcore}
 
 
 def training_folder(data: Path, subset: int | None, seed: int, tmp: Path) -> Path:
@@ -141,11 +155,11 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=None, help="train on a seeded random N of train/good")
     ap.add_argument("--map", action="append", default=[], help="map variant KEY=VALUE[,...] (repeatable)")
     ap.add_argument("--models", default=None, help="keep (and reuse) the trained models in this folder")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("accuracy.json")))
+    ap.add_argument("--out", default=None, help="default bench/accuracy.json (stfpm), bench/accuracy_MODEL.json")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("image-size", int),
                        ("momentum", float), ("weight-decay", float), ("optimizer", str), ("augment", str),
-                       ("layer-norm", str)):
+                       ("layer-norm", str), ("bank-fraction", float), ("bank-pool", int)):
         ap.add_argument(f"--{name}", type=kind, default=None)
     args = ap.parse_args()
     categories = [Path(c) for c in args.categories] or [DEV_ROOT / name for name in DEV_SETS]
@@ -155,7 +169,10 @@ def main() -> None:
             raise SystemExit(2)
     recipe = {"backbone": args.backbone}
     recipe.update({k: v for k, v in vars(args).items() if v is not None and k in (
-        "epochs", "batch_size", "lr", "image_size", "momentum", "weight_decay", "optimizer", "augment", "layer_norm")})
+        "epochs", "batch_size", "lr", "image_size", "momentum", "weight_decay", "optimizer", "augment", "layer_norm",
+        "bank_fraction", "bank_pool")})
+    args.out = args.out or str(Path(__file__).with_name(
+        "accuracy.json" if args.model == "stfpm" else f"accuracy_{args.model}.json"))
     variants = [parse_map_variant(m) for m in args.map] or [{}]
     models = Path(args.models) if args.models else None
     if models:

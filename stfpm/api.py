@@ -8,7 +8,7 @@ import numpy as np
 
 from stfpm.results import AnomalyResult
 
-MODEL_NAMES = ("STFPM",)
+MODEL_NAMES = ("STFPM", "PatchCore")
 
 
 def _is_url(text: str) -> bool:
@@ -79,11 +79,15 @@ def _load(source: Any) -> bytes | np.ndarray:
 class STFPMModel:
     """A loaded model (our model directory or an exported inference model) with predict()."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, model_name: str = "STFPM"):
         from stfpm.inference import Predictor
 
         self.model_dir = str(model_dir)
         self.predictor = Predictor.open(model_dir)
+        found = self.predictor.card.model_name
+        if found != model_name:
+            raise ValueError(f"model_dir {self.model_dir!r} holds a {found} model, not {model_name}: "
+                             f"pass model_name={found!r}")
 
     @property
     def threshold(self) -> float:
@@ -112,10 +116,11 @@ class STFPMModel:
 
 def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None) -> STFPMModel:
     """PaddleX's entry point. `model_dir` is a directory written by `stfpm train` (or by
-    `stfpm export`); there are no built-in downloadable models, so it is required."""
+    `stfpm export`); there are no built-in downloadable models, so it is required.
+    `model_name` is the kind of model it holds: "STFPM" or "PatchCore" (`--model patchcore`)."""
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model_name {model_name!r}; supported: {', '.join(MODEL_NAMES)}")
     if model_dir is None:
         raise ValueError("create_model needs model_dir: train a model with "
                          "`stfpm train DATA --out MODEL_DIR` and pass model_dir=MODEL_DIR")
-    return STFPMModel(model_dir)
+    return STFPMModel(model_dir, model_name)

@@ -24,9 +24,11 @@ from stfpm.score_scale import ScoreScale
 
 SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
-# The weight files of each model kind (a card's model_name); a new kind adds its entry.
-MODEL_KINDS = {"STFPM": ("student.safetensors", "teacher.safetensors")}
-WEIGHT_FILES = {"teacher": "teacher.safetensors", "student": "student.safetensors"}  # STFPM part -> file
+# Each model kind (a card's model_name): its network's sub-layers and their weight files; a new
+# kind adds its entry. PatchCore's "memory" is its bank of patch features (stfpm.nn.patchcore).
+WEIGHT_FILES = {"STFPM": {"teacher": "teacher.safetensors", "student": "student.safetensors"},
+                "PatchCore": {"teacher": "teacher.safetensors", "memory": "bank.safetensors"}}
+MODEL_KINDS = {kind: tuple(sorted(parts.values())) for kind, parts in WEIGHT_FILES.items()}
 LAYER_NORMS = ("none", "median")  # how layer maps may be normalised (MapSpec, stfpm.nn.anomaly_map)
 RETRAIN = "retrain the model with `stfpm train`, or restore model.json from where the model came from"
 
@@ -55,8 +57,10 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class MapSpec:
-    """How the per-layer maps become the anomaly map (stfpm.nn.anomaly_map)."""
+    """How the per-layer maps become the anomaly map (stfpm.nn.anomaly_map), then how it is
+    smoothed (PatchCore's Gaussian, stfpm.nn.patchcore.smooth_map; 0: not smoothed)."""
     layer_norm: str = "none"  # cards from before the option existed: the paper's map
+    smooth_sigma: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class ModelCard:
     metrics: dict | None = None
     versions: dict | None = None
     export: dict | None = None   # set in exported models (stfpm.export)
+    patchcore: dict | None = None  # PatchCore's bank: taps, bank_size, patches_per_image, how it was built
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -175,10 +180,10 @@ class _Fields:
             self.fail(key, f"must be a finite number, got {value!r}", fix)
         return float(value)
 
-    def positive_int(self, key: str) -> int:
+    def positive_int(self, key: str, unit: str = "pixels") -> int:
         value = self.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            self.fail(key, f"must be a whole number >= 1 (pixels), got {value!r}")
+            self.fail(key, f"must be a whole number >= 1 ({unit}), got {value!r}")
         return value
 
     def triple(self, key: str, nonzero: bool = False) -> tuple[float, float, float]:
@@ -236,6 +241,19 @@ def _weights(f: _Fields, model_name: str) -> dict:
     return dict(weights)
 
 
+def _patchcore(f: _Fields) -> dict:
+    """A PatchCore card's bank description: two tap indices (finer first), the bank's size and
+    the patches per image (which bound how many images one forward holds)."""
+    bank = f.sub("patchcore")
+    taps = bank.get("taps")
+    if not (isinstance(taps, list) and len(taps) == 2 and all(isinstance(t, int) and 0 <= t <= 2 for t in taps)
+            and taps[0] < taps[1]):
+        bank.fail("taps", f"must be two of the backbone's taps 0, 1, 2, finer first, got {taps!r}")
+    bank.positive_int("bank_size", "patches")
+    bank.positive_int("patches_per_image", "patches")
+    return dict(bank.doc)
+
+
 def parse_card(text: str | bytes, source: str) -> ModelCard:
     """model.json's text -> ModelCard; ModelDirError naming `source`, the key and the fix for
     anything missing, mistyped or inconsistent (schema version, model kind, input, map,
@@ -254,9 +272,13 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     inp = f.sub("input")
     spec = InputSpec(size=inp.positive_int("size"), mean=inp.triple("mean"), std=inp.triple("std", nonzero=True),
                      color=inp.string("color", default="RGB"))
-    layer_norm = f.sub("map", optional=True).doc.get("layer_norm", "none")
+    map_doc = f.sub("map", optional=True).doc
+    layer_norm, smooth_sigma = map_doc.get("layer_norm", "none"), map_doc.get("smooth_sigma", 0.0)
     if layer_norm not in LAYER_NORMS:
         f.fail("map.layer_norm", f"is {layer_norm!r}; expected one of {', '.join(LAYER_NORMS)}")
+    if isinstance(smooth_sigma, bool) or not isinstance(smooth_sigma, (int, float)) or not 0 <= smooth_sigma < 1e3:
+        f.fail("map.smooth_sigma", f"must be a number of pixels >= 0, got {smooth_sigma!r}")
+    patchcore = _patchcore(f) if model_name == "PatchCore" else None
     weights = _weights(f, model_name)
     version = f.string("model_version")
     if version != weights_version(weights):
@@ -268,8 +290,8 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
         f.fail("taps", f"must be a list or absent, got {type(taps).__name__}")
     return ModelCard(
         model_name=model_name, backbone=f.string("backbone"), input=spec,
-        calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(layer_norm),
-        weights=weights, model_version=version, taps=taps,
+        calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(layer_norm, float(smooth_sigma)),
+        weights=weights, model_version=version, taps=taps, patchcore=patchcore,
         **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export")},
         extra={k: v for k, v in doc.items() if k not in known})
 
@@ -299,7 +321,7 @@ def write_card(model_dir: str | Path, card: ModelCard) -> None:
 
 @dataclass
 class LoadedModel:
-    network: object  # stfpm.nn.STFPM
+    network: object  # stfpm.nn.STFPM or stfpm.nn.patchcore.PatchCore, as card.model_name says
     card: ModelCard
     path: str
 
@@ -332,12 +354,13 @@ def save_model(network, out_dir: str | Path, card: ModelCard) -> ModelCard:
     filled in here. Returns the card as written."""
     from safetensors.numpy import save_file
 
-    if card.backbone != network.backbone:
-        raise ValueError(f"the card says backbone {card.backbone!r}, the network is {network.backbone!r}")
+    if (card.backbone, card.model_name) != (network.backbone, network.model_name):
+        raise ValueError(f"the card says {card.model_name} on backbone {card.backbone!r}, the network is "
+                         f"{network.model_name} on {network.backbone!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hashes = {}
-    for part, filename in WEIGHT_FILES.items():
+    for part, filename in WEIGHT_FILES[card.model_name].items():
         save_file(state_to_numpy(getattr(network, part).state_dict()), str(out / filename))
         hashes[filename] = sha256_file(out / filename)
     card = dataclasses.replace(card, weights=hashes, model_version=weights_version(hashes),
@@ -381,19 +404,23 @@ def load_model(model_dir: str | Path) -> LoadedModel:
     import paddle
 
     from stfpm.nn import STFPM
+    from stfpm.nn.patchcore import PatchCore
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     verify_weights(model_dir, card)
-    network = STFPM(card.backbone)
-    for part, filename in WEIGHT_FILES.items():
+    if card.model_name == "PatchCore":
+        network = PatchCore(card.backbone, tuple(card.patchcore["taps"]), card.patchcore["bank_size"])
+    else:
+        network = STFPM(card.backbone)
+    for part, filename in WEIGHT_FILES[card.model_name].items():
         path = model_dir / filename
         layer = getattr(network, part)
         state = read_safetensors(path)
         own = layer.state_dict()
         misfit = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
         if set(state) != set(own) or misfit:
-            raise ModelDirError(f"{path} does not fit backbone {card.backbone!r}: "
+            raise ModelDirError(f"{path} does not fit {card.model_name} on backbone {card.backbone!r}: "
                                 f"missing {sorted(set(own) - set(state))[:5]}, "
                                 f"unexpected {sorted(set(state) - set(own))[:5]}, wrong shape {misfit[:5]}")
         layer.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})

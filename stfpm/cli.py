@@ -85,6 +85,12 @@ def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads
 
 # Options shared by `train`, `train-all` and jobs/train.py: name -> (type, typer option).
 TRAINING_OPTIONS = {
+    "model": (str, typer.Option("stfpm", help="stfpm (student-teacher, trained for epochs) | patchcore (a memory "
+                                              "bank of the teacher's patch features: one pass, no training)")),
+    "bank_fraction": (Optional[float], typer.Option(None, help="PatchCore: bank size as a fraction of all training "
+                                                               "patches (coreset); default 0.01")),
+    "bank_pool": (Optional[int], typer.Option(None, help="PatchCore: patches kept (spread over the images) before "
+                                                         "the coreset; bounds memory; default 40000")),
     "backbone": (str, typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | "
                                                     "efficientnet_lite2")),
     "epochs": (Optional[int], typer.Option(None, help="Default: the backbone's recipe (100)")),
@@ -154,7 +160,8 @@ def training_options(command):
 def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
           out: str = typer.Option(..., help="Model directory to write: local or s3://"),
           cfg=None, workers: int = 0, ray_options: dict | None = None):
-    """Train an STFPM model on the good images of DATA (in this process or on Ray Train)."""
+    """Train a model on the good images of DATA (STFPM: in this process or on Ray Train;
+    PatchCore: its memory bank, in this process)."""
     from stfpm.train import train as run_train
 
     if ray_options:
@@ -163,8 +170,9 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
         result = train_distributed(data, out, cfg, num_workers=workers, **ray_options)
     else:
         result = run_train(data, out, cfg)
-    typer.echo(f"model written to {out} (best epoch {result.best_epoch}, "
-               f"threshold {result.calibration.threshold:.6g})")
+    trained = (f"memory bank of {result.history[0]['bank_size']} patches" if cfg.model == "patchcore"
+               else f"best epoch {result.best_epoch}")
+    typer.echo(f"model written to {out} ({trained}, threshold {result.calibration.threshold:.6g})")
     if result.metrics:
         typer.echo(json.dumps(_headline(result.metrics), indent=2))
         typer.echo(_threshold_note(result.calibration, result.metrics))

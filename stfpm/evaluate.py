@@ -22,7 +22,8 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, batch_size: int = 32,
                          f"found {int((labels == 0).sum())} good and {int((labels == 1).sum())} defective")
     predictor = Predictor.from_model(model, threshold)
     has_masks = all(s.mask is not None for s in samples if s.label == 1)
-    pixels = PixelMetrics() if has_masks else None
+    # STFPM maps lie in [0, 8], PatchCore's patch distances reach the hundreds: bins up to 1e4
+    pixels = PixelMetrics(hi=1e4) if has_masks else None
     scores, records = [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]

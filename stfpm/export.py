@@ -3,7 +3,8 @@ CPU predictor, because Paddle Inference with oneDNN runs it 3.6x (ResNet18) to 5
 faster than the dynamic graph on CPU (bench/predict.py).
 
 The program maps the normalised input (N, 3, S, S) to the per-layer distance maps
-(N, h_i, w_i) followed by the (N, D) feature profile of the in-distribution check
+(N, h_i, w_i) (for PatchCore one map, the nearest-bank-patch distances: the bank is in the
+program's parameters) followed by the (N, D) feature profile of the in-distribution check
 (`stfpm.ood`; exports from before it return the maps only); `stfpm.nn.anomaly_map` upsamples and multiplies them outside the graph
 (oneDNN cannot run Paddle 3.3's bilinear-interpolate attributes). An export holds
 `inference.json` + `inference.pdiparams` (paddle.jit.save), a PaddleX-style
@@ -112,6 +113,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
             {"ToCHWImage": None}]},
         "PostProcess": {"AnomalyMap": {"combine": "product of the outputs, each bilinearly upsampled to the input size",
                                        "layer_norm": card.map.layer_norm,
+                                       "gaussian_sigma": card.map.smooth_sigma,
                                        "score": "max", "threshold": cal.threshold,
                                        "normalised_score": {**cal.scale.to_dict(), "doc": "stfpm.score_scale"}}},
     }, sort_keys=False))

@@ -22,6 +22,7 @@ from stfpm.artifact import LoadedModel, ModelCard
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
 from stfpm.export import LayerForward
 from stfpm.nn import anomaly_map
+from stfpm.nn.patchcore import images_per_forward, smooth_map
 
 ENGINES = ("auto", "onednn", "dygraph")
 
@@ -68,7 +69,9 @@ class Predictor:
         self.mean, self.std = card.input.mean, card.input.std
         self.calibration = card.calibration
         self.threshold = card.calibration.threshold if threshold is None else float(threshold)
-        self.layer_norm = card.map.layer_norm
+        self.layer_norm, self.smooth_sigma = card.map.layer_norm, card.map.smooth_sigma
+        bank = card.patchcore  # PatchCore: its (patches x bank) distances bound the images per forward
+        self.forward_batch = images_per_forward(bank["bank_size"], bank["patches_per_image"]) if bank else None
 
     @classmethod
     def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto",
@@ -121,9 +124,17 @@ class Predictor:
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps and the (N, D)
-        feature profiles (None from an export made before the in-distribution check)."""
-        layer_maps, profiles = self.layer_forward(batch)
-        return anomaly_map(layer_maps, (batch.shape[2], batch.shape[3]), self.layer_norm), profiles
+        feature profiles (None from an export made before the in-distribution check). A
+        PatchCore model runs `forward_batch` images at a time and smooths its maps."""
+        step = self.forward_batch or max(len(batch), 1)
+        size = (batch.shape[2], batch.shape[3])
+        maps, profiles = [], []
+        for i in range(0, len(batch), step):
+            layer_maps, profile = self.layer_forward(batch[i:i + step])
+            maps.append(anomaly_map(layer_maps, size, self.layer_norm))
+            profiles.append(profile)
+        join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
+        return smooth_map(join(maps), self.smooth_sigma), None if profiles[0] is None else join(profiles)
 
     def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """RGB uint8 (N, S, S, 3) model inputs (`ModelInput.pixels`) -> (N, S, S) float32 maps

@@ -27,6 +27,7 @@ from stfpm.weights import apply_state, default_cache_dir, load_teacher_state
 logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("none", "flip", "d4")
+MODELS = ("stfpm", "patchcore")  # what `--model` chooses; STFPM is the default
 
 
 def augment_batch(batch: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -48,9 +49,12 @@ def augment_batch(batch: np.ndarray, kind: str, rng: np.random.Generator) -> np.
 
 @dataclass
 class TrainConfig:
-    """None means "the backbone's recipe default" (stfpm.nn.backbones)."""
+    """None means "the backbone's recipe default" (stfpm.nn.backbones). For model "patchcore"
+    the student's settings (epochs, optimizer, augment, layer_norm) do not apply; its own are
+    `bank_fraction` and `bank_pool` (stfpm.nn.patchcore.PATCHCORE_RECIPE)."""
 
     backbone: str = "resnet18"
+    model: str = "stfpm"
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -64,11 +68,18 @@ class TrainConfig:
     teacher_weights: str | None = None
     augment: str | None = None
     layer_norm: str | None = None  # how the anomaly map is formed (stfpm.nn.anomaly_map); not a training input
+    bank_fraction: float | None = None
+    bank_pool: int | None = None
 
     def resolved(self) -> "TrainConfig":
+        from stfpm.nn.patchcore import PATCHCORE_RECIPE
+
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         spec = backbone_spec(self.backbone)
         cfg = copy.copy(self)
-        for key, default in spec.recipe.items():
+        recipe = {**spec.recipe, **PATCHCORE_RECIPE} if cfg.model == "patchcore" else spec.recipe
+        for key, default in recipe.items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, default)
         if cfg.augment not in AUGMENTATIONS:
@@ -82,6 +93,11 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
         if not 0 < cfg.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
+        if cfg.model == "patchcore":
+            if not 0 < cfg.bank_fraction <= 1:
+                raise ValueError(f"bank_fraction must be in (0, 1], got {cfg.bank_fraction}")
+            if cfg.bank_pool < 1:
+                raise ValueError(f"bank_pool must be >= 1, got {cfg.bank_pool}")
         return cfg
 
 
@@ -247,8 +263,13 @@ def split_dataset(data: str, cfg: TrainConfig) -> TrainSplit:
 def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
           on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train on DATA's good images in this process, keep the student with the lowest
-    held-out loss, then `finalize` the model directory."""
+    held-out loss, then `finalize` the model directory. Model "patchcore" builds its memory
+    bank instead (stfpm.patchcore_train)."""
     cfg = cfg.resolved()
+    if cfg.model == "patchcore":
+        from stfpm.patchcore_train import train_patchcore
+
+        return train_patchcore(data, out_dir, cfg, progress)
     configure_threads()
     spec = backbone_spec(cfg.backbone)
     split = split_dataset(data, cfg)
@@ -280,12 +301,8 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
 
 def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images: np.ndarray,
              out_dir: str, history: list[dict]) -> TrainResult:
-    """Shared by single-process and Ray Train training: calibrate the threshold on the
-    held-out images, write the model directory and, when the dataset has a labelled test
-    split, evaluate on it and store the metrics."""
-    from stfpm.evaluate import evaluate_model
-
-    network.eval()
+    """Shared by single-process and Ray Train training: the STFPM model's card, then
+    `calibrate_and_save`."""
     best = min(history, key=lambda r: r["holdout_loss"])
     dataset = split.dataset
     card = ModelCard(
@@ -297,17 +314,32 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
                   "data_fingerprint": fingerprint([s.image for s in dataset.train]),
                   "best_epoch": best["epoch"], "best_holdout_loss": best["holdout_loss"],
                   "final_loss": history[-1]["loss"]})
+    card, metrics = calibrate_and_save(network, card, holdout_images, split, out_dir, cfg, history)
+    return TrainResult(str(out_dir), best["epoch"], best["holdout_loss"], card.calibration, history, metrics)
+
+
+def calibrate_and_save(network, card: ModelCard, holdout_images: np.ndarray, split: "TrainSplit", out_dir: str,
+                       cfg: TrainConfig, log: list[dict]) -> tuple[ModelCard, dict | None]:
+    """For every model kind: calibrate on the held-out images (and the training split, for the
+    in-distribution check), write the model directory (`log` as train_log.jsonl) and, when the
+    dataset has a labelled test split, evaluate on it and store the metrics. Returns the card
+    as written and the metrics."""
+    from stfpm.evaluate import evaluate_model
+
+    network.eval()
+    dataset = split.dataset
     card = dataclasses.replace(card, calibration=calibrate_on_good_images(
         network, card, holdout_images, cfg.threshold_quantile, [s.image for s in split.train]))
     with tempfile.TemporaryDirectory() as tmp:
         local_dir = Path(tmp) if is_s3(str(out_dir)) else Path(out_dir)
         card = save_model(network, local_dir, card)
-        (local_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        (local_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         metrics = None
         if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
             model = LoadedModel(network=network, card=card, path=str(local_dir))
             metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
-            write_card(local_dir, dataclasses.replace(card, metrics=metrics))
+            card = dataclasses.replace(card, metrics=metrics)
+            write_card(local_dir, card)
         if local_dir != Path(out_dir):
             upload_dir(local_dir, str(out_dir))
-    return TrainResult(str(out_dir), best["epoch"], best["holdout_loss"], card.calibration, history, metrics)
+    return card, metrics

@@ -162,16 +162,19 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
                       storage: str | None = None, name: str | None = None, max_failures: int = 0,
                       threads_per_worker: int | None = None, cpus_per_worker: float = 1) -> TrainResult:
     """Train with `num_workers` Ray Train workers (Ray must be initialised, or is started
-    locally), then finalize the model directory exactly as single-process training does."""
+    locally), then finalize the model directory exactly as single-process training does.
+    A PatchCore model has nothing to train data-parallel: its bank is built in this process."""
     import ray
     import ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from stfpm.distributed.paddle_backend import PaddleConfig
     from stfpm.nn import backbone_spec
-    from stfpm.train import build_network, load_images
+    from stfpm.train import build_network, load_images, train
 
     cfg = cfg.resolved()
+    if cfg.model == "patchcore":
+        return train(data, out_dir, cfg)
     split = split_dataset(data, cfg)
     if not ray.is_initialized():
         init_ray()

@@ -74,6 +74,8 @@ def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none") -> 
 class STFPM(nn.Layer):
     """Teacher (frozen, always in eval mode) and student of the same backbone."""
 
+    model_name = "STFPM"
+
     def __init__(self, backbone: str):
         super().__init__()
         self.backbone = backbone

@@ -1,0 +1,75 @@
+"""Training a PatchCore model: one feature pass over the good training images builds the
+memory bank, then the threshold is calibrated on the held-out good images exactly as for
+STFPM (`stfpm.train.calibrate_and_save`). There is no student and no epoch.
+
+Memory stays bounded whatever the number of images: features are computed a batch at a time
+and only `bank_pool / n_images` random patches of each image are kept (at most `bank_pool`
+patches in all) before the greedy coreset picks the bank from them."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+import paddle
+
+from stfpm.artifact import InputSpec, MapSpec, ModelCard
+from stfpm.nn import backbone_spec
+from stfpm.nn.patchcore import SMOOTH_SIGMA, PatchCore, greedy_coreset, subsample_patches
+from stfpm.runtime import configure_threads
+from stfpm.train import (UNCALIBRATED, TrainConfig, TrainResult, calibrate_and_save, fingerprint, load_images,
+                         split_dataset)
+from stfpm.weights import apply_state, load_teacher_state
+
+
+def build_bank(network: PatchCore, paths: list[str], cfg: TrainConfig, batch_size: int = 16) -> tuple[np.ndarray, dict]:
+    """The coreset of the training images' patch features, and what it was built from."""
+    spec = backbone_spec(cfg.backbone)
+    rng = np.random.default_rng(cfg.seed)
+    per_image = max(1, cfg.bank_pool // len(paths))
+    pool, patches_per_image = [], 0
+    network.eval()
+    for start in range(0, len(paths), batch_size):
+        batch = load_images(paths[start:start + batch_size], cfg.image_size, spec.mean, spec.std)
+        with paddle.no_grad():
+            features = network.features(paddle.to_tensor(batch)).numpy()
+        patches_per_image = features.shape[2] * features.shape[3]
+        pool.append(subsample_patches(features, per_image, rng))
+    pool = np.concatenate(pool)
+    n_bank = min(len(pool), math.ceil(cfg.bank_fraction * len(paths) * patches_per_image))
+    bank = pool[greedy_coreset(pool, n_bank, seed=cfg.seed)]
+    return bank, {"bank_size": int(len(bank)), "pool_size": int(len(pool)), "patches_per_image": int(patches_per_image)}
+
+
+def train_patchcore(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Build the bank from DATA's training split, calibrate on its held-out split, save."""
+    cfg = cfg.resolved()
+    configure_threads()
+    spec = backbone_spec(cfg.backbone)
+    split = split_dataset(data, cfg)
+    network = PatchCore(cfg.backbone)
+    apply_state(network.teacher, load_teacher_state(cfg.backbone, cfg.teacher_weights))
+    t0 = time.time()
+    bank, stats = build_bank(network, [s.image for s in split.train], cfg)
+    network.set_bank(bank)
+    record = {**stats, "seconds": round(time.time() - t0, 2)}
+    if progress:
+        sys.stderr.write(f"memory bank: {stats['bank_size']} patches chosen from {stats['pool_size']} "
+                         f"({len(split.train)} images) in {record['seconds']:.0f} s\n")
+    dataset = split.dataset
+    card = ModelCard(
+        model_name="PatchCore", backbone=cfg.backbone, input=InputSpec.for_backbone(cfg.backbone, cfg.image_size),
+        calibration=UNCALIBRATED, map=MapSpec(layer_norm="none", smooth_sigma=SMOOTH_SIGMA),
+        taps=[spec.channels[t] for t in network.taps],
+        patchcore={"taps": list(network.taps), "feature_dim": network.feature_dim,
+                   "bank_fraction": cfg.bank_fraction, "bank_pool": cfg.bank_pool, **stats},
+        recipe={k: getattr(cfg, k) for k in ("model", "backbone", "image_size", "holdout_fraction", "seed",
+                                             "threshold_quantile", "teacher_weights", "bank_fraction", "bank_pool")},
+        training={"data": str(dataset.root), "layout": dataset.layout,
+                  "n_train": len(split.train), "n_holdout": len(split.holdout),
+                  "data_fingerprint": fingerprint([s.image for s in dataset.train]),
+                  "bank_seconds": record["seconds"]})
+    holdout_images = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std)
+    card, metrics = calibrate_and_save(network, card, holdout_images, split, out_dir, cfg, [record])
+    return TrainResult(str(out_dir), 0, float("nan"), card.calibration, [record], metrics)
