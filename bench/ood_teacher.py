@@ -15,7 +15,8 @@ import numpy as np
 import paddle
 
 from stfpm.data import load_dataset, split_holdout
-from stfpm.nn import backbone_spec, feature_profile
+from stfpm.nn import backbone_spec
+from stfpm.nn.stfpm import feature_profile
 from stfpm.ood import InDistribution
 from stfpm.train import build_network, load_images
 
