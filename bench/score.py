@@ -78,11 +78,10 @@ def run_loop(work: Path, n: int, batch_size: int) -> dict:
     t0 = time.perf_counter()
     plan = plan_run(str(work / "model"), manifest(work, n), out)
     models = {"": ref.uri for ref in plan.models.values()}
-    log_scales = {"": ref.log_scale for ref in plan.models.values()}
     actor = ScoreActor(models, None, os.path.join(tempfile.gettempdir(), "stfpm-models"))
     for i in range(0, len(plan.pending), batch_size):
         batch = load_images(plan.pending.slice(i, batch_size), 100_000_000, MAX_BYTES)
-        batch = write_maps(actor(batch), out, False, log_scales, 100_000_000, MAX_BYTES)
+        batch = write_maps(actor(batch), out)
         write_table_file(batch, join_uri(out, SCORES), plan.run_id, plan.schema)
     wall = time.perf_counter() - t0
     return {"mode": "loop", "n": n, "seconds": wall, "images_per_s": n / wall, "driver_peak_mb": peak_rss_mb()}
