@@ -14,7 +14,8 @@ directory (MODEL_KINDS); every kind is scored by the same path, the project's
 a seeded random N of train/good (the held-out 20% is taken from those N). With `--models DIR`
 a model already in DIR for the same category, seed and recipe is reused instead of retrained,
 so map variants (`--map KEY=VALUE,...`, applied to model.json's "map") cost one evaluation.
-The JSON holds the first map variant (the recipe's own when no --map is given), means over
+The table's "proxy" is the label-free image AUROC on the model's held-out good images
+against the same images with synthetic defects (stfpm.proxy). The JSON holds the first map variant (the recipe's own when no --map is given), means over
 --seeds; the table shows every variant and seed.
 """
 from __future__ import annotations
@@ -34,9 +35,11 @@ warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
 
-from stfpm.artifact import load_model  # noqa: E402
+from stfpm.artifact import load_model, read_card  # noqa: E402
 from stfpm.data import load_dataset  # noqa: E402
 from stfpm.evaluate import evaluate_model  # noqa: E402
+from stfpm.inference import Predictor  # noqa: E402
+from stfpm.proxy import proxy_auroc, run_once, with_synthetic_defects  # noqa: E402
 
 DEV_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEV_SETS = ("mvtec_bottle_dev", "mvtec_screw_dev", "magnetic_tile_dev", "elpv_mono_dev")
@@ -71,13 +74,19 @@ def train_patchcore(train_dir: str, model_dir: str, recipe: dict, seed: int) -> 
 MODEL_KINDS = {"stfpm": train_stfpm, "patchcore": train_patchcore}
 
 
-def training_folder(data: Path, subset: int | None, seed: int, tmp: Path) -> Path:
-    """A folder holding only train/good (symlinks; a seeded subset of N when given), so
-    training does not evaluate on its own and the images stay where they are."""
+def training_images(data: Path, subset: int | None, seed: int) -> list[Path]:
+    """train/good, or a seeded random `subset` of it."""
     goods = sorted(p for p in (data / "train" / "good").iterdir() if p.is_file())
     if subset and subset < len(goods):
         rng = np.random.default_rng(seed)
         goods = sorted(goods[i] for i in rng.choice(len(goods), subset, replace=False))
+    return goods
+
+
+def training_folder(data: Path, subset: int | None, seed: int, tmp: Path) -> Path:
+    """A folder holding only train/good (symlinks to `training_images`), so training does not
+    evaluate on its own and the images stay where they are."""
+    goods = training_images(data, subset, seed)
     folder = tmp / data.name / "train" / "good"
     folder.mkdir(parents=True)
     for path in goods:
@@ -119,15 +128,31 @@ def trained_model(kind: str, data: Path, recipe: dict, subset: int | None, seed:
     return str(keep), train_s, resolved
 
 
-def evaluate_variants(model_dir: str, data: Path, variants: list[dict]) -> list[dict]:
-    """The project's evaluation of one model under each map variant (model.json's "map" updated)."""
+def holdout_images(model_dir: str, data: Path, subset: int | None, seed: int) -> np.ndarray:
+    """RGB uint8 held-out good images of a model the harness trained (the same subset and split)."""
+    from stfpm.data import Sample, read_image, resize_for_model, split_holdout
+
+    card = read_card(model_dir)
+    goods = [str(p) for p in training_images(data, subset, seed)]
+    _, held = split_holdout([Sample(p, 0, "good", None) for p in goods], card.recipe["holdout_fraction"], seed)
+    return np.stack([resize_for_model(read_image(s.image), card.input.size) for s in held])
+
+
+def evaluate_variants(model_dir: str, data: Path, variants: list[dict], holdout: np.ndarray) -> list[dict]:
+    """The project's evaluation of one model under each map variant (model.json's "map"
+    updated), and the label-free proxy AUROC on `holdout` (good, and with synthetic defects);
+    the network runs once per batch, whatever the number of variants."""
     dataset = load_dataset(data)
+    model = load_model(model_dir)
+    forward_once = run_once(Predictor.from_model(model).layer_forward)
+    defective = with_synthetic_defects(holdout)
     out = []
     for variant in variants:
-        model = load_model(model_dir)
-        model.card = dataclasses.replace(model.card, map=dataclasses.replace(model.card.map, **variant))
-        metrics = evaluate_model(model, dataset)["metrics"]
-        out.append({k: metrics[k] for k in METRICS} | {"per_type": metrics["per_defect_type_image_auroc"]})
+        card = dataclasses.replace(model.card, map=dataclasses.replace(model.card.map, **variant))
+        predictor = Predictor(card, forward_once)
+        metrics = evaluate_model(model, dataset, predictor=predictor)["metrics"]
+        out.append({k: metrics[k] for k in METRICS} | {"per_type": metrics["per_defect_type_image_auroc"],
+                                                        "proxy": proxy_auroc(predictor, holdout, defective)})
     return out
 
 
@@ -138,7 +163,7 @@ def run_category(kind: str, data: Path, recipe: dict, subset: int | None, seeds:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             model_dir, train_s, resolved = trained_model(kind, data, recipe, subset, seed, models or Path(tmp))
-            runs.append(evaluate_variants(model_dir, data, variants))
+            runs.append(evaluate_variants(model_dir, data, variants, holdout_images(model_dir, data, subset, seed)))
             times.append(train_s)
     return {"runs": runs, "train_s": float(np.mean(times)), "epochs": resolved.get("epochs"), "recipe": resolved}
 
@@ -159,7 +184,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("image-size", int),
                        ("momentum", float), ("weight-decay", float), ("optimizer", str), ("augment", str),
-                       ("layer-norm", str), ("bank-fraction", float), ("bank-pool", int)):
+                       ("layer-norm", str), ("combine", str), ("map-selection", str), ("bank-fraction", float),
+                       ("bank-pool", int)):
         ap.add_argument(f"--{name}", type=kind, default=None)
     args = ap.parse_args()
     categories = [Path(c) for c in args.categories] or [DEV_ROOT / name for name in DEV_SETS]
@@ -170,7 +196,7 @@ def main() -> None:
     recipe = {"backbone": args.backbone}
     recipe.update({k: v for k, v in vars(args).items() if v is not None and k in (
         "epochs", "batch_size", "lr", "image_size", "momentum", "weight_decay", "optimizer", "augment", "layer_norm",
-        "bank_fraction", "bank_pool")})
+        "combine", "map_selection", "bank_fraction", "bank_pool")})
     args.out = args.out or str(Path(__file__).with_name(
         "accuracy.json" if args.model == "stfpm" else f"accuracy_{args.model}.json"))
     variants = [parse_map_variant(m) for m in args.map] or [{}]
@@ -185,10 +211,10 @@ def main() -> None:
         resolved = outcome["recipe"]
         for v, variant in enumerate(variants):
             per_seed = [run[v] for run in outcome["runs"]]
-            means = {k: mean_or_none([r[k] for r in per_seed]) for k in METRICS}
+            means = {k: mean_or_none([r[k] for r in per_seed]) for k in METRICS + ("proxy",)}
             rows.append((data.name, variant, means, per_seed, outcome["train_s"]))
             if v == 0:
-                results[data.name] = {**means, "train_s": round(outcome["train_s"], 1), "epochs": outcome["epochs"]}
+                results[data.name] = {**{k: means[k] for k in METRICS}, "train_s": round(outcome["train_s"], 1), "epochs": outcome["epochs"]}
         print_table(rows)
     record = {"recipe": {"model": args.model, **resolved, "map": variants[0] or None, "seeds": args.seeds,
                          "train_subset": args.train_subset}, "results": results}
@@ -198,12 +224,12 @@ def main() -> None:
 
 def print_table(rows) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    print(f"\n{'category':<20} {'map':<28} {'image':>6} {'pixel':>6} {'aupro':>6} {'train_s':>8}  per seed image AUROC")
+    print(f"\n{'category':<20} {'map':<28} {'image':>6} {'pixel':>6} {'aupro':>6} {'proxy':>6} {'train_s':>8}  per seed image AUROC")
     for name, variant, means, per_seed, train_s in rows:
         label = ",".join(f"{k}={v}" for k, v in variant.items()) or "(recipe)"
         seeds = " ".join(fmt(r["image_auroc"]) for r in per_seed)
         print(f"{name:<20} {label:<28} {fmt(means['image_auroc']):>6} {fmt(means['pixel_auroc']):>6} "
-              f"{fmt(means['aupro']):>6} {train_s:>8.0f}  {seeds}")
+              f"{fmt(means['aupro']):>6} {fmt(means['proxy']):>6} {train_s:>8.0f}  {seeds}")
     sys.stdout.flush()
 
 

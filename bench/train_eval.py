@@ -29,11 +29,12 @@ def main() -> None:
                        ("layer-norm", str)):
         ap.add_argument(f"--{name}", type=kind, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher-cache-mb", type=int, default=2048, help="0: the teacher runs on every step")
     args = ap.parse_args()
     cfg = TrainConfig(backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       image_size=args.image_size, momentum=args.momentum, weight_decay=args.weight_decay,
                       optimizer=args.optimizer, augment=args.augment, layer_norm=args.layer_norm,
-                      seed=args.seed)
+                      seed=args.seed, teacher_cache_mb=args.teacher_cache_mb)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         result = train(args.data, args.out or f"{tmp}/model", cfg)
@@ -41,6 +42,7 @@ def main() -> None:
     rates = [r["images_per_s"] for r in result.history]
     summary = {"data": args.data, "recipe": {k: v for k, v in vars(cfg.resolved()).items() if v is not None},
                "best_epoch": result.best_epoch, "train_images_per_s": sum(rates) / len(rates),
+               "epoch_images_per_s": [round(r, 2) for r in rates],
                "total_time_s": round(elapsed, 1)}
     if result.metrics:
         summary.update({k: result.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")})

@@ -29,7 +29,8 @@ MODEL_JSON = "model.json"
 WEIGHT_FILES = {"STFPM": {"teacher": "teacher.safetensors", "student": "student.safetensors"},
                 "PatchCore": {"teacher": "teacher.safetensors", "memory": "bank.safetensors"}}
 MODEL_KINDS = {kind: tuple(sorted(parts.values())) for kind, parts in WEIGHT_FILES.items()}
-LAYER_NORMS = ("none", "median")  # how layer maps may be normalised (MapSpec, stfpm.nn.anomaly_map)
+LAYER_NORMS = ("none", "median", "holdout")  # how layer maps may be normalised (MapSpec, stfpm.nn.anomaly_map)
+COMBINES = ("product", "sum")  # how the normalised layer maps are combined
 RETRAIN = "retrain the model with `stfpm train`, or restore model.json from where the model came from"
 
 
@@ -58,9 +59,17 @@ class InputSpec:
 @dataclass(frozen=True)
 class MapSpec:
     """How the per-layer maps become the anomaly map (stfpm.nn.anomaly_map), then how it is
-    smoothed (PatchCore's Gaussian, stfpm.nn.patchcore.smooth_map; 0: not smoothed)."""
-    layer_norm: str = "none"  # cards from before the option existed: the paper's map
+    smoothed (PatchCore's Gaussian, stfpm.nn.patchcore.smooth_map; 0: not smoothed). Cards from
+    before an option existed get the paper's map. `layer_scale`: each layer map's mean over the
+    held-out good images (training records it; layer_norm "holdout" divides by it)."""
+    layer_norm: str = "none"
     smooth_sigma: float = 0.0
+    combine: str = "product"
+    layer_scale: tuple[float, ...] | None = None
+
+    def options(self) -> dict:
+        """anomaly_map's keyword arguments."""
+        return {"layer_norm": self.layer_norm, "combine": self.combine, "layer_scale": self.layer_scale}
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ class ModelCard:
     versions: dict | None = None
     export: dict | None = None   # set in exported models (stfpm.export)
     patchcore: dict | None = None  # PatchCore's bank: taps, bank_size, patches_per_image, how it was built
+    validation: dict | None = None  # label-free proxy AUROC of each map variant (stfpm.proxy)
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -278,6 +288,15 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
         f.fail("map.layer_norm", f"is {layer_norm!r}; expected one of {', '.join(LAYER_NORMS)}")
     if isinstance(smooth_sigma, bool) or not isinstance(smooth_sigma, (int, float)) or not 0 <= smooth_sigma < 1e3:
         f.fail("map.smooth_sigma", f"must be a number of pixels >= 0, got {smooth_sigma!r}")
+    combine = map_doc.get("combine", "product")
+    if combine not in COMBINES:
+        f.fail("map.combine", f"is {combine!r}; expected one of {', '.join(COMBINES)}")
+    layer_scale = map_doc.get("layer_scale")
+    if layer_scale is not None and not (isinstance(layer_scale, list) and all(
+            isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in layer_scale)):
+        f.fail("map.layer_scale", "must be a list of positive numbers (one per layer) or absent")
+    if layer_norm == "holdout" and layer_scale is None:
+        f.fail("map.layer_scale", "is missing; layer_norm 'holdout' divides each layer by it")
     patchcore = _patchcore(f) if model_name == "PatchCore" else None
     weights = _weights(f, model_name)
     version = f.string("model_version")
@@ -290,9 +309,10 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
         f.fail("taps", f"must be a list or absent, got {type(taps).__name__}")
     return ModelCard(
         model_name=model_name, backbone=f.string("backbone"), input=spec,
-        calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(layer_norm, float(smooth_sigma)),
+        calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(
+            layer_norm, float(smooth_sigma), combine, None if layer_scale is None else tuple(float(v) for v in layer_scale)),
         weights=weights, model_version=version, taps=taps, patchcore=patchcore,
-        **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export")},
+        **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export", "validation")},
         extra={k: v for k, v in doc.items() if k not in known})
 
 

@@ -107,10 +107,17 @@ TRAINING_OPTIONS = {
                                                                ".safetensors, legacy .pth)")),
     "augment": (Optional[str], typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts "
                                                        "whose pose varies); default none")),
-    "layer_norm": (Optional[str], typer.Option(None, help="none | median: divide each layer's map by its image "
-                                                          "median before the product (for parts whose overall "
+    "layer_norm": (Optional[str], typer.Option(None, help="none | median | holdout: divide each layer's map by "
+                                                          "its image median (or its held-out mean) before combining (for parts whose overall "
                                                           "discrepancy varies, e.g. screws); default: median "
                                                           "for the efficientnet_lite teachers, none for resnet18")),
+    "combine": (Optional[str], typer.Option(None, help="product | sum: how the layer maps are combined (the "
+                                                       "paper's product, or the mean of the scaled layer maps)")),
+    "map_selection": (Optional[str], typer.Option(None, help="recipe | proxy: keep --layer-norm/--combine, or "
+                                                             "pick the map that best tells held-out good images "
+                                                             "from the same with synthetic defects")),
+    "teacher_cache_mb": (int, typer.Option(2048, help="Memory (MB, per worker) for the frozen teacher's features, "
+                                                      "kept across epochs when --augment is none; 0 disables")),
     "workers": (int, typer.Option(0, help="Ray Train workers; 0 trains in this process")),
     "gpu": (bool, typer.Option(False, "--gpu", help="One GPU per worker (nccl)")),
     "storage": (Optional[str], typer.Option(None, help="Checkpoint storage for Ray Train: path or s3:// "

@@ -14,13 +14,15 @@ from stfpm.metrics import PixelMetrics, auroc, f1_max
 
 
 def evaluate_model(model: LoadedModel, dataset: Dataset, batch_size: int = 32,
-                   threshold: float | None = None) -> dict:
+                   threshold: float | None = None, predictor: Predictor | None = None) -> dict:
+    """`predictor`: one already built on `model` (e.g. the same network under another map
+    variant, bench/accuracy.py); by default one is built here with `threshold`."""
     samples = dataset.test
     labels = np.array([s.label for s in samples])
     if len(samples) == 0 or labels.min() == labels.max():
         raise ValueError(f"{dataset.root}: evaluation needs good and defective test images; "
                          f"found {int((labels == 0).sum())} good and {int((labels == 1).sum())} defective")
-    predictor = Predictor.from_model(model, threshold)
+    predictor = predictor or Predictor.from_model(model, threshold)
     has_masks = all(s.mask is not None for s in samples if s.label == 1)
     # STFPM maps lie in [0, 8], PatchCore's patch distances reach the hundreds: bins up to 1e4
     pixels = PixelMetrics(hi=1e4) if has_masks else None

@@ -69,7 +69,7 @@ class Predictor:
         self.mean, self.std = card.input.mean, card.input.std
         self.calibration = card.calibration
         self.threshold = card.calibration.threshold if threshold is None else float(threshold)
-        self.layer_norm, self.smooth_sigma = card.map.layer_norm, card.map.smooth_sigma
+        self.smooth_sigma = card.map.smooth_sigma
         bank = card.patchcore  # PatchCore: its (patches x bank) distances bound the images per forward
         self.forward_batch = images_per_forward(bank["bank_size"], bank["patches_per_image"]) if bank else None
 
@@ -131,7 +131,7 @@ class Predictor:
         maps, profiles = [], []
         for i in range(0, len(batch), step):
             layer_maps, profile = self.layer_forward(batch[i:i + step])
-            maps.append(anomaly_map(layer_maps, size, self.layer_norm))
+            maps.append(anomaly_map(layer_maps, size, **self.card.map.options()))
             profiles.append(profile)
         join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
         return smooth_map(join(maps), self.smooth_sigma), None if profiles[0] is None else join(profiles)

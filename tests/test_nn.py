@@ -107,3 +107,19 @@ def test_median_layer_norm_divides_each_layer_by_its_image_median():
     assert not np.allclose(anomaly_map(shifted, (32, 32))[1], anomaly_map(layers, (32, 32))[1])
     with pytest.raises(ValueError, match="layer_norm must be one of"):
         anomaly_map(layers, (32, 32), layer_norm="max")
+
+
+def test_holdout_layer_norm_and_sum_combine():
+    rng = np.random.default_rng(3)
+    layers = [rng.uniform(0.5, 2.0, (2, s, s)).astype(np.float32) * scale for s, scale in ((16, 1.0), (8, 10.0))]
+    scale = [1.0, 10.0]
+    summed = anomaly_map(layers, (32, 32), layer_norm="holdout", combine="sum", layer_scale=scale)
+    by_hand = (anomaly_map([layers[0]], (32, 32)) + anomaly_map([layers[1] / 10.0], (32, 32))) / 2
+    np.testing.assert_allclose(summed, by_hand, rtol=1e-5)
+    # one constant per layer: a product under "holdout" only rescales the paper's map
+    np.testing.assert_allclose(anomaly_map(layers, (32, 32), layer_norm="holdout", layer_scale=scale),
+                               anomaly_map(layers, (32, 32)) / 10.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="layer_scale"):
+        anomaly_map(layers, (32, 32), layer_norm="holdout")
+    with pytest.raises(ValueError, match="combine must be one of"):
+        anomaly_map(layers, (32, 32), combine="max")

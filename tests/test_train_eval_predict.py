@@ -38,6 +38,10 @@ def test_model_directory_contents(trained):
     assert thr["source"] == "holdout_quantile" and thr["score_min"] <= thr["value"] <= thr["score_max"]
     assert meta["training"]["n_holdout"] == 13 and meta["training"]["n_train"] == 51
     assert 1 <= meta["training"]["best_epoch"] <= 20
+    assert meta["map"]["layer_norm"] == "median" and meta["map"]["combine"] == "product"
+    assert len(meta["map"]["layer_scale"]) == 3 and min(meta["map"]["layer_scale"]) > 0
+    proxies = meta["validation"]["proxy_auroc"]
+    assert meta["validation"]["n_images"] == 13 and len(proxies) == 6 and 0.5 < proxies["median/product"] <= 1
     log = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == list(range(1, 21))
     assert log[-1]["loss"] < log[0]["loss"]

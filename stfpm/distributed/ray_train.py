@@ -94,7 +94,8 @@ def train_loop_per_worker(config: dict) -> None:
     from stfpm.nn import backbone_spec
     from stfpm.noise import drop_materialized_dataset_cpu_warning
     from stfpm.runtime import configure_logging
-    from stfpm.train import ProgressLog, augment_batch, build_network, make_optimizer, mean_loss, run_epoch
+    from stfpm.train import (ProgressLog, augment_batch, build_network, make_optimizer, mean_loss, run_epoch,
+                             teacher_cache)
 
     drop_materialized_dataset_cpu_warning()  # this worker holds the CPUs; its datasets need none
 
@@ -121,22 +122,25 @@ def train_loop_per_worker(config: dict) -> None:
             start, best_loss, history = state["epoch"] + 1, state["best_holdout_loss"], state["history"]
     model = paddle.DataParallel(network) if world > 1 else network
     per_worker_batch = max(1, cfg.batch_size // world)
-    holdout = np.concatenate([normalize_batch(b["image"], spec.mean, spec.std) for b in
-                              ray.train.get_dataset_shard("holdout").iter_batches(batch_size=256, batch_format="numpy")])
+    holdout_batches = list(ray.train.get_dataset_shard("holdout").iter_batches(batch_size=256, batch_format="numpy"))
+    holdout = np.concatenate([normalize_batch(b["image"], spec.mean, spec.std) for b in holdout_batches])
+    holdout_keys = [str(p) for b in holdout_batches for p in b["path"]]
+    cache = teacher_cache(network, cfg)  # per worker: its shard's and the held-out images' features
     shard = ray.train.get_dataset_shard("train")
     log = ProgressLog(cfg.epochs, first_epoch=start, enabled=rank == 0)
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, epoch, rank])
-        batches = (augment_batch(normalize_batch(b["image"], spec.mean, spec.std), cfg.augment, rng)
+        batches = ((augment_batch(normalize_batch(b["image"], spec.mean, spec.std), cfg.augment, rng),
+                    [str(p) for p in b["path"]])
                    for b in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
                                                local_shuffle_buffer_size=4 * per_worker_batch,
                                                local_shuffle_seed=cfg.seed * 1000 + epoch + rank))
-        loss, seen = run_epoch(model, optimizer, batches)
+        loss, seen = run_epoch(model, optimizer, batches, cache)
         loss = _all_reduce_mean(loss, seen)
         _average_batchnorm_statistics(network.student)
         elapsed = time.time() - t0
-        holdout_loss = mean_loss(network, holdout, cfg.batch_size)  # identical on every worker
+        holdout_loss = mean_loss(network, holdout, cfg.batch_size, cache, holdout_keys)  # identical on every worker
         record = {"epoch": epoch, "loss": loss, "holdout_loss": holdout_loss,
                   "images_per_s": seen * world / elapsed, "best": holdout_loss < best_loss,
                   "workers": world, "device": device, "segment_start": start}

@@ -26,6 +26,8 @@ OFFICIAL_RECIPE = {
     "holdout_fraction": 0.2,
     "augment": "none",
     "layer_norm": "none",
+    "combine": "product",
+    "map_selection": "recipe",
 }
 
 

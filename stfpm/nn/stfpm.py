@@ -3,7 +3,8 @@
 A frozen teacher and a trainable student of the same architecture see the same image.
 Per tapped layer the discrepancy is 0.5 * ||n(t) - n(s)||^2 over channels, n being L2
 normalisation along channels. Training minimises its mean; the anomaly map is its product
-over layers after bilinear upsampling to the input size; the image score is the map's max.
+over layers after bilinear upsampling to the input size (or a mean of scaled layer maps,
+`anomaly_map`); the image score is the map's max.
 
 The network ends at the per-layer maps (and a pooled feature profile for `stfpm.ood`); upsampling and the product happen in numpy
 (`anomaly_map`), so the graph that Paddle Inference runs holds no interpolate op and oneDNN
@@ -17,7 +18,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from stfpm.artifact import LAYER_NORMS  # the map options a model card may name
+from stfpm.artifact import COMBINES, LAYER_NORMS  # the map options a model card may name
 from stfpm.nn.backbones import build_backbone
 
 
@@ -42,33 +43,50 @@ def feature_profile(feats) -> paddle.Tensor:
     return paddle.concat([f.sum(axis=[2, 3]) / float(f.shape[2] * f.shape[3]) for f in feats], axis=1)
 
 
-def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none") -> np.ndarray:
-    """(N, H, W) float32 product of the (N, h, w) per-layer maps, each bilinearly upsampled to
-    `size` (half-pixel centres, as align_corners=False). The batch is resized as channels:
-    one cv2 call per 128 images and layer (OpenCV 5 resizes at most 128 channels per call).
+def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none", combine: str = "product",
+                layer_scale=None) -> np.ndarray:
+    """(N, H, W) float32 combination of the (N, h, w) per-layer maps, each bilinearly upsampled
+    to `size` (half-pixel centres, as align_corners=False): their product (the paper's map) or,
+    with combine "sum", their mean. The batch is resized as channels: one cv2 call per 128
+    images and layer (OpenCV 5 resizes at most 128 channels per call).
 
-    layer_norm "median" first divides each layer map by its own median over the image, so a
-    score measures a local peak against the image's own discrepancy level rather than that
-    level itself: where the whole-image level shifts with lighting or pose (MVTec screw), the
-    plain map ranks images by that shift and lands at chance (bench/RESULTS.md). It also
-    hides anomalies that cover most of the image; "none" is the paper's map."""
+    Before combining, `layer_norm` scales each layer map:
+    - "none": as it is (the paper);
+    - "median": by its own median over the image, so a score measures a local peak against the
+      image's own discrepancy level rather than that level itself: where the whole-image level
+      shifts with lighting or pose (MVTec screw), the plain map ranks images by that shift and
+      lands at chance (bench/RESULTS.md). It also hides anomalies that cover most of the image;
+    - "holdout": by `layer_scale[i]`, the layer's mean over the held-out good images (recorded
+      at training): one constant per layer, so large anomalies stay visible and the layers
+      weigh alike in a sum (for a product it only rescales the map)."""
     if layer_norm not in LAYER_NORMS:
         raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORMS)}, got {layer_norm!r}")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {', '.join(COMBINES)}, got {combine!r}")
+    if layer_norm == "holdout" and (layer_scale is None or len(layer_scale) != len(layer_maps)):
+        raise ValueError("layer_norm 'holdout' needs one layer_scale per layer (model.json map.layer_scale)")
     height, width = size
     result = None
-    for layer in layer_maps:
+    for i, layer in enumerate(layer_maps):
         layer = np.asarray(layer, dtype=np.float32)
         n = len(layer)
         if layer_norm == "median":
             layer = layer / np.maximum(np.median(layer.reshape(n, -1), axis=1), 1e-12)[:, None, None]
+        elif layer_norm == "holdout":
+            layer = layer / np.float32(max(float(layer_scale[i]), 1e-12))
         up = np.empty((n, height, width), np.float32)
         for start in range(0, n, 128):
             chunk = layer[start:start + 128]
             resized = cv2.resize(np.ascontiguousarray(chunk.transpose(1, 2, 0)), (width, height),
                                  interpolation=cv2.INTER_LINEAR)
             up[start:start + 128] = resized.reshape(height, width, -1).transpose(2, 0, 1)
-        result = up if result is None else result * up
-    return result
+        if result is None:
+            result = up
+        elif combine == "product":
+            result *= up
+        else:
+            result += up
+    return result / len(layer_maps) if combine == "sum" else result
 
 
 class STFPM(nn.Layer):
@@ -90,8 +108,10 @@ class STFPM(nn.Layer):
         self.teacher.eval()  # the teacher's batch-norm statistics must never move
         return self
 
-    def forward(self, x: paddle.Tensor):
-        return self.teacher(x), self.student(x)
+    def forward(self, x: paddle.Tensor, teacher_feats=None):
+        """(teacher features, student features); `teacher_feats` given (a training cache of
+        the frozen teacher's output for this very `x`) skips the teacher's forward."""
+        return (self.teacher(x) if teacher_feats is None else teacher_feats), self.student(x)
 
     def inference_outputs(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         """What inference runs: the per-layer (N, h, w) distance maps (`anomaly_map` combines

@@ -1,0 +1,54 @@
+"""The frozen teacher's features cached across epochs (stfpm.train.TeacherCache): the same
+loss curve as computing them every step, in one process and in a Ray Train worker."""
+import numpy as np
+import paddle
+import pytest
+import ray
+
+from stfpm.data import make_synthetic_dataset
+from stfpm.distributed.ray_train import train_distributed
+from stfpm.train import TeacherCache, TrainConfig, build_network, train
+
+CFG = dict(backbone="efficientnet_lite0", epochs=3, image_size=64, batch_size=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache") / "data"
+    make_synthetic_dataset(root, n_train=20, n_test=6, size=64, seed=2)
+    return root
+
+
+def curves(result) -> np.ndarray:
+    return np.array([[r["loss"], r["holdout_loss"]] for r in result.history])
+
+
+def test_cached_features_are_the_teachers_and_the_budget_holds():
+    network = build_network("efficientnet_lite0")
+    batch = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    one_image = sum(t[0].size * 4 for t in network.teacher(paddle.to_tensor(batch[:1])))
+    cache = TeacherCache(network.teacher, max_bytes=2 * one_image)
+    first = cache.features(batch, ["a", "b", "c"])
+    assert sorted(cache.store) == ["a", "b"] and cache.used == 2 * one_image  # "c" did not fit
+    again = cache.features(batch[::-1].copy(), ["c", "b", "a"])
+    for tap_first, tap_again in zip(first, again):
+        np.testing.assert_allclose(tap_again.numpy()[::-1], tap_first.numpy(), atol=1e-5)
+
+
+def test_one_process_training_with_the_cache_follows_the_same_loss_curve(data, tmp_path):
+    cached = train(str(data), str(tmp_path / "cached"), TrainConfig(**CFG), progress=False)
+    plain = train(str(data), str(tmp_path / "plain"), TrainConfig(**CFG, teacher_cache_mb=0), progress=False)
+    np.testing.assert_allclose(curves(cached), curves(plain), atol=1e-4, rtol=0)
+    assert curves(plain)[-1, 0] < curves(plain)[0, 0]
+
+
+def test_ray_train_worker_with_the_cache_follows_the_same_loss_curve(data, tmp_path):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        runs = {mb: train_distributed(str(data), str(tmp_path / f"m{mb}"), TrainConfig(**CFG, teacher_cache_mb=mb),
+                                      num_workers=1, storage=str(tmp_path / "storage"), name=f"cache-{mb}",
+                                      threads_per_worker=1)
+                for mb in (0, 64)}
+    finally:
+        ray.shutdown()
+    np.testing.assert_allclose(curves(runs[64]), curves(runs[0]), atol=1e-4, rtol=0)
