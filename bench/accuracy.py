@@ -130,12 +130,12 @@ def trained_model(kind: str, data: Path, recipe: dict, subset: int | None, seed:
 
 def holdout_images(model_dir: str, data: Path, subset: int | None, seed: int) -> np.ndarray:
     """RGB uint8 held-out good images of a model the harness trained (the same subset and split)."""
-    from stfpm.data import Sample, read_image, resize_for_model, split_holdout
+    from stfpm.data import Sample, prepare_input, split_holdout
 
     card = read_card(model_dir)
     goods = [str(p) for p in training_images(data, subset, seed)]
     _, held = split_holdout([Sample(p, 0, "good", None) for p in goods], card.recipe["holdout_fraction"], seed)
-    return np.stack([resize_for_model(read_image(s.image), card.input.size) for s in held])
+    return np.stack([prepare_input(Path(s.image).read_bytes(), card.input.size, s.image).pixels for s in held])
 
 
 def evaluate_variants(model_dir: str, data: Path, variants: list[dict], holdout: np.ndarray) -> list[dict]:
