@@ -15,8 +15,9 @@ a seeded random N of train/good (the held-out 20% is taken from those N). With `
 a model already in DIR for the same category, seed and recipe is reused instead of retrained,
 so map variants (`--map KEY=VALUE,...`, applied to model.json's "map") cost one evaluation.
 The table's "proxy" is the label-free image AUROC on the model's held-out good images
-against the same images with synthetic defects (stfpm.proxy). The JSON holds the first map variant (the recipe's own when no --map is given), means over
---seeds; the table shows every variant and seed.
+against the same images with synthetic defects (stfpm.proxy). The JSON holds the first map
+variant (the recipe's own when no --map is given), means over --seeds; the table shows every
+variant and seed.
 """
 from __future__ import annotations
 
@@ -214,7 +215,8 @@ def main() -> None:
             means = {k: mean_or_none([r[k] for r in per_seed]) for k in METRICS + ("proxy",)}
             rows.append((data.name, variant, means, per_seed, outcome["train_s"]))
             if v == 0:
-                results[data.name] = {**{k: means[k] for k in METRICS}, "train_s": round(outcome["train_s"], 1), "epochs": outcome["epochs"]}
+                results[data.name] = {**{k: means[k] for k in METRICS}, "train_s": round(outcome["train_s"], 1),
+                                      "epochs": outcome["epochs"]}
         print_table(rows)
     record = {"recipe": {"model": args.model, **resolved, "map": variants[0] or None, "seeds": args.seeds,
                          "train_subset": args.train_subset}, "results": results}
@@ -224,7 +226,8 @@ def main() -> None:
 
 def print_table(rows) -> None:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    print(f"\n{'category':<20} {'map':<28} {'image':>6} {'pixel':>6} {'aupro':>6} {'proxy':>6} {'train_s':>8}  per seed image AUROC")
+    print(f"\n{'category':<20} {'map':<28} {'image':>6} {'pixel':>6} {'aupro':>6} {'proxy':>6} {'train_s':>8}  "
+          "per seed image AUROC")
     for name, variant, means, per_seed, train_s in rows:
         label = ",".join(f"{k}={v}" for k, v in variant.items()) or "(recipe)"
         seeds = " ".join(fmt(r["image_auroc"]) for r in per_seed)

@@ -119,9 +119,9 @@ def main() -> None:
             for engine in args.engines.split(","):
                 model.predictor = Predictor.from_model(load_model(model.model_dir), engine=engine)
                 list(model.predict(paths[: args.batch_size], batch_size=args.batch_size))  # warm-up
-                ours = rate(lambda: list(model.predict(paths, batch_size=args.batch_size)), args.n, args.repeats)
+                ours = rate(lambda m=model: list(m.predict(paths, batch_size=args.batch_size)), args.n, args.repeats)
                 list(model.predict(paths[:1], batch_size=1))  # warm-up of the batch-1 shape
-                one = rate(lambda: list(model.predict(paths[:16], batch_size=1)), 16, args.repeats)
+                one = rate(lambda m=model: list(m.predict(paths[:16], batch_size=1)), 16, args.repeats)
                 print(f"stfpm {backbone:<18} {engine:<7} batch {args.batch_size:>3}: {ours:7.2f} img/s "
                       f"({ours / base:.2f}x baseline); batch 1: {one:6.2f} img/s = {1000 / one:6.1f} ms/image "
                       f"({one / base:.2f}x)", flush=True)

@@ -77,7 +77,8 @@ def run_loop(work: Path, n: int, batch_size: int) -> dict:
     out = tempfile.mkdtemp(dir=work, prefix=f"loop-{n}-")
     t0 = time.perf_counter()
     plan = plan_run(str(work / "model"), manifest(work, n), out)
-    models = {"": ref.uri for ref in plan.models.values()}
+    (ref,) = plan.models.values()  # one model directory
+    models = {"": ref.uri}
     actor = ScoreActor(models, None, os.path.join(tempfile.gettempdir(), "stfpm-models"))
     for i in range(0, len(plan.pending), batch_size):
         batch = load_images(plan.pending.slice(i, batch_size), 100_000_000, MAX_BYTES)

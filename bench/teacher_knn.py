@@ -51,7 +51,8 @@ def main() -> None:
     spec = backbone_spec(args.backbone)
     teacher = build_network(args.backbone).teacher
     teacher.eval()
-    bank = patch_features(teacher, spec, [s.image for s in dataset.train[::2]], args.image_size).reshape(-1, sum(spec.channels[:2]))
+    bank = patch_features(teacher, spec, [s.image for s in dataset.train[::2]], args.image_size)
+    bank = bank.reshape(-1, sum(spec.channels[:2]))
     rng = np.random.default_rng(0)
     bank = bank[rng.choice(len(bank), min(len(bank), args.bank), replace=False)]
     bank_sq = (bank ** 2).sum(1)

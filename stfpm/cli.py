@@ -108,8 +108,9 @@ TRAINING_OPTIONS = {
     "augment": (Optional[str], typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts "
                                                        "whose pose varies); default none")),
     "layer_norm": (Optional[str], typer.Option(None, help="none | median | holdout: divide each layer's map by "
-                                                          "its image median (or its held-out mean) before combining (for parts whose overall "
-                                                          "discrepancy varies, e.g. screws); default: median "
+                                                          "its image median (or its held-out mean) before combining "
+                                                          "(for parts whose overall discrepancy varies, e.g. "
+                                                          "screws); default: median "
                                                           "for the efficientnet_lite teachers, none for resnet18")),
     "combine": (Optional[str], typer.Option(None, help="product | sum: how the layer maps are combined (the "
                                                        "paper's product, or the mean of the scaled layer maps)")),

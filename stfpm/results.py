@@ -61,7 +61,8 @@ class AnomalyResult(dict):
                  calibration: Calibration, index: int = 0):
         super().__init__(input_path=input_path, score=prediction.score, norm_score=prediction.norm_score,
                          is_anomaly=prediction.is_anomaly, threshold=prediction.threshold,
-                         ood=prediction.ood, ood_score=prediction.ood_score, anomaly_map=prediction.anomaly_map, pred=prediction.pred)
+                         ood=prediction.ood, ood_score=prediction.ood_score,
+                         anomaly_map=prediction.anomaly_map, pred=prediction.pred)
         self._image, self._prediction = image, prediction
         self._calibration = calibration
         self._index = index

@@ -106,7 +106,7 @@ def test_a_killed_worker_is_replaced_and_training_finishes(data, tmp_path, local
 
 
 def test_rerun_with_the_same_name_resumes(data, tmp_path, local_ray):
-    with pytest.raises(Exception):
+    with pytest.raises(ray.train.TrainingFailedError):  # the killed worker is not replaced
         _train_with_a_killed_worker(data, tmp_path / "model", tmp_path / "storage", "resume", max_failures=0)
     assert not (tmp_path / "model" / "model.json").exists()
     result = train_distributed(str(data), str(tmp_path / "model"), TrainConfig(**CFG), num_workers=2,
