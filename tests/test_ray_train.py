@@ -56,18 +56,29 @@ def test_two_workers_follow_the_single_process_loss_curve(data, tmp_path, local_
 
 
 def _train_worker_pids() -> set[int]:
-    """Live (not zombie) processes of Ray Train workers."""
-    pids = set()
+    """Live (not zombie) Ray Train workers of THIS test process's Ray (ray.init starts the
+    raylet as our child, and the raylet starts the workers): another Ray on a shared machine
+    runs workers of its own, which must never be the ones killed."""
+    parents, workers = {}, set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if b"RayTrainWorker" in (proc / "cmdline").read_bytes() and \
-                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                pids.add(int(proc.name))
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            parents[int(proc.name)] = int(ppid)
+            if state != "Z" and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                workers.add(int(proc.name))
         except OSError:
             continue
-    return pids
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid for pid in workers if ours(pid)}
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir, stale: set[int], done: threading.Event, killed: list):
