@@ -2,6 +2,7 @@
 
     python bench/cost.py                       # measure per-core rates here, then the table
     python bench/cost.py --success OUT/_SUCCESS --format png   # stage rates from a real run
+    python bench/cost.py --rates 50.7,262,113.5                # PNG, JPEG, map rates measured before
 
 A scoring pipeline is a chain of stages (read + decode + resize on CPU tasks, the forward on
 GPU actors, map PNGs on CPU tasks); its throughput is that of the slowest stage times the
@@ -136,6 +137,8 @@ def main() -> None:
     ap.add_argument("--window-h", type=float, default=8.0, help="the night: hours the run may take")
     ap.add_argument("--success", help="a run's _SUCCESS: take decode/maps rates from it instead of measuring")
     ap.add_argument("--format", choices=["png", "jpeg"], help="with --success: the inputs' format")
+    ap.add_argument("--rates", help="PNG,JPEG,MAPS per-core images/s measured earlier (e.g. on a quiet machine) "
+                                    "instead of measuring now")
     args = ap.parse_args()
 
     shape = cluster_shape(Path(args.cluster))
@@ -143,6 +146,10 @@ def main() -> None:
         rate = rates_from_success(Path(args.success))
         formats = {args.format or "images": (rate["decode"], rate["maps"])}
         print(f"stage rates from {args.success}: decode {rate['decode']}, maps {rate['maps']} images per busy s")
+    elif args.rates:
+        png, jpeg, maps = (float(x) for x in args.rates.split(","))
+        formats = {"png": (png, maps), "jpeg": (jpeg, maps)}
+        print(f"given per-core rates: decode+resize PNG {png:g}/s, JPEG {jpeg:g}/s; map PNG {maps:g}/s")
     else:
         m = measure_cpu_rates(args.source_px, args.model_px)
         print(f"measured here, one core, {args.source_px}-px source -> {args.model_px} input "
