@@ -192,7 +192,7 @@ def _incoming(site: Path, n_per_category: int, tag: str, start: int = 0) -> list
 def _config(site: Path, name: str, **overrides) -> Path:
     doc = {"source": str(site / "incoming"), "partitions": ["category", "line"],
            "models": str(site / "models" / "audit-registry.yaml"), "output": str(site / "audit"),
-           "settle_minutes": 0, "alert": {"anomaly_rate": 1.0}, "report": {"top_k": 4},
+           "settle_minutes": 0, "alert": {"anomaly_rate": 1.0, "ood_rate": 1.0}, "report": {"top_k": 4},
            "scoring": {"batch_size": 8}}
     for key, value in overrides.items():
         doc[key] = {**doc[key], **value} if isinstance(value, dict) else value
@@ -226,7 +226,8 @@ def test_train_job_writes_a_model_per_category_and_the_registry(head, site):
 
 def test_nightly_audit_nights_alert_failure_and_retry(head, site):
     # night 1, submitted by the cron script: every image so far, one of them corrupt;
-    # alert level 100% -> exit 0. Started twice the same night, it submits one job.
+    # alert levels 100% -> exit 0 (b's images, scored by a's model, are counted as unlike its
+    # training images, but not alerted on). Started twice the same night, it submits one job.
     night1 = _incoming(site, 4, "n1")
     broken = site / "incoming" / "b" / "l0" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -247,6 +248,7 @@ def test_nightly_audit_nights_alert_failure_and_retry(head, site):
     assert summary["totals"]["error"] == 1 and summary["totals"]["ok"] == 8
     assert set(summary["categories"]) == {"a", "b"}
     assert summary["categories"]["b"]["errors"]["examples"][0][0] == str(broken)
+    assert (summary["categories"]["a"]["ood"], summary["categories"]["b"]["ood"]) == (0, 4)  # the misrouted ones
     assert summary["status"] == "ok" and summary["exit_code"] == 0
     assert_every_image_loads(_run_dir(site, run1) / "report.html", at_least=8)
 
