@@ -36,7 +36,8 @@ warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
 
-from stfpm.artifact import load_model, read_card  # noqa: E402
+from stfpm.artifact import load_model  # noqa: E402
+from stfpm.card import read_card  # noqa: E402
 from stfpm.data import load_dataset  # noqa: E402
 from stfpm.evaluate import evaluate_model  # noqa: E402
 from stfpm.inference import Predictor  # noqa: E402

@@ -44,7 +44,8 @@ print(json.dumps({"rss_gain_mb": after - before, "latency_ms": 1000 * float(np.m
 def reference_model(out: Path) -> Path:
     import paddle
 
-    from stfpm.artifact import Calibration, InputSpec, MapSpec, ModelCard, save_model
+    from stfpm.artifact import save_model
+    from stfpm.card import Calibration, InputSpec, MapSpec, ModelCard
     from stfpm.nn import STFPM
 
     paddle.seed(0)

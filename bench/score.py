@@ -45,7 +45,8 @@ def prepare(work: Path, n_max: int, image_size: int, model_size: int) -> list[st
     if not (model / "model.json").is_file():
         import paddle
 
-        from stfpm.artifact import Calibration, InputSpec, ModelCard, save_model
+        from stfpm.artifact import save_model
+        from stfpm.card import Calibration, InputSpec, ModelCard
         from stfpm.nn import STFPM
 
         paddle.seed(0)

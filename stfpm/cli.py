@@ -214,7 +214,8 @@ def evaluate(model_dir: Path = typer.Argument(..., help="Model directory"),
              set_threshold: bool = typer.Option(False, "--set-threshold",
                                                 help="Store the F1-optimal threshold in the model")):
     """Evaluate a model: image/pixel AUROC, AUPRO, F1-optimal threshold."""
-    from stfpm.artifact import load_model, write_card
+    from stfpm.artifact import load_model
+    from stfpm.card import write_card
     from stfpm.data import load_dataset
     from stfpm.evaluate import evaluate_model, write_evaluation
 

@@ -20,8 +20,8 @@ import numpy as np
 import paddle
 import yaml
 
-from stfpm.artifact import (MODEL_JSON, ModelCard, ModelDirError, load_model, read_card, sha256_file,
-                            verify_weights, write_card)
+from stfpm.artifact import load_model, sha256_file, verify_weights
+from stfpm.card import MODEL_JSON, ModelCard, ModelDirError, read_card, write_card
 from stfpm.noise import PIR_OUT_TENSOR, native_lines_dropped
 from stfpm.runtime import cpu_threads
 

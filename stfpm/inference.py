@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import paddle
 
-from stfpm.artifact import LoadedModel, ModelCard
+from stfpm.artifact import LoadedModel
+from stfpm.card import ModelCard
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
 from stfpm.export import LayerForward
 from stfpm.nn import anomaly_map

@@ -84,7 +84,8 @@ def import_paddlex(path: str | Path, out_dir: str | Path, good: str | Path, imag
     on the good images of GOOD (a folder of good images or an MVTec category's train/good);
     returns the threshold record. Use images the model was not trained on, as training's
     hold-out is."""
-    from stfpm.artifact import InputSpec, MapSpec, ModelCard, save_model
+    from stfpm.artifact import save_model
+    from stfpm.card import InputSpec, MapSpec, ModelCard
     from stfpm.data import load_dataset
     from stfpm.train import UNCALIBRATED, calibrate_on_good_images, fingerprint, load_images
 

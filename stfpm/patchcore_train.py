@@ -14,7 +14,7 @@ import time
 import numpy as np
 import paddle
 
-from stfpm.artifact import InputSpec, MapSpec, ModelCard
+from stfpm.card import InputSpec, MapSpec, ModelCard
 from stfpm.nn import backbone_spec
 from stfpm.nn.patchcore import SMOOTH_SIGMA, PatchCore, greedy_coreset, subsample_patches
 from stfpm.runtime import configure_threads

@@ -10,14 +10,14 @@ import numpy as np
 
 from stfpm.data import DEFECT_KINDS, add_defect, normalize_batch
 from stfpm.metrics import auroc
-from stfpm.artifact import COMBINES, LAYER_NORMS
+from stfpm.card import COMBINES, LAYER_NORMS
 
 # every map anomaly_map can form, as model.json "map" entries
 MAP_VARIANTS = tuple({"layer_norm": norm, "combine": combine} for norm, combine in product(LAYER_NORMS, COMBINES))
 
 
 def variant_name(variant) -> str:
-    """A map variant (a dict or an artifact.MapSpec) as "layer_norm/combine"."""
+    """A map variant (a dict or a card.MapSpec) as "layer_norm/combine"."""
     get = variant.get if isinstance(variant, dict) else lambda key: getattr(variant, key)
     return f"{get('layer_norm')}/{get('combine')}"
 
@@ -60,7 +60,7 @@ def proxy_auroc(predictor, good: np.ndarray, defective: np.ndarray) -> float:
 
 
 def map_variant_proxies(card, layer_forward, good: np.ndarray) -> dict[str, float]:
-    """Proxy AUROC of every map variant of one network (`card`: its artifact.ModelCard, with
+    """Proxy AUROC of every map variant of one network (`card`: its card.ModelCard, with
     the map's layer_scale), e.g. {"median/product": 0.91, ...}."""
     import dataclasses
 

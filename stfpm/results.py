@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stfpm.artifact import Calibration
+from stfpm.card import Calibration
 from stfpm.inference import Prediction, to_heat
 
 SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold", "ood", "ood_score")

@@ -15,7 +15,8 @@ from typing import Callable, Iterable
 import numpy as np
 import paddle
 
-from stfpm.artifact import Calibration, InputSpec, LoadedModel, MapSpec, ModelCard, save_model, write_card
+from stfpm.artifact import LoadedModel, save_model
+from stfpm.card import Calibration, InputSpec, MapSpec, ModelCard, write_card
 from stfpm.data import load_dataset, normalize_batch, prepare_input, split_holdout
 from stfpm.nn import COMBINES, LAYER_NORMS, STFPM, backbone_spec, stfpm_loss
 from stfpm.ood import InDistribution

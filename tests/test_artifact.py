@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stfpm.artifact import (MODEL_JSON, Calibration, InputSpec, ModelCard, ModelDirError, load_model, parse_card,
-                            read_card, save_model, sha256_file, weights_version)
+from stfpm.artifact import load_model, save_model, sha256_file
+from stfpm.card import MODEL_JSON, Calibration, InputSpec, ModelCard, ModelDirError, parse_card, read_card, weights_version
 from stfpm.cli import app
 from stfpm.distributed.sources import resolve_models
 

@@ -25,7 +25,7 @@ from stfpm.errors import UserError
 
 
 def test_user_errors_share_one_base_and_print_one_line_with_exit_2(tmp_path):
-    from stfpm.artifact import ModelDirError, read_card
+    from stfpm.card import ModelDirError, read_card
     from stfpm.data.datasets import DatasetError
 
     assert issubclass(ModelDirError, UserError) and issubclass(DatasetError, UserError)

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from stfpm.artifact import Calibration, InputSpec, ModelCard, read_card, save_model, write_card
+from stfpm.artifact import save_model
+from stfpm.card import Calibration, InputSpec, ModelCard, read_card, write_card
 from stfpm.cli import app
 from stfpm.data import decode_image, load_dataset
 from stfpm.evaluate import evaluate_model

@@ -1,7 +1,7 @@
 """The label-free proxy: synthetic defects on held-out good images, scored per map variant."""
 import numpy as np
 
-from stfpm.artifact import Calibration, InputSpec, MapSpec, ModelCard
+from stfpm.card import Calibration, InputSpec, MapSpec, ModelCard
 from stfpm.data import normalize_batch, render_texture
 from stfpm.data.synth import texture_family
 from stfpm.proxy import MAP_VARIANTS, map_variant_proxies, to_rgb_uint8, with_synthetic_defects

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from stfpm.artifact import Calibration
+from stfpm.card import Calibration
 from stfpm.ood import InDistribution
 from stfpm.score_scale import ScoreScale
 

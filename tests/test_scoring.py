@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from stfpm.artifact import ModelDirError
+from stfpm.card import ModelDirError
 from stfpm.distributed import map_to_raw, score
 from stfpm.distributed.plan import plan_run
 from stfpm.distributed.progress import ScoringProgress, progress_text
@@ -42,7 +42,8 @@ def make_model(path: Path, seed: int) -> Path:
     """A random-weight STFPM (efficientnet_lite0) model directory with input 64."""
     import paddle
 
-    from stfpm.artifact import Calibration, InputSpec, ModelCard, save_model
+    from stfpm.artifact import save_model
+    from stfpm.card import Calibration, InputSpec, ModelCard
     from stfpm.nn import STFPM
 
     paddle.seed(seed)
@@ -54,7 +55,7 @@ def make_model(path: Path, seed: int) -> Path:
 
 def with_threshold_at_median(model_dir: Path, images: list[np.ndarray]) -> None:
     """Threshold = median score of `images`, range = their min..max: mixed decisions."""
-    from stfpm.artifact import Calibration, read_card, write_card
+    from stfpm.card import Calibration, read_card, write_card
     from stfpm.inference import Predictor
 
     scores = [p.score for p in Predictor.open(model_dir).predict(images)]

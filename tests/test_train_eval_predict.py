@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stfpm import create_model, load_model
-from stfpm.artifact import ModelDirError
+from stfpm.card import ModelDirError
 from stfpm.data import load_dataset, make_synthetic_dataset
 from stfpm.evaluate import evaluate_model
 from stfpm.train import TrainConfig, train
@@ -142,7 +142,7 @@ def test_normalised_score_ranks_as_the_raw_score(trained, synth_data, tmp_path):
     import dataclasses
     import shutil
 
-    from stfpm.artifact import read_card, write_card
+    from stfpm.card import read_card, write_card
 
     model = create_model(model_dir=trained[0])
     results = list(model.predict(str(synth_data / "test"), batch_size=8))

@@ -37,7 +37,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
-from stfpm.artifact import MODEL_JSON, ModelDirError, parse_card, verify_weights
+from stfpm.artifact import verify_weights
+from stfpm.card import MODEL_JSON, ModelDirError, parse_card
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, read_bytes
 

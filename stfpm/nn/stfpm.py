@@ -18,7 +18,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from stfpm.artifact import COMBINES, LAYER_NORMS  # the map options a model card may name
+from stfpm.card import COMBINES, LAYER_NORMS  # the map options a model card may name
 from stfpm.nn.backbones import build_backbone
 
 

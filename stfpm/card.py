@@ -1,0 +1,335 @@
+"""model.json, typed: the `ModelCard` (input spec, map spec, `Calibration`, weights), the one
+parser every reader goes through, and reading and writing the card of a model directory.
+
+`parse_card` names the file, the key and the fix for whatever is wrong; the card's
+`model_version` must be the hash of the weight files' sha256s (it names output folders, so it
+cannot be anything else). The weight files themselves are stfpm.artifact's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stfpm.errors import UserError
+from stfpm.ood import InDistribution
+from stfpm.score_scale import ScoreScale
+
+SCHEMA_VERSION = 1
+MODEL_JSON = "model.json"
+# Each model kind (a card's model_name): its network's sub-layers and their weight files; a new
+# kind adds its entry. PatchCore's "memory" is its bank of patch features (stfpm.nn.patchcore).
+WEIGHT_FILES = {"STFPM": {"teacher": "teacher.safetensors", "student": "student.safetensors"},
+                "PatchCore": {"teacher": "teacher.safetensors", "memory": "bank.safetensors"}}
+MODEL_KINDS = {kind: tuple(sorted(parts.values())) for kind, parts in WEIGHT_FILES.items()}
+LAYER_NORMS = ("none", "median", "holdout")  # how layer maps may be normalised (MapSpec, stfpm.nn.anomaly_map)
+COMBINES = ("product", "sum")  # how the normalised layer maps are combined
+RETRAIN = "retrain the model with `stfpm train`, or restore model.json from where the model came from"
+
+
+class ModelDirError(UserError):
+    """A model directory that is missing, incomplete, malformed or tampered with."""
+
+
+# ------------------------------------------------------------------------------ the card
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network takes: RGB images resized to size x size, then (x / 255 - mean) / std."""
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    color: str = "RGB"
+
+    @classmethod
+    def for_backbone(cls, backbone: str, size: int) -> "InputSpec":
+        from stfpm.nn import backbone_spec
+
+        spec = backbone_spec(backbone)
+        return cls(size=int(size), mean=tuple(spec.mean), std=tuple(spec.std))
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """How the per-layer maps become the anomaly map (stfpm.nn.anomaly_map), then how it is
+    smoothed (PatchCore's Gaussian, stfpm.nn.patchcore.smooth_map; 0: not smoothed). Cards from
+    before an option existed get the paper's map. `layer_scale`: each layer map's mean over the
+    held-out good images (training records it; layer_norm "holdout" divides by it)."""
+    layer_norm: str = "none"
+    smooth_sigma: float = 0.0
+    combine: str = "product"
+    layer_scale: tuple[float, ...] | None = None
+
+    def options(self) -> dict:
+        """anomaly_map's keyword arguments."""
+        return {"layer_norm": self.layer_norm, "combine": self.combine, "layer_scale": self.layer_scale}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What training fitted on good images it did not train on: the decision threshold on the
+    raw score, the calibration scores' range, the normalised score's scale (stfpm.score_scale;
+    None in cards from before it: derived from the range) and the in-distribution check
+    (stfpm.ood; None in cards from before it: no check). Stored under model.json's
+    "threshold" key, the threshold itself as "value". `details` keeps how it was made
+    (quantile, image count, data) and any key this version does not know; a new typed field
+    is a new attribute."""
+    threshold: float
+    score_min: float
+    score_max: float
+    source: str | None = None
+    details: dict = field(default_factory=dict)
+    score_scale: ScoreScale | None = None
+    ood: InDistribution | None = None
+
+    @property
+    def scale(self) -> ScoreScale:
+        return self.score_scale or ScoreScale.from_range(self.score_min, self.score_max, self.threshold)
+
+    def normalize(self, raw, threshold: float | None = None) -> np.ndarray:
+        """Raw scores (any shape) -> [0, 1], 0.5 at `threshold` (default: the stored one), same order."""
+        return self.scale.normalize(raw, self.threshold if threshold is None else float(threshold))
+
+    def to_dict(self) -> dict:
+        out = dict(self.details)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "details" and value is not None:
+                out["value" if f.name == "threshold" else f.name] = (
+                    value.to_dict() if isinstance(value, (ScoreScale, InDistribution)) else value)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """model.json, typed. `weights` maps each weight file to its sha256; `model_version` is
+    `weights_version(weights)`; both are filled in by `save_model`. Keys this version does not
+    know are kept in `extra` and written back unchanged."""
+    model_name: str
+    backbone: str
+    input: InputSpec
+    calibration: Calibration
+    map: MapSpec = MapSpec()
+    weights: dict = field(default_factory=dict)
+    model_version: str = ""
+    taps: list | None = None
+    recipe: dict | None = None
+    training: dict | None = None
+    metrics: dict | None = None
+    versions: dict | None = None
+    export: dict | None = None   # set in exported models (stfpm.export)
+    patchcore: dict | None = None  # PatchCore's bank: taps, bank_size, patches_per_image, how it was built
+    validation: dict | None = None  # label-free proxy AUROC of each map variant (stfpm.proxy)
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (value is None and f.name not in ("metrics",)):
+                continue
+            if f.name == "calibration":
+                out["threshold"] = value.to_dict()
+            elif f.name in ("input", "map"):
+                out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(value).items()}
+            else:
+                out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def weights_version(weights: dict) -> str:
+    """The model version: the first 16 hex digits of sha256 over the weight files' sha256s."""
+    return hashlib.sha256("".join(weights[f] for f in sorted(weights)).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ parsing
+
+class _Fields:
+    """Typed reads of one JSON object of `source`, each failure naming the key and the fix."""
+
+    def __init__(self, doc, source: str, prefix: str = ""):
+        self.source, self.prefix = source, prefix
+        if not isinstance(doc, dict):
+            self.fail("", f"must be a JSON object, got {type(doc).__name__}")
+        self.doc = doc
+
+    def fail(self, key: str, problem: str, fix: str = RETRAIN):
+        where = f"key {self.prefix + key!r} " if key or self.prefix else ""
+        raise ModelDirError(f"{self.source}: {where}{problem}; {fix}")
+
+    def get(self, key: str, fix: str = RETRAIN):
+        if key not in self.doc:
+            self.fail(key, "is missing", fix)
+        return self.doc[key]
+
+    def sub(self, key: str, fix: str = RETRAIN, optional: bool = False) -> "_Fields":
+        if optional and key not in self.doc:
+            return _Fields({}, self.source, f"{self.prefix}{key}.")
+        return _Fields(self.get(key, fix), self.source, f"{self.prefix}{key}.")
+
+    def string(self, key: str, fix: str = RETRAIN, default=None) -> str:
+        value = self.doc.get(key, default) if default is not None else self.get(key, fix)
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"must be a non-empty string, got {value!r}", fix)
+        return value
+
+    def number(self, key: str, fix: str = RETRAIN) -> float:
+        value = self.get(key, fix)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(key, f"must be a finite number, got {value!r}", fix)
+        return float(value)
+
+    def positive_int(self, key: str, unit: str = "pixels") -> int:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(key, f"must be a whole number >= 1 ({unit}), got {value!r}")
+        return value
+
+    def triple(self, key: str, nonzero: bool = False) -> tuple[float, float, float]:
+        value = self.get(key)
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           and (v != 0 or not nonzero) for v in value)):
+            self.fail(key, f"must be a list of 3 {'non-zero ' if nonzero else ''}numbers (R, G, B), got {value!r}")
+        return tuple(float(v) for v in value)
+
+    def optional_dict(self, key: str) -> dict | None:
+        value = self.doc.get(key)
+        if value is not None and not isinstance(value, dict):
+            self.fail(key, f"must be a JSON object or absent, got {type(value).__name__}")
+        return value
+
+
+THRESHOLD_FIX = ("store one with `stfpm evaluate MODEL_DIR DATA --set-threshold`, or retrain the model "
+                 "with `stfpm train`")
+
+
+def _calibration(f: _Fields) -> Calibration:
+    typed = {x.name for x in dataclasses.fields(Calibration)} - {"threshold", "details"}
+    threshold = f.number("value", THRESHOLD_FIX)
+    low, high = f.number("score_min", THRESHOLD_FIX), f.number("score_max", THRESHOLD_FIX)
+    if high < low:
+        f.fail("score_max", f"({high}) is below score_min ({low})", THRESHOLD_FIX)
+    parsed = {"score_min", "score_max", "score_scale", "ood"}
+    known = {k: f.doc[k] for k in typed if k in f.doc and k not in parsed}
+    details = {k: v for k, v in f.doc.items() if k not in typed | {"value"}}
+    scale = f.optional_dict("score_scale")
+    if scale is not None:
+        log_scale = f.sub("score_scale").number("log_scale")
+        if log_scale <= 0:
+            f.fail("score_scale.log_scale", f"must be above 0, got {log_scale}")
+        scale = ScoreScale(log_scale=log_scale, median_good=scale.get("median_good"))
+    ood = f.optional_dict("ood")
+    if ood is not None:
+        try:
+            ood = InDistribution.from_dict(ood)
+        except (KeyError, TypeError, ValueError) as e:
+            f.fail("ood", f"is not an in-distribution check ({e!r})")
+    return Calibration(threshold=threshold, score_min=low, score_max=high, details=details,
+                       score_scale=scale, ood=ood, **known)
+
+
+def _weights(f: _Fields, model_name: str) -> dict:
+    weights = f.get("weights")
+    if not isinstance(weights, dict) or not all(
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in weights.values()):
+        f.fail("weights", "must map each weight file to its sha256 (64 hex digits)")
+    missing = [name for name in MODEL_KINDS[model_name] if name not in weights]
+    if missing:
+        f.fail("weights", f"has no sha256 for {', '.join(missing)}")
+    return dict(weights)
+
+
+def _patchcore(f: _Fields) -> dict:
+    """A PatchCore card's bank description: two tap indices (finer first), the bank's size and
+    the patches per image (which bound how many images one forward holds)."""
+    bank = f.sub("patchcore")
+    taps = bank.get("taps")
+    if not (isinstance(taps, list) and len(taps) == 2 and all(isinstance(t, int) and 0 <= t <= 2 for t in taps)
+            and taps[0] < taps[1]):
+        bank.fail("taps", f"must be two of the backbone's taps 0, 1, 2, finer first, got {taps!r}")
+    bank.positive_int("bank_size", "patches")
+    bank.positive_int("patches_per_image", "patches")
+    return dict(bank.doc)
+
+
+def parse_card(text: str | bytes, source: str) -> ModelCard:
+    """model.json's text -> ModelCard; ModelDirError naming `source`, the key and the fix for
+    anything missing, mistyped or inconsistent (schema version, model kind, input, map,
+    threshold, weights, model_version)."""
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{source} is not valid JSON ({e}); {RETRAIN}") from None
+    f = _Fields(doc, source)
+    if f.get("schema_version") != SCHEMA_VERSION:
+        f.fail("schema_version", f"is {doc['schema_version']!r}; this stfpm reads version {SCHEMA_VERSION}",
+               "use the stfpm version that wrote the model, or retrain it")
+    model_name = f.string("model_name", default="STFPM")
+    if model_name not in MODEL_KINDS:
+        f.fail("model_name", f"is {model_name!r}; this stfpm knows {', '.join(MODEL_KINDS)}")
+    inp = f.sub("input")
+    spec = InputSpec(size=inp.positive_int("size"), mean=inp.triple("mean"), std=inp.triple("std", nonzero=True),
+                     color=inp.string("color", default="RGB"))
+    map_doc = f.sub("map", optional=True).doc
+    layer_norm, smooth_sigma = map_doc.get("layer_norm", "none"), map_doc.get("smooth_sigma", 0.0)
+    if layer_norm not in LAYER_NORMS:
+        f.fail("map.layer_norm", f"is {layer_norm!r}; expected one of {', '.join(LAYER_NORMS)}")
+    if isinstance(smooth_sigma, bool) or not isinstance(smooth_sigma, (int, float)) or not 0 <= smooth_sigma < 1e3:
+        f.fail("map.smooth_sigma", f"must be a number of pixels >= 0, got {smooth_sigma!r}")
+    combine = map_doc.get("combine", "product")
+    if combine not in COMBINES:
+        f.fail("map.combine", f"is {combine!r}; expected one of {', '.join(COMBINES)}")
+    layer_scale = map_doc.get("layer_scale")
+    if layer_scale is not None and not (isinstance(layer_scale, list) and all(
+            isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in layer_scale)):
+        f.fail("map.layer_scale", "must be a list of positive numbers (one per layer) or absent")
+    if layer_norm == "holdout" and layer_scale is None:
+        f.fail("map.layer_scale", "is missing; layer_norm 'holdout' divides each layer by it")
+    patchcore = _patchcore(f) if model_name == "PatchCore" else None
+    weights = _weights(f, model_name)
+    version = f.string("model_version")
+    if version != weights_version(weights):
+        f.fail("model_version", f"is {version!r}, but the weights' sha256s give {weights_version(weights)!r}",
+               "model_version must be the hash of the weight hashes: restore the original model.json")
+    known = {x.name for x in dataclasses.fields(ModelCard)} | {"threshold"}
+    taps = doc.get("taps")
+    if taps is not None and not isinstance(taps, list):
+        f.fail("taps", f"must be a list or absent, got {type(taps).__name__}")
+    return ModelCard(
+        model_name=model_name, backbone=f.string("backbone"), input=spec,
+        calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(
+            layer_norm, float(smooth_sigma), combine, None if layer_scale is None else tuple(float(v) for v in layer_scale)),
+        weights=weights, model_version=version, taps=taps, patchcore=patchcore,
+        **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export", "validation")},
+        extra={k: v for k, v in doc.items() if k not in known})
+
+
+def read_card(model_dir: str | Path) -> ModelCard:
+    """The validated card of a local model directory (trained or exported)."""
+    path = Path(model_dir) / MODEL_JSON
+    if not Path(model_dir).is_dir():
+        raise ModelDirError(
+            f"model directory {str(model_dir)!r} does not exist; train one with "
+            f"`stfpm train DATA --out {model_dir}` or point to a directory holding {MODEL_JSON}")
+    if not path.is_file():
+        raise ModelDirError(f"{str(model_dir)!r} is not a model directory: it has no {MODEL_JSON} "
+                            "(train one with `stfpm train`)")
+    return parse_card(path.read_bytes(), str(path))
+
+
+def write_card(model_dir: str | Path, card: ModelCard) -> None:
+    """Write model.json atomically (temp file + rename); weight files are untouched."""
+    path = Path(model_dir) / MODEL_JSON
+    tmp = path.with_name(MODEL_JSON + ".tmp")
+    tmp.write_text(card.to_json())
+    tmp.replace(path)
