@@ -87,7 +87,8 @@ def import_paddlex(path: str | Path, out_dir: str | Path, good: str | Path, imag
     from stfpm.artifact import save_model
     from stfpm.card import InputSpec, MapSpec, ModelCard
     from stfpm.data import load_dataset
-    from stfpm.train import UNCALIBRATED, calibrate_on_good_images, fingerprint, load_images
+    from stfpm.calibration import UNCALIBRATED, calibrate_on_good_images
+    from stfpm.train import fingerprint, load_images
 
     checkpoint = find_checkpoint(path)
     parts = paddlex_to_parts(read_pdparams(checkpoint), checkpoint)

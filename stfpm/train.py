@@ -1,28 +1,23 @@
 """Training of one process. The same step and epoch functions run inside each Ray Train
-worker later; only where the batches come from and how gradients are averaged differ."""
+worker later; only where the batches come from and how gradients are averaged differ. What
+follows the epochs (card, calibration, saving) is stfpm.calibration's."""
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import paddle
 
-from stfpm.artifact import LoadedModel, save_model
-from stfpm.card import Calibration, InputSpec, MapSpec, ModelCard, write_card
+from stfpm.card import Calibration
 from stfpm.data import load_dataset, normalize_batch, prepare_input, split_holdout
 from stfpm.nn import COMBINES, LAYER_NORMS, STFPM, backbone_spec, stfpm_loss
-from stfpm.ood import InDistribution
-from stfpm.score_scale import ScoreScale
 from stfpm.runtime import configure_threads
-from stfpm.storage import fetch_to_cache, is_s3, upload_dir
+from stfpm.storage import fetch_to_cache, is_s3
 from stfpm.weights import apply_state, default_cache_dir, load_teacher_state
 
 logger = logging.getLogger(__name__)
@@ -211,41 +206,6 @@ def load_images(paths: list[str], size: int, mean, std) -> np.ndarray:
     return normalize_batch(pixels, mean, std)
 
 
-UNCALIBRATED = Calibration(threshold=0.0, score_min=0.0, score_max=1.0)  # a card's until it is calibrated
-
-
-def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> Calibration:
-    """Threshold = a high quantile of held-out good images' scores (docs/design.md §3); the
-    normalised score's scale is fitted on the same scores (stfpm.score_scale)."""
-    threshold = float(np.quantile(holdout_scores, quantile))
-    return Calibration(threshold=threshold, score_min=float(holdout_scores.min()),
-                       score_max=float(holdout_scores.max()), source="holdout_quantile",
-                       details={"quantile": quantile, "n_images": int(len(holdout_scores))},
-                       score_scale=ScoreScale.fit(holdout_scores, threshold))
-
-
-def calibrate_on_good_images(network: STFPM, card: ModelCard, images: np.ndarray, quantile: float,
-                             reference_paths: list[str]) -> Calibration:
-    """The calibration of `network` (with `card`'s input and map settings; its calibration is
-    not used): threshold and score scale from the scores of good `images` it was not trained
-    on, the in-distribution check's statistics from the good images at `reference_paths` (the
-    training split) with its limit from `images`. Training's calibration, also used on import."""
-    from stfpm.inference import Predictor
-
-    predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
-    maps, profiles = predictor.forward(images)
-    calibration = calibrate_threshold(maps.reshape(len(images), -1).max(axis=1), quantile)
-    reference = feature_profiles(predictor, reference_paths)
-    return dataclasses.replace(calibration, ood=InDistribution.fit(reference, profiles),
-                               details={**calibration.details, "n_ood_reference": len(reference)})
-
-
-def feature_profiles(predictor, paths: list[str], chunk: int = 64) -> np.ndarray:
-    """The forward's (N, D) feature profiles of the images at `paths`, `chunk` at a time."""
-    return np.concatenate([predictor.forward(load_images(paths[i:i + chunk], predictor.size, predictor.mean,
-                                                         predictor.std))[1] for i in range(0, len(paths), chunk)])
-
-
 def fingerprint(paths: list[str]) -> str:
     import hashlib
 
@@ -313,8 +273,10 @@ def split_dataset(data: str, cfg: TrainConfig) -> TrainSplit:
 def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
           on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train on DATA's good images in this process, keep the student with the lowest
-    held-out loss, then `finalize` the model directory. Model "patchcore" builds its memory
-    bank instead (stfpm.patchcore_train)."""
+    held-out loss, then `finalize` the model directory (stfpm.calibration). Model "patchcore"
+    builds its memory bank instead (stfpm.patchcore_train)."""
+    from stfpm.calibration import finalize  # it builds on this module
+
     cfg = cfg.resolved()
     if cfg.model == "patchcore":
         from stfpm.patchcore_train import train_patchcore
@@ -350,68 +312,3 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
             on_epoch(record)
     network.student.set_state_dict(best_state)
     return finalize(network, cfg, split, holdout_images, out_dir, history)
-
-
-def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images: np.ndarray,
-             out_dir: str, history: list[dict]) -> TrainResult:
-    """Shared by single-process and Ray Train training: the STFPM model's card, then
-    `calibrate_and_save`."""
-    from stfpm.inference import Predictor
-    from stfpm.proxy import map_variant_proxies, to_rgb_uint8, variant_name
-
-    network.eval()
-    best = min(history, key=lambda r: r["holdout_loss"])
-    dataset = split.dataset
-    spec = backbone_spec(cfg.backbone)
-    card = ModelCard(
-        model_name="STFPM", backbone=cfg.backbone, input=InputSpec.for_backbone(cfg.backbone, cfg.image_size),
-        calibration=UNCALIBRATED,
-        map=MapSpec(layer_norm=cfg.layer_norm, combine=cfg.combine), taps=list(spec.channels), recipe=asdict(cfg),
-        training={"data": str(dataset.root), "layout": dataset.layout,
-                  "n_train": len(split.train), "n_holdout": len(split.holdout),
-                  "data_fingerprint": fingerprint([s.image for s in dataset.train]),
-                  "best_epoch": best["epoch"], "best_holdout_loss": best["holdout_loss"],
-                  "final_loss": history[-1]["loss"]})
-    layer_forward = Predictor.from_model(LoadedModel(network=network, card=card, path="")).layer_forward
-    layers, _ = layer_forward(holdout_images)
-    card = dataclasses.replace(card, map=dataclasses.replace(  # for layer_norm "holdout"
-        card.map, layer_scale=tuple(float(np.mean(layer)) for layer in layers)))
-    proxies = map_variant_proxies(card, layer_forward, to_rgb_uint8(holdout_images, spec.mean, spec.std))
-    if cfg.map_selection == "proxy":  # the best proxy AUROC; a tie keeps the recipe's own map
-        own = variant_name(card.map)
-        chosen = max(proxies, key=lambda name: (proxies[name], name == own))
-        card = dataclasses.replace(card, map=dataclasses.replace(
-            card.map, **dict(zip(("layer_norm", "combine"), chosen.split("/")))))
-    card = dataclasses.replace(card, validation={
-        "method": "held-out good images vs the same with synthetic defects (stfpm.proxy)",
-        "n_images": len(holdout_images), "proxy_auroc": proxies, "map_selection": cfg.map_selection,
-        "map": variant_name(card.map)})
-    card, metrics = calibrate_and_save(network, card, holdout_images, split, out_dir, cfg, history)
-    return TrainResult(str(out_dir), best["epoch"], best["holdout_loss"], card.calibration, history, metrics)
-
-
-def calibrate_and_save(network, card: ModelCard, holdout_images: np.ndarray, split: "TrainSplit", out_dir: str,
-                       cfg: TrainConfig, log: list[dict]) -> tuple[ModelCard, dict | None]:
-    """For every model kind: calibrate on the held-out images (and the training split, for the
-    in-distribution check), write the model directory (`log` as train_log.jsonl) and, when the
-    dataset has a labelled test split, evaluate on it and store the metrics. Returns the card
-    as written and the metrics."""
-    from stfpm.evaluate import evaluate_model
-
-    network.eval()
-    dataset = split.dataset
-    card = dataclasses.replace(card, calibration=calibrate_on_good_images(
-        network, card, holdout_images, cfg.threshold_quantile, [s.image for s in split.train]))
-    with tempfile.TemporaryDirectory() as tmp:
-        local_dir = Path(tmp) if is_s3(str(out_dir)) else Path(out_dir)
-        card = save_model(network, local_dir, card)
-        (local_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        metrics = None
-        if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
-            model = LoadedModel(network=network, card=card, path=str(local_dir))
-            metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
-            card = dataclasses.replace(card, metrics=metrics)
-            write_card(local_dir, card)
-        if local_dir != Path(out_dir):
-            upload_dir(local_dir, str(out_dir))
-    return card, metrics

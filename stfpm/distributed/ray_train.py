@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, init_ray, native_lines_dropped
-from stfpm.train import TrainConfig, TrainResult, finalize, split_dataset
+from stfpm.calibration import finalize
+from stfpm.train import TrainConfig, TrainResult, split_dataset
 
 CHECKPOINT_STATE = "state.json"
 
