@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from stfpm.errors import UserError
+from stfpm.training_options import training_options
 
 # Plain (click) help: Typer's rich help labels every flag, --help included, "<bool>" as if it took a value.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -68,98 +69,6 @@ def check_dataset(data: Path = typer.Argument(..., help="Dataset root (MVTec cat
     result = run_check(data, out)
     typer.echo(json.dumps(result["attributes"], indent=2, default=str)[:2000])
     typer.echo(f"Check dataset passed ! Report: {out / 'check_dataset_result.json'}")
-
-
-def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads_per_worker):
-    if workers < 1:
-        return {}
-    import ray
-
-    from stfpm.noise import init_ray
-
-    if not ray.is_initialized():
-        init_ray(address=ray_address)
-    return {"use_gpu": gpu, "storage": storage, "name": name, "max_failures": max_failures,
-            "threads_per_worker": threads_per_worker}
-
-
-# Options shared by `train`, `train-all` and jobs/train.py: name -> (type, typer option).
-TRAINING_OPTIONS = {
-    "model": (str, typer.Option("stfpm", help="stfpm (student-teacher, trained for epochs) | patchcore (a memory "
-                                              "bank of the teacher's patch features: one pass, no training)")),
-    "bank_fraction": (Optional[float], typer.Option(None, help="PatchCore: bank size as a fraction of all training "
-                                                               "patches (coreset); default 0.01")),
-    "bank_pool": (Optional[int], typer.Option(None, help="PatchCore: patches kept (spread over the images) before "
-                                                         "the coreset; bounds memory; default 40000")),
-    "backbone": (str, typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | "
-                                                    "efficientnet_lite2")),
-    "epochs": (Optional[int], typer.Option(None, help="Default: the backbone's recipe (100)")),
-    "batch_size": (Optional[int], typer.Option(None, help="Global batch size (split across workers); default 32")),
-    "lr": (Optional[float], typer.Option(None, help="Default: 0.4 (SGD)")),
-    "momentum": (Optional[float], typer.Option(None, help="Default: 0.9")),
-    "weight_decay": (Optional[float], typer.Option(None, help="Default: 1e-4")),
-    "optimizer": (Optional[str], typer.Option(None, help="sgd | adam; default sgd")),
-    "image_size": (Optional[int], typer.Option(None, help="Default: 256")),
-    "holdout": (Optional[float], typer.Option(None, help="Fraction of train/good held out (default 0.2)")),
-    "seed": (int, typer.Option(0)),
-    "threshold_quantile": (float, typer.Option(0.99, help="Threshold = this quantile of held-out good scores")),
-    "teacher_weights": (Optional[str], typer.Option(None, help="Teacher weights: PATH or s3:// URI (.pdparams, "
-                                                               ".safetensors, legacy .pth)")),
-    "augment": (Optional[str], typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts "
-                                                       "whose pose varies); default none")),
-    "layer_norm": (Optional[str], typer.Option(None, help="none | median | holdout: divide each layer's map by "
-                                                          "its image median (or its held-out mean) before combining "
-                                                          "(for parts whose overall discrepancy varies, e.g. "
-                                                          "screws); default: median "
-                                                          "for the efficientnet_lite teachers, none for resnet18")),
-    "combine": (Optional[str], typer.Option(None, help="product | sum: how the layer maps are combined (the "
-                                                       "paper's product, or the mean of the scaled layer maps)")),
-    "map_selection": (Optional[str], typer.Option(None, help="recipe | proxy: keep --layer-norm/--combine, or "
-                                                             "pick the map that best tells held-out good images "
-                                                             "from the same with synthetic defects")),
-    "teacher_cache_mb": (int, typer.Option(2048, help="Memory (MB, per worker) for the frozen teacher's features, "
-                                                      "kept across epochs when --augment is none; 0 disables")),
-    "workers": (int, typer.Option(0, help="Ray Train workers; 0 trains in this process")),
-    "gpu": (bool, typer.Option(False, "--gpu", help="One GPU per worker (nccl)")),
-    "storage": (Optional[str], typer.Option(None, help="Checkpoint storage for Ray Train: path or s3:// "
-                                                       "(default ~/ray_results)")),
-    "name": (Optional[str], typer.Option(None, help="Ray Train run name; rerunning with the same name resumes")),
-    "max_failures": (int, typer.Option(0, help="Worker failures to recover from by restarting from the last "
-                                               "checkpoint")),
-    "threads_per_worker": (Optional[int], typer.Option(None, help="Intra-op threads per worker")),
-    "ray_address": (Optional[str], typer.Option(None, help="Ray cluster to join, e.g. auto; default: a local Ray")),
-}
-_RAY_OPTIONS = ("ray_address", "workers", "gpu", "storage", "name", "max_failures", "threads_per_worker")
-
-
-def train_config(values: dict):
-    """The TrainConfig of TRAINING_OPTIONS values (the CLI's and jobs/train.py's)."""
-    from stfpm.train import TrainConfig
-
-    values = {name: values[name] for name in TRAINING_OPTIONS if name not in _RAY_OPTIONS}
-    values["holdout_fraction"] = values.pop("holdout")
-    return TrainConfig(**values)
-
-
-def training_options(command):
-    """Give a command the shared training options (one list for `train` and `train-all`).
-    It receives them as `cfg` (TrainConfig), `workers` and `ray_options` ({} to train in this
-    process). Typer reads the options from the wrapper's signature."""
-    import inspect
-
-    signature = inspect.signature(command)
-    own = [p for name, p in signature.parameters.items() if name not in ("cfg", "workers", "ray_options")]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-              for name, (kind, option) in TRAINING_OPTIONS.items()]
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        values = {name: kwargs.pop(name) for name in TRAINING_OPTIONS}
-        ray_options = _ray_options(**{name: values[name] for name in _RAY_OPTIONS})
-        return command(*args, **kwargs, cfg=train_config(values), workers=values["workers"], ray_options=ray_options)
-
-    wrapper.__signature__ = signature.replace(parameters=own + shared)
-    return wrapper
 
 
 @app.command()
