@@ -31,38 +31,34 @@ reads them); the entries of every manifest that arrived in the window are scored
 Partitions come from a Parquet manifest's columns of the same name, else from the entries'
 folder levels below `root`.
 
-The configuration is audit_config.py, the HTML report audit_report.py.
+The configuration is audit_config.py, the summary (audit.json: alerts, exit codes)
+audit_summary.py, the HTML report audit_report.py.
 
 Retries: a run's inputs whose row is a transient error (a model that failed in an actor, a
 storage or IO failure, a category without a model) are written to runs/<run_id>/retry.parquet
 and scored again by the next run, night after night until they score or fail as bad files;
 bad files (error_kind "input") are reported once and not retried until they change.
-
-Exit codes (jobs/nightly_audit.py): 0 done, every category at or under its alert level;
-3 done, some category's anomaly rate above its alert level, or its share of inputs unlike
-the model's training images (`ood`: wrong model, changed camera) above `alert.ood_rate`;
-4 done, but transient errors above alert.error_rate of the inputs (default: any); 1 failed
-(state not advanced, the next run retries); 2 invalid arguments, configuration or model directory.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from stfpm.audit_config import AlertConfig, AuditConfig, ReportConfig, ScoringConfig, iso, load_config, parse_time
+from stfpm.audit_config import (AlertConfig, AuditConfig, ReportConfig, ScoringConfig, iso, load_config, parse_time,
+                                utc_now)
 from stfpm.audit_report import render_report
+from stfpm.audit_summary import one_row_per_input, summarize
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.distributed.plan import new_run_id
-from stfpm.distributed.sources import CATEGORY, list_files, path_level, read_manifest
-from stfpm.distributed.table import INPUT_ERROR, TRANSIENT_ERROR, winning_rows
+from stfpm.distributed.sources import list_files, path_level, read_manifest
+from stfpm.distributed.table import TRANSIENT_ERROR
 from stfpm.storage import filesystem_for, is_s3, join_uri, read_bytes, set_s3_environment, write_bytes
 
 __all__ = ["AlertConfig", "AuditConfig", "AuditResult", "ReportConfig", "ScoringConfig", "load_config",
@@ -73,15 +69,8 @@ logger = logging.getLogger(__name__)
 STATE = "_audit_state.json"
 RUNS = "runs"
 HISTORY = 100
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ALERT, EXIT_ERRORS = 0, 1, 2, 3, 4
 RETRY = "retry.parquet"   # runs/<run_id>/: the run's inputs whose row is a transient error
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".parquet")
-HISTOGRAM_BINS = 20
-NO_CATEGORY = "(none)"
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 # ------------------------------------------------------------------------------ arrivals
@@ -168,7 +157,7 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
 
     echo = logger.info if verbose else logger.debug
     _apply_s3(cfg.s3)
-    now = now or _now()
+    now = now or utc_now()
     state = read_state(cfg.output)
     if state["input"] not in (None, cfg.input):
         raise ValueError(f"{cfg.output} holds the audit state of another input ({state['input']}); "
@@ -219,7 +208,7 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
         except Exception:  # noqa: BLE001 - the original failure is the one to report
             pass
         raise
-    finished = {"run_id": run_id, "since": iso(since), "until": iso(until), "finished_at": iso(_now()),
+    finished = {"run_id": run_id, "since": iso(since), "until": iso(until), "finished_at": iso(utc_now()),
                 "attempts": open_run["attempts"], "exit_code": summary["exit_code"], **summary["totals"]}
     state.update(last_success=finished, open_run=None, runs=(state["runs"] + [finished])[-HISTORY:])
     write_state(cfg.output, state)
@@ -248,7 +237,7 @@ def read_retries(output: str, last: dict | None, arrived: pa.Table) -> pa.Table:
 
 def write_retries(run_dir: str, inputs: pa.Table, table: pa.Table) -> None:
     """RETRY: the rows of `inputs` whose standing row in the run's table is a transient error."""
-    transient = {r["image_uri"] for r in _one_row_per_input(table) if r.get("error_kind") == TRANSIENT_ERROR}
+    transient = {r["image_uri"] for r in one_row_per_input(table) if r.get("error_kind") == TRANSIENT_ERROR}
     retry = inputs.filter(pa.array([u in transient for u in inputs["image_uri"].to_pylist()], pa.bool_()))
     sink = pa.BufferOutputStream()
     pq.write_table(retry, sink)
@@ -266,87 +255,6 @@ def read_run_table(run_dir: str) -> pa.Table:
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return pa.table({})
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
-
-
-# ------------------------------------------------------------------------------ summary
-
-def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: str, since: datetime | None,
-              until: datetime, attempts: int, scoring: dict | None, retried: int = 0) -> dict:
-    """audit.json: counts, errors and anomaly rate per category, alerts and the exit code.
-    One row per input: its ok row if any (the latest), else its latest error row. Errors
-    of kind "transient" above alert.error_rate of the inputs make the exit code 4 (after an
-    alert's 3); bad input files never do."""
-    rows = _one_row_per_input(table)
-    by_category: dict[str, list[dict]] = {}
-    for row in rows:
-        by_category.setdefault(row.get(CATEGORY) or row.get("model_name") or NO_CATEGORY, []).append(row)
-    categories = {name: _category_summary(name, group, cfg) for name, group in sorted(by_category.items())}
-    ok = sum(c["ok"] for c in categories.values())
-    anomalous = sum(c["anomalous"] for c in categories.values())
-    ood = sum(c["ood"] for c in categories.values())
-    alerts = [name for name, c in categories.items() if c["alert"]]
-    kinds = [r.get("error_kind") for r in rows if r["status"] != "ok"]
-    transient = kinds.count(TRANSIENT_ERROR)
-    totals = {"inputs": len(inputs), "retried": retried, "scored": len(rows), "ok": ok,
-              "error": sum(c["error"] for c in categories.values()), "error_input": kinds.count(INPUT_ERROR),
-              "error_transient": transient, "anomalous": anomalous, "anomaly_rate": anomalous / ok if ok else None,
-              "ood": ood, "ood_rate": ood / ok if ok else None}
-    failing = bool(transient) and transient / max(len(inputs), 1) > cfg.alert.error_rate
-    status, code = ("alert", EXIT_ALERT) if alerts else ("errors", EXIT_ERRORS) if failing else ("ok", EXIT_OK)
-    return {
-        "run_id": run_id, "input": cfg.input, "output": cfg.output, "models": cfg.models,
-        "window": {"since": iso(since), "until": iso(until)}, "attempts": attempts,
-        "generated_at": iso(_now()), "status": status, "exit_code": code, "errors_above_level": failing,
-        "alerts": alerts, "alert_config": asdict(cfg.alert), "totals": totals, "categories": categories,
-        "scoring": _scoring_digest(scoring),
-    }
-
-
-def _one_row_per_input(table: pa.Table) -> list[dict]:
-    if not table.num_rows:
-        return []
-    return table.take(winning_rows(table, ["image_uri"])).sort_by("image_uri").to_pylist()
-
-
-def _category_summary(name: str, rows: list[dict], cfg: AuditConfig) -> dict:
-    ok = [r for r in rows if r["status"] == "ok"]
-    errors = [r for r in rows if r["status"] != "ok"]
-    anomalous = sum(bool(r["is_anomaly"]) for r in ok)
-    rate = anomalous / len(ok) if ok else None
-    level = cfg.alert.level(name)
-    ood = sorted((r for r in ok if r.get("ood")), key=lambda r: r["ood_score"], reverse=True)  # null: no check
-    ood_rate = len(ood) / len(ok) if ok else None
-    reasons = []
-    if len(ok) >= cfg.alert.min_images and rate is not None and rate > level:
-        reasons.append(f"anomaly rate {rate:.2%} above {level:.2%}")
-    if len(ok) >= cfg.alert.min_images and ood_rate is not None and ood_rate > cfg.alert.ood_rate:
-        reasons.append(f"{ood_rate:.2%} of inputs unlike the model's training images (ood), above "
-                       f"{cfg.alert.ood_rate:.2%}: wrong model or changed images?")
-    counts, edges = np.histogram([r["score"] for r in ok], bins=HISTOGRAM_BINS, range=(0.0, 1.0))
-    top = sorted(ok, key=lambda r: (r["score"], r["raw_score"]), reverse=True)[:cfg.report.top_k]
-    kinds: dict[str, int] = {}
-    for r in errors:
-        kind = (r["error"] or "unknown").split(":", 1)[0]
-        kinds[kind] = kinds.get(kind, 0) + 1
-    models = sorted({(r["model_name"], r["model_version"], r["threshold"]) for r in ok}, key=str)
-    return {
-        "inputs": len(rows), "ok": len(ok), "error": len(errors), "anomalous": anomalous, "anomaly_rate": rate,
-        "alert_level": level, "alert": bool(reasons), "alert_reasons": reasons,
-        "ood": len(ood), "ood_rate": ood_rate,
-        "ood_examples": [[r["image_uri"], r["ood_score"]] for r in ood[:cfg.report.top_k]],
-        "models": [{"name": n, "model_version": v, "threshold": t} for n, v, t in models],
-        "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
-                      "of": "normalised score, 0.5 = the model's threshold"},
-        "top": [{k: r.get(k) for k in ("image_uri", "score", "raw_score", "is_anomaly", "ood", "ood_score",
-                                       "width", "height", "map_uri", "overlay_uri")} for r in top],
-        "errors": {"by_kind": kinds, "examples": [[r["image_uri"], r["error"]] for r in errors[:20]]},
-    }
-
-
-def _scoring_digest(scoring: dict | None) -> dict | None:
-    if not scoring:
-        return None
-    return {k: scoring.get(k) for k in ("run_id", "counts", "images_per_s", "timings_s", "devices")}
 
 
 def rerender_report(cfg: AuditConfig, run_id: str) -> str:

@@ -198,5 +198,9 @@ def parse_time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 def iso(t: datetime | None) -> str | None:
     return t.astimezone(timezone.utc).isoformat() if t else None

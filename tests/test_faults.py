@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from stfpm import audit
+from stfpm import audit, audit_summary
 from stfpm.cli import app
 from stfpm.distributed import score
 from stfpm.distributed.plan import plan_run
@@ -296,17 +296,17 @@ def test_transient_errors_are_retried_on_later_nights_and_fail_the_exit_code(mod
     now = datetime.now(timezone.utc) + timedelta(minutes=1)
     night1 = audit.run_audit(cfg, now=now, verbose=False)
     totals = night1.summary["totals"]
-    assert night1.exit_code == audit.EXIT_ERRORS and night1.summary["status"] == "errors"
+    assert night1.exit_code == audit_summary.EXIT_ERRORS and night1.summary["status"] == "errors"
     assert (totals["inputs"], totals["ok"], totals["error_input"], totals["error_transient"]) == (3, 1, 1, 1)
 
     registry.write_text(f"models:\n  a: {model}\n  c: {model}\n")  # the missing model is added
     night2 = audit.run_audit(cfg, now=now + timedelta(minutes=1), verbose=False)
-    assert night2.exit_code == audit.EXIT_OK, night2.summary
+    assert night2.exit_code == audit_summary.EXIT_OK, night2.summary
     assert night2.summary["totals"]["retried"] == 1 and night2.summary["totals"]["ok"] == 1
     assert night2.summary["categories"]["c"]["ok"] == 1 and "a" not in night2.summary["categories"]
 
     night3 = audit.run_audit(cfg, now=now + timedelta(minutes=2), verbose=False)
-    assert night3.exit_code == audit.EXIT_OK and night3.summary["totals"]["inputs"] == 0
+    assert night3.exit_code == audit_summary.EXIT_OK and night3.summary["totals"]["inputs"] == 0
 
 
 def test_every_bad_audit_config_exits_2_naming_the_key_before_anything_is_written(tmp_path, capsys):
@@ -344,7 +344,7 @@ def test_every_bad_audit_config_exits_2_naming_the_key_before_anything_is_writte
             ("first_run_since", "yesterday", "first_run_since must be an ISO time")):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**base, key: value}))
-        assert job.main(["--config", str(path)]) == audit.EXIT_USAGE, (key, value)
+        assert job.main(["--config", str(path)]) == audit_summary.EXIT_USAGE, (key, value)
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and named in err and str(path) in err, (key, value, err)
         assert not (tmp_path / "out").exists()

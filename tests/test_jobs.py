@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 import stfpm
-from stfpm import audit
+from stfpm import audit, audit_summary
 from stfpm.data.synth import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,7 +393,7 @@ def test_config_is_checked_and_a_bad_one_exits_2(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("nightly_audit", REPO / "jobs" / "nightly_audit.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(["--config", str(path)]) == audit.EXIT_USAGE
+    assert job.main(["--config", str(path)]) == audit_summary.EXIT_USAGE
     assert "unknown keys" in capsys.readouterr().err
 
 
@@ -445,9 +445,9 @@ def test_report_on_s3_links_presigned_urls_that_load_and_escapes_names(s3_env, t
     table = pa.Table.from_pylist(rows, schema=table_schema(["category"]))
     cfg = audit.AuditConfig(source=f"s3://{s3_env}/in", output=f"s3://{s3_env}/out", models="m",
                             partitions=["category"], alert=audit.AlertConfig(anomaly_rate=0.4, min_images=2))
-    summary = audit.summarize(table, table.select(["image_uri"]), cfg, run_id="r", since=None, until=now,
-                              attempts=1, scoring=None)
-    assert summary["alerts"] == ["a"] and summary["exit_code"] == audit.EXIT_ALERT
+    summary = audit_summary.summarize(table, table.select(["image_uri"]), cfg, run_id="r", since=None, until=now,
+                                      attempts=1, scoring=None)
+    assert summary["alerts"] == ["a"] and summary["exit_code"] == audit_summary.EXIT_ALERT
     assert summary["categories"]["a"]["anomaly_rate"] == 0.5
     b = summary["categories"]["b"]
     assert (b["ok"], b["error"], b["anomaly_rate"]) == (1, 1, 1.0)
@@ -479,9 +479,9 @@ def test_inputs_unlike_the_training_images_are_counted_and_alerted(tmp_path):
             rows.append(row)
     table = pa.Table.from_pylist(rows, schema=table_schema(["category"]))
     cfg = audit.AuditConfig(source=str(tmp_path), output=str(tmp_path / "out"), models="m", partitions=["category"])
-    summary = audit.summarize(table, table.select(["image_uri"]), cfg, run_id="r", since=None, until=now,
-                              attempts=1, scoring=None)
-    assert summary["alerts"] == ["misrouted"] and summary["exit_code"] == audit.EXIT_ALERT
+    summary = audit_summary.summarize(table, table.select(["image_uri"]), cfg, run_id="r", since=None, until=now,
+                                      attempts=1, scoring=None)
+    assert summary["alerts"] == ["misrouted"] and summary["exit_code"] == audit_summary.EXIT_ALERT
     assert summary["totals"]["ood"] == 6 and summary["totals"]["anomalous"] == 0
     bad, fine = summary["categories"]["misrouted"], summary["categories"]["fine"]
     assert (bad["ood"], bad["ood_rate"], fine["ood"], fine["alert"]) == (5, 1.0, 1, False)
