@@ -1,10 +1,7 @@
-"""model.json, typed: the `ModelCard` (input spec, map spec, `Calibration`, weights), the one
-parser every reader goes through, and reading and writing the card of a model directory.
-
-`parse_card` names the file, the key and the fix for whatever is wrong; the card's
-`model_version` must be the hash of the weight files' sha256s (it names output folders, so it
-cannot be anything else). The weight files themselves are stfpm.artifact's.
-"""
+"""model.json, typed: the `ModelCard` (input spec, map spec, `Calibration`, weights), and the
+one parser every reader goes through (`parse_card`: names the file, the key and the fix for
+whatever is wrong; `model_version` must be the hash of the weights' sha256s, as it names
+output folders). The weight files themselves are stfpm.artifact's."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +32,6 @@ RETRAIN = "retrain the model with `stfpm train`, or restore model.json from wher
 class ModelDirError(UserError):
     """A model directory that is missing, incomplete, malformed or tampered with."""
 
-
-# ------------------------------------------------------------------------------ the card
 
 @dataclass(frozen=True)
 class InputSpec:
