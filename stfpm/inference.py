@@ -40,25 +40,13 @@ class Prediction:
     ood_score: float | None = None   # in-distribution distance / its limit; > 1 is ood
 
 
-def to_heat(norm_map: np.ndarray) -> np.ndarray:
-    """A normalised map (0-1, 0.5 at the threshold) as the 8-bit map PNGs hold: round(255 * s)."""
-    return np.rint(np.asarray(norm_map) * 255).astype(np.uint8)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
 class Predictor:
     """The whole per-image path of a model, used by predict, evaluate, training's threshold
     calibration and Ray Data scoring (whose stages call its parts on different nodes):
 
         prepare (bytes or array -> ModelInput, the one decode policy) -> infer (a batch of
         inputs -> maps, ONE forward) -> calibrate (score, normalise, decide; maps at each
-        image's size) -> encode (`to_heat` + `encode_png` for map PNGs, `results.overlay`)
+        image's size) -> encode (`stfpm.heatmap`: the 8-bit map, its PNG, the overlay)
 
     The forward is a model directory's network compiled into Paddle Inference (CPU) or run on
     the dynamic graph (GPU), or an exported model's program; all give the same maps."""

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 
 from stfpm.card import Calibration
-from stfpm.inference import Prediction, to_heat
+from stfpm.heatmap import overlay, to_heat
+from stfpm.inference import Prediction
 
 SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold", "ood", "ood_score")
 
@@ -26,29 +27,6 @@ def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 20) -
         regions.append({"bbox": [x, y, w, h], "area": area,
                         "max_score": float(anomaly_map[labels == i].max())})
     return sorted(regions, key=lambda r: -r["area"])[:limit]
-
-
-def overlay(image: np.ndarray, heat: np.ndarray, is_anomaly: bool, norm_score: float, score: float) -> np.ndarray:
-    """The input with a colour map of `heat` (the 8-bit normalised map, `inference.to_heat`;
-    red = above the threshold), the contours of its above-threshold region (heat >= 128) and
-    a caption with the scores and the decision. An image decoded at reduced scale is scaled
-    up to the map's size first, so the overlay is always at the input's size."""
-    h, w = heat.shape
-    if image.shape[:2] != (h, w):
-        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    colored = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
-    out = cv2.addWeighted(image, 0.6, colored, 0.4, 0)
-    contours, _ = cv2.findContours((heat >= 128).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    thickness = max(1, round(max(h, w) / 256))
-    cv2.drawContours(out, contours, -1, (255, 255, 255), thickness + 1)
-    cv2.drawContours(out, contours, -1, (0, 0, 255), thickness)
-    label = f"{'ANOMALY' if is_anomaly else 'OK'} {norm_score:.2f} (raw {score:.4g})"
-    scale = max(0.35, w / 640)
-    (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    cv2.rectangle(out, (0, 0), (tw + 6, th + base + 6), (0, 0, 0), -1)
-    cv2.putText(out, label, (3, th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                (0, 0, 255) if is_anomaly else (0, 255, 0), 1, cv2.LINE_AA)
-    return out
 
 
 class AnomalyResult(dict):

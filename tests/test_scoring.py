@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -32,6 +35,8 @@ from stfpm.distributed.table import read_index, table_schema
 from stfpm.runtime import paddle_device
 from stfpm.score_scale import ScoreScale
 from test_images import cmyk_jpeg, hand_png, png_chunk
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZE = 64
 
@@ -372,6 +377,16 @@ def test_decoding_stays_out_of_the_actors(workspace, ray_local, tmp_path, capsys
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(load_images)]" in physical
     assert "ActorPoolMapOperator[MapBatches(ScoreActor)]" in physical
+    # a Ray of a few CPUs gets no per-stage reservations: with them, the maps stage waited for
+    # decoding and prediction to end (bench/RESULTS.md, issue 14)
+    assert ds.context.op_resource_reservation_enabled is False
+
+
+def test_map_writing_tasks_never_import_paddle():
+    """The maps stage's module and the heat-map helpers load without Paddle (1-4 s per worker)."""
+    code = ("import sys, stfpm.heatmap, stfpm.distributed.stages, stfpm.distributed.sink; "
+            "sys.exit('paddle' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO))).returncode == 0
 
 
 def test_plan_makes_local_uris_absolute_and_skips_its_own_output(workspace, tmp_path, monkeypatch):

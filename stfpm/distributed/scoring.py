@@ -66,6 +66,7 @@ from stfpm.storage import filesystem_for, join_uri, s3_settings, write_bytes
 logger = logging.getLogger(__name__)
 
 DECODE_BATCHES_PER_WORKER = 256
+RESERVATION_MIN_CPUS = 16  # fewer CPUs: no per-stage reservations (build_pipeline)
 
 
 def parse_actors(actors: int | str | tuple[int, int]) -> tuple[int, int]:
@@ -167,6 +168,10 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
     ds = ray.data.from_arrow([pending.slice(i, batch_size) for i in range(0, len(pending), batch_size)])
     ds.context.wait_for_min_actors_s = wait_for_actors_s
     ds.context.enable_progress_bars = False  # progress.py draws ours
+    # Ray Data reserves a share of the CPUs for each stage; on a few CPUs those shares are
+    # fractions of a CPU that no 1-CPU maps task fits, and the maps stage waited for decoding
+    # and prediction to end (bench/RESULTS.md, issue 14). Reservations pay on a cluster only.
+    ds.context.op_resource_reservation_enabled = ray.cluster_resources().get("CPU", 0) >= RESERVATION_MIN_CPUS
     drop_progress_bars_disabled_notice()
     models = {("" if key is None else key): ref.uri for key, ref in plan.models.items()}
     # max_calls: a decoding worker is replaced after that many batches, so heap fragmentation

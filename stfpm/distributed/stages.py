@@ -193,7 +193,7 @@ class ScoreActor:
         return self.predictors.get(key)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from stfpm.inference import to_heat
+        from stfpm.heatmap import to_heat
 
         t0 = time.perf_counter()
         n = len(batch)
@@ -235,8 +235,7 @@ def write_maps(batch: pa.Table, output: str) -> pa.Table:
     """Resize each ok row's 8-bit map to the input's size, PNG-encode it and write it to its
     deterministic key (a re-run overwrites it with the same content). Rows that carry their
     decoded image (overlays) and are anomalous also get the overlay, drawn from that map."""
-    from stfpm.inference import encode_png
-    from stfpm.results import overlay
+    from stfpm.heatmap import encode_png, overlay
 
     t0 = time.perf_counter()
     n = len(batch)
