@@ -105,9 +105,12 @@ def drop_progress_bars_disabled_notice() -> None:
     _drop(logging.getLogger("ray.data._internal.progress"), PROGRESS_BARS_DISABLED)
 
 
-def init_ray(address: str | None = None, **kwargs):
-    """ray.init, without Ray's announcement that a new local Ray uses token auth (its default)."""
+def init_ray(address: str | None = None, runtime_env: dict | None = None, **kwargs):
+    """ray.init, without Ray's announcement that a new local Ray uses token auth (its default),
+    and with every worker pinned to this cluster (stfpm.distributed.own_cluster)."""
     import ray
 
+    from stfpm.distributed.own_cluster import with_own_cluster_hook
+
     _drop(logging.getLogger("ray._private.authentication.authentication_token_setup"), TOKEN_AUTH_ENABLED)
-    return ray.init(address=address, **kwargs)
+    return ray.init(address=address, runtime_env=with_own_cluster_hook(runtime_env), **kwargs)

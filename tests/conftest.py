@@ -1,8 +1,11 @@
 """Shared fixtures: a real S3 endpoint (moto server mode, which pyarrow and Ray workers can
-reach, unlike the in-process mock), a local HTTP file server, and a ResNet18 .pdparams file."""
+reach, unlike the in-process mock), a local HTTP file server, a ResNet18 .pdparams file, and a
+private Ray temp directory for tests that start a ray.cluster_utils.Cluster."""
 from __future__ import annotations
 
 import http.server
+import shutil
+import tempfile
 import threading
 import uuid
 from functools import partial
@@ -72,6 +75,18 @@ def file_server(tmp_path):
     server.root.mkdir()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def private_ray_tmpdir(monkeypatch) -> str:
+    """RAY_TMPDIR in a fresh directory for one test. A ray.cluster_utils.Cluster advertises
+    itself in $RAY_TMPDIR/ray/ray_current_cluster, the file through which a plain ray.init()
+    and Ray's own state-API lookups of every other Ray on the machine find "the" cluster
+    (stfpm.distributed.own_cluster). Short: Ray's socket paths must stay under 108 characters."""
+    private = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", private)
+    yield private
+    shutil.rmtree(private, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

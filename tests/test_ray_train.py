@@ -14,6 +14,7 @@ import ray
 from stfpm import load_model
 from stfpm.data import make_synthetic_dataset
 from stfpm.distributed.ray_train import train_distributed
+from stfpm.noise import init_ray
 from stfpm.train import TrainConfig, train
 
 CFG = dict(backbone="efficientnet_lite0", epochs=3, image_size=64, batch_size=8, seed=0)
@@ -28,7 +29,10 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": never another process's Ray that the machine advertises (a `ray start`, another
+    # test's ray.cluster_utils.Cluster); init_ray pins the workers to this one too
+    # (stfpm.distributed.own_cluster: Ray Train's placement-group cleaner asks them)
+    init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

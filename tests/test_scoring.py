@@ -426,9 +426,11 @@ def test_actors_may_not_take_every_cpu_of_a_local_ray():
         check_cpus_left_for_decoding(2, 1, 2)
 
 
-def test_gpu_actors_run_on_the_gpu_ray_assigns(workspace, tmp_path):
+def test_gpu_actors_run_on_the_gpu_ray_assigns(workspace, tmp_path, private_ray_tmpdir):
     """A CPU-only head (decoding) and a node with 2 fake GPUs: each actor asks for a GPU and
-    records the one Ray gave it (Paddle here has no CUDA, so the forward runs on the CPU)."""
+    records the one Ray gave it (Paddle here has no CUDA, so the forward runs on the CPU).
+    The cluster is advertised in a private RAY_TMPDIR only: other Rays on the machine never
+    take it for theirs."""
     from ray.cluster_utils import Cluster
 
     root, _ = workspace
