@@ -13,7 +13,7 @@ import numpy as np
 
 from stfpm.artifact import LoadedModel, save_model
 from stfpm.card import Calibration, InputSpec, MapSpec, ModelCard, write_card
-from stfpm.nn import STFPM, backbone_spec
+from stfpm.nn import STFPM, backbone_spec, view_scale
 from stfpm.ood import InDistribution
 from stfpm.score_scale import ScoreScale
 from stfpm.storage import is_s3, upload_dir
@@ -76,8 +76,9 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
                   "final_loss": history[-1]["loss"]})
     layer_forward = Predictor.from_model(LoadedModel(network=network, card=card, path="")).layer_forward
     layers, _ = layer_forward(holdout_images)
-    card = dataclasses.replace(card, map=dataclasses.replace(  # for layer_norm "holdout"
-        card.map, layer_scale=tuple(float(np.mean(layer)) for layer in layers)))
+    card = dataclasses.replace(card, map=dataclasses.replace(  # for layer_norm "holdout" and "views"
+        card.map, layer_scale=tuple(float(np.mean(layer)) for layer in layers),
+        view_scale=view_scale(layers, (cfg.image_size, cfg.image_size))))
     proxies = map_variant_proxies(card, layer_forward, to_rgb_uint8(holdout_images, spec.mean, spec.std))
     if cfg.map_selection == "proxy":  # the best proxy AUROC; a tie keeps the recipe's own map
         own = variant_name(card.map)

@@ -24,7 +24,7 @@ MODEL_JSON = "model.json"
 WEIGHT_FILES = {"STFPM": {"teacher": "teacher.safetensors", "student": "student.safetensors"},
                 "PatchCore": {"teacher": "teacher.safetensors", "memory": "bank.safetensors"}}
 MODEL_KINDS = {kind: tuple(sorted(parts.values())) for kind, parts in WEIGHT_FILES.items()}
-LAYER_NORMS = ("none", "median", "holdout")  # how layer maps may be normalised (MapSpec, stfpm.nn.anomaly_map)
+LAYER_NORMS = ("none", "median", "holdout", "views")  # how layer maps may be normalised (MapSpec, stfpm.nn.anomaly_map)
 COMBINES = ("product", "sum")  # how the normalised layer maps are combined
 RETRAIN = "retrain the model with `stfpm train`, or restore model.json from where the model came from"
 
@@ -54,15 +54,19 @@ class MapSpec:
     """How the per-layer maps become the anomaly map (stfpm.nn.anomaly_map), then how it is
     smoothed (PatchCore's Gaussian, stfpm.nn.patchcore.smooth_map; 0: not smoothed). Cards from
     before an option existed get the paper's map. `layer_scale`: each layer map's mean over the
-    held-out good images (training records it; layer_norm "holdout" divides by it)."""
+    held-out good images (training records it; layer_norm "holdout" divides by it).
+    `view_scale`: the median over the held-out good images of the image score under the
+    paper's map and under the median map (training records it; layer_norm "views" divides by it)."""
     layer_norm: str = "none"
     smooth_sigma: float = 0.0
     combine: str = "product"
     layer_scale: tuple[float, ...] | None = None
+    view_scale: tuple[float, float] | None = None
 
     def options(self) -> dict:
         """anomaly_map's keyword arguments."""
-        return {"layer_norm": self.layer_norm, "combine": self.combine, "layer_scale": self.layer_scale}
+        return {"layer_norm": self.layer_norm, "combine": self.combine, "layer_scale": self.layer_scale,
+                "view_scale": self.view_scale}
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,13 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
         f.fail("map.layer_scale", "must be a list of positive numbers (one per layer) or absent")
     if layer_norm == "holdout" and layer_scale is None:
         f.fail("map.layer_scale", "is missing; layer_norm 'holdout' divides each layer by it")
+    view_scale = map_doc.get("view_scale")
+    if view_scale is not None and not (isinstance(view_scale, list) and len(view_scale) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in view_scale)):
+        f.fail("map.view_scale", "must be a list of two positive numbers or absent")
+    if layer_norm == "views" and (view_scale is None or combine != "product"):
+        f.fail("map.view_scale" if view_scale is None else "map.combine",
+               "layer_norm 'views' needs view_scale (two numbers) and combine 'product'")
     patchcore = _patchcore(f) if model_name == "PatchCore" else None
     weights = _weights(f, model_name)
     version = f.string("model_version")
@@ -303,7 +314,8 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     return ModelCard(
         model_name=model_name, backbone=f.string("backbone"), input=spec,
         calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(
-            layer_norm, float(smooth_sigma), combine, None if layer_scale is None else tuple(float(v) for v in layer_scale)),
+            layer_norm, float(smooth_sigma), combine, None if layer_scale is None else tuple(float(v) for v in layer_scale),
+            None if view_scale is None else tuple(float(v) for v in view_scale)),
         weights=weights, model_version=version, taps=taps, patchcore=patchcore,
         **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export", "validation")},
         extra={k: v for k, v in doc.items() if k not in known})

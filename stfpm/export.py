@@ -114,6 +114,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
         "PostProcess": {"AnomalyMap": {"upsample": "each output bilinearly to the input size",
                                        "layer_norm": card.map.layer_norm, "combine": card.map.combine,
                                        "layer_scale": None if card.map.layer_scale is None else list(card.map.layer_scale),
+                                       "view_scale": None if card.map.view_scale is None else list(card.map.view_scale),
                                        "gaussian_sigma": card.map.smooth_sigma,
                                        "score": "max", "threshold": cal.threshold,
                                        "normalised_score": {**cal.scale.to_dict(), "doc": "stfpm.score_scale"}}},

@@ -13,7 +13,8 @@ from stfpm.metrics import auroc
 from stfpm.card import COMBINES, LAYER_NORMS
 
 # every map anomaly_map can form, as model.json "map" entries
-MAP_VARIANTS = tuple({"layer_norm": norm, "combine": combine} for norm, combine in product(LAYER_NORMS, COMBINES))
+MAP_VARIANTS = tuple({"layer_norm": norm, "combine": combine} for norm, combine in product(LAYER_NORMS, COMBINES)
+                     if norm != "views" or combine == "product")  # "views" combines by product only
 
 
 def variant_name(variant) -> str:

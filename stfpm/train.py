@@ -88,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORMS)}, got {cfg.layer_norm!r}")
         if cfg.combine not in COMBINES:
             raise ValueError(f"combine must be one of {', '.join(COMBINES)}, got {cfg.combine!r}")
+        if cfg.layer_norm == "views" and cfg.combine != "product":
+            raise ValueError("layer_norm 'views' combines the layers by product; drop combine or set it to 'product'")
         if cfg.map_selection not in MAP_SELECTIONS:
             raise ValueError(f"map_selection must be one of {', '.join(MAP_SELECTIONS)}, got {cfg.map_selection!r}")
         if cfg.optimizer not in ("sgd", "adam"):

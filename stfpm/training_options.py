@@ -43,12 +43,14 @@ TRAINING_OPTIONS = {
     "teacher_weights": (Optional[str], typer.Option(None, help="Teacher weights: PATH or s3:// URI (.pdparams, "
                                                                ".safetensors, legacy .pth)")),
     "augment": (Optional[str], typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts "
-                                                       "whose pose varies); default none")),
-    "layer_norm": (Optional[str], typer.Option(None, help="none | median | holdout: divide each layer's map by "
-                                                          "its image median (or its held-out mean) before combining "
-                                                          "(for parts whose overall discrepancy varies, e.g. "
-                                                          "screws); default: median "
-                                                          "for the efficientnet_lite teachers, none for resnet18")),
+                                                       "whose pose varies); default: d4 for the efficientnet_lite "
+                                                       "teachers, none for resnet18")),
+    "layer_norm": (Optional[str], typer.Option(None, help="none | median | holdout | views: divide each layer's map "
+                                                          "by its image median (or its held-out mean) before "
+                                                          "combining; views: the larger of the plain and the median "
+                                                          "map, each calibrated on held-out good images; default: "
+                                                          "views for the efficientnet_lite teachers, none for "
+                                                          "resnet18")),
     "combine": (Optional[str], typer.Option(None, help="product | sum: how the layer maps are combined (the "
                                                        "paper's product, or the mean of the scaled layer maps)")),
     "map_selection": (Optional[str], typer.Option(None, help="recipe | proxy: keep --layer-norm/--combine, or "

@@ -108,6 +108,10 @@ def test_other_bad_values_are_named(model_dir, tmp_path):
     for edit, needle in [(lambda d: d["threshold"].update(value="abc"), "'threshold.value' must be a finite number"),
                          (lambda d: d["input"].update(std=[0, 1, 1]), "'input.std' must be a list of 3 non-zero"),
                          (lambda d: d.update(map={"layer_norm": "mean"}), "'map.layer_norm' is 'mean'"),
+                         (lambda d: d.update(map={"layer_norm": "views"}), "'map.view_scale'"),
+                         (lambda d: d.update(map={"layer_norm": "views", "view_scale": [1, -2]}), "'map.view_scale' must"),
+                         (lambda d: d.update(map={"layer_norm": "views", "view_scale": [1, 2], "combine": "sum"}),
+                          "'map.combine'"),
                          (lambda d: d.update(schema_version=7), "'schema_version' is 7"),
                          (lambda d: d.update(model_name="Other"), "'model_name' is 'Other'")]:
         shutil.rmtree(tmp_path / "broken", ignore_errors=True)

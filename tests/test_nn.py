@@ -109,6 +109,31 @@ def test_median_layer_norm_divides_each_layer_by_its_image_median():
         anomaly_map(layers, (32, 32), layer_norm="max")
 
 
+def test_views_map_is_the_larger_of_two_calibrated_maps():
+    """layer_norm "views": max(paper's map / s0, median map / s1) at each pixel, with the scales
+    training takes from held-out good images (view_scale: each view's median image score)."""
+    from stfpm.nn import view_scale
+
+    rng = np.random.default_rng(4)
+    layers = [rng.uniform(0.1, 1.0, (3, s, s)).astype(np.float32) for s in (16, 8)]
+    plain, median = anomaly_map(layers, (32, 32)), anomaly_map(layers, (32, 32), layer_norm="median")
+    got = anomaly_map(layers, (32, 32), layer_norm="views", view_scale=(2.0, 4.0))
+    np.testing.assert_allclose(got, np.maximum(plain / 2.0, median / 4.0), rtol=1e-6)
+    scales = view_scale(layers, (32, 32))
+    assert scales == pytest.approx((float(np.median(plain.reshape(3, -1).max(1))),
+                                    float(np.median(median.reshape(3, -1).max(1)))))
+    # a defect that raises a whole image (which the median view divides away) still shows
+    big = [x.copy() for x in layers]
+    for x in big:
+        x[0] *= 20.0
+    views = anomaly_map(big, (32, 32), layer_norm="views", view_scale=scales).reshape(3, -1).max(1)
+    assert views[0] > 10 * views[1:].max()
+    with pytest.raises(ValueError, match="view_scale"):
+        anomaly_map(layers, (32, 32), layer_norm="views")
+    with pytest.raises(ValueError, match="combine 'product'"):
+        anomaly_map(layers, (32, 32), layer_norm="views", combine="sum", view_scale=(1.0, 1.0))
+
+
 def test_holdout_layer_norm_and_sum_combine():
     rng = np.random.default_rng(3)
     layers = [rng.uniform(0.5, 2.0, (2, s, s)).astype(np.float32) * scale for s, scale in ((16, 1.0), (8, 10.0))]

@@ -21,7 +21,7 @@ def test_a_forward_that_sees_the_defects_scores_one_for_every_variant():
     family = texture_family(1)
     good = np.stack([render_texture(np.random.default_rng(i), 32, family) for i in range(10)])
     card = ModelCard(model_name="STFPM", backbone="efficientnet_lite0", input=InputSpec(32, (0.0,) * 3, (1 / 255,) * 3),
-                     calibration=Calibration(0.0, 0.0, 1.0), map=MapSpec(layer_scale=(1.0, 1.0)))
+                     calibration=Calibration(0.0, 0.0, 1.0), map=MapSpec(layer_scale=(1.0, 1.0), view_scale=(1.0, 1.0)))
     reference = normalize_batch(good, card.input.mean, card.input.std)
 
     def layer_forward(batch):  # distance to the good image it came from: zero unless a defect is there
@@ -29,5 +29,5 @@ def test_a_forward_that_sees_the_defects_scores_one_for_every_variant():
         return [diff[:, ::2, ::2], diff[:, ::4, ::4]], None  # (layer maps, no feature profiles)
 
     proxies = map_variant_proxies(card, layer_forward, good)
-    assert len(proxies) == len(MAP_VARIANTS) and "median/product" in proxies
+    assert len(proxies) == len(MAP_VARIANTS) and "median/product" in proxies and "views/product" in proxies
     assert min(proxies.values()) == 1.0

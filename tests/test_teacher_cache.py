@@ -9,7 +9,8 @@ import pytest
 from stfpm.data import make_synthetic_dataset
 from stfpm.train import TeacherCache, TrainConfig, build_network, train
 
-CFG = dict(backbone="efficientnet_lite0", epochs=3, image_size=64, batch_size=8, seed=0)
+CFG = dict(backbone="efficientnet_lite0", epochs=3, image_size=64, batch_size=8, seed=0,
+           augment="none")  # the cache needs unaugmented images
 
 
 @pytest.fixture(scope="module")

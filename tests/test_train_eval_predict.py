@@ -38,10 +38,13 @@ def test_model_directory_contents(trained):
     assert thr["source"] == "holdout_quantile" and thr["score_min"] <= thr["value"] <= thr["score_max"]
     assert meta["training"]["n_holdout"] == 13 and meta["training"]["n_train"] == 51
     assert 1 <= meta["training"]["best_epoch"] <= 20
-    assert meta["map"]["layer_norm"] == "median" and meta["map"]["combine"] == "product"
+    assert meta["map"]["layer_norm"] == "views" and meta["map"]["combine"] == "product"
+    assert meta["recipe"]["augment"] == "d4"
     assert len(meta["map"]["layer_scale"]) == 3 and min(meta["map"]["layer_scale"]) > 0
+    assert len(meta["map"]["view_scale"]) == 2 and min(meta["map"]["view_scale"]) > 0
     proxies = meta["validation"]["proxy_auroc"]
-    assert meta["validation"]["n_images"] == 13 and len(proxies) == 6 and 0.5 < proxies["median/product"] <= 1
+    assert meta["validation"]["n_images"] == 13 and len(proxies) == 7 and 0.5 < proxies["views/product"] <= 1
+    assert "views/sum" not in proxies
     log = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == list(range(1, 21))
     assert log[-1]["loss"] < log[0]["loss"]
@@ -261,4 +264,7 @@ def test_augment_batch_draws_only_pose_changes():
         augment_batch(batch, "rotate", rng)
     with pytest.raises(ValueError, match="augment must be one of"):
         TrainConfig(backbone="efficientnet_lite0", augment="mixup").resolved()
-    assert TrainConfig(backbone="efficientnet_lite0").resolved().augment == "none"
+    assert TrainConfig(backbone="efficientnet_lite0").resolved().augment == "d4"
+    assert TrainConfig(backbone="resnet18").resolved().augment == "none"
+    with pytest.raises(ValueError, match="views"):
+        TrainConfig(backbone="efficientnet_lite0", combine="sum").resolved()

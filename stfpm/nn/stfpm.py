@@ -21,6 +21,8 @@ from paddle import nn
 from stfpm.card import COMBINES, LAYER_NORMS  # the map options a model card may name
 from stfpm.nn.backbones import build_backbone
 
+VIEWS = ("none", "median")  # the two maps layer_norm "views" combines, in view_scale's order
+
 
 def layer_distances(teacher_feats, student_feats) -> list[paddle.Tensor]:
     """Per layer, 0.5 * squared distance of channel-normalised features: (N, h, w) each."""
@@ -44,7 +46,7 @@ def feature_profile(feats) -> paddle.Tensor:
 
 
 def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none", combine: str = "product",
-                layer_scale=None) -> np.ndarray:
+                layer_scale=None, view_scale=None) -> np.ndarray:
     """(N, H, W) float32 combination of the (N, h, w) per-layer maps, each bilinearly upsampled
     to `size` (half-pixel centres, as align_corners=False): their product (the paper's map) or,
     with combine "sum", their mean. The batch is resized as channels: one cv2 call per 128
@@ -58,13 +60,25 @@ def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none", com
       lands at chance (bench/RESULTS.md). It also hides anomalies that cover most of the image;
     - "holdout": by `layer_scale[i]`, the layer's mean over the held-out good images (recorded
       at training): one constant per layer, so large anomalies stay visible and the layers
-      weigh alike in a sum (for a product it only rescales the map)."""
+      weigh alike in a sum (for a product it only rescales the map);
+    - "views": two maps of the same layers, the paper's ("none") and the "median" one, each
+      divided by `view_scale` (its image score's median over the held-out good images,
+      recorded at training), and the larger kept at each pixel: an image is anomalous when
+      either view says so against what that view gives good images. The median view finds
+      defects under image-to-image level shifts (screw), the paper's view large defects that
+      raise the median with them (a crack across a solar cell); bench/RESULTS.md."""
     if layer_norm not in LAYER_NORMS:
         raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORMS)}, got {layer_norm!r}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {', '.join(COMBINES)}, got {combine!r}")
     if layer_norm == "holdout" and (layer_scale is None or len(layer_scale) != len(layer_maps)):
         raise ValueError("layer_norm 'holdout' needs one layer_scale per layer (model.json map.layer_scale)")
+    if layer_norm == "views":
+        if view_scale is None or len(view_scale) != 2 or combine != "product":
+            raise ValueError("layer_norm 'views' needs two view_scale values (model.json map.view_scale) "
+                             "and combine 'product'")
+        plain, median = (anomaly_map(layer_maps, size, view, combine) for view in VIEWS)
+        return np.maximum(plain / np.float32(view_scale[0]), median / np.float32(view_scale[1]))
     height, width = size
     result = None
     for i, layer in enumerate(layer_maps):
@@ -87,6 +101,13 @@ def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none", com
         else:
             result += up
     return result / len(layer_maps) if combine == "sum" else result
+
+
+def view_scale(layer_maps, size: tuple[int, int]) -> tuple[float, float]:
+    """For layer_norm "views": the median image score (map max) of each view over these
+    images (training passes the held-out good images)."""
+    n = len(layer_maps[0])
+    return tuple(float(np.median(anomaly_map(layer_maps, size, view).reshape(n, -1).max(1))) for view in VIEWS)
 
 
 class STFPM(nn.Layer):
