@@ -7,11 +7,11 @@ For every STFPM model the harness kept in MODELS, image AUROC on the category's 
 - "median": each layer map divided by its image median first (the offline teachers' default);
 - "max_ratio": max(none / h_none, median / h_median), each view's score divided by its median
   over the model's held-out good images (the harness's own split): an image is anomalous when
-  either view says so against what that view gives good images;
-- "max_z": the same with (score - mean) / std over the held-out images.
-No labels are used for the combination: the scales come from good images alone. A study for
-issue 15 (the median map wins screw and loses elpv and magnetic tile; neither view alone is
-safe), not a model option: the product's map is still one view.
+  either view says so against what that view gives good images. This is the model's own
+  `layer_norm="views"` map (the Lite teachers' default since issue 15), run through
+  `stfpm.nn.anomaly_map` with the `view_scale` training would record from those images;
+- "max_z": the same with (score - mean) / std over the held-out images (a study only).
+No labels are used for the combination: the scales come from good images alone.
 """
 from __future__ import annotations
 
@@ -32,33 +32,37 @@ from stfpm.data import load_dataset  # noqa: E402
 from stfpm.data.images import normalize_batch  # noqa: E402
 from stfpm.inference import Predictor  # noqa: E402
 from stfpm.metrics import auroc  # noqa: E402
-from stfpm.nn import anomaly_map  # noqa: E402
+from stfpm.nn import anomaly_map, view_scale  # noqa: E402
 
 VIEWS = ("none", "median")
 
 
-def view_scores(predictor: Predictor, pixels: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Each view's image scores (max of the product map) from one forward per batch."""
-    out = {v: [] for v in VIEWS}
-    for i in range(0, len(pixels), batch_size):
-        layer_maps, _ = predictor.layer_forward(normalize_batch(pixels[i:i + batch_size], predictor.mean, predictor.std))
-        for view in VIEWS:
-            maps = anomaly_map(layer_maps, (predictor.size, predictor.size), layer_norm=view, combine="product")
-            out[view].append(maps.reshape(len(maps), -1).max(1))
-    return {v: np.concatenate(s) for v, s in out.items()}
+def layer_maps(predictor: Predictor, pixels: np.ndarray, batch_size: int = 32) -> list[np.ndarray]:
+    """The per-layer maps of RGB uint8 model inputs, one forward per batch."""
+    batches = [predictor.layer_forward(normalize_batch(pixels[i:i + batch_size], predictor.mean, predictor.std))[0]
+               for i in range(0, len(pixels), batch_size)]
+    return [np.concatenate(layer) for layer in zip(*batches)]
+
+
+def image_scores(layers: list[np.ndarray], size: int, **map_options) -> np.ndarray:
+    maps = anomaly_map(layers, (size, size), **map_options)
+    return maps.reshape(len(maps), -1).max(1)
 
 
 def study(model_dir: Path, data: Path, subset: int | None, seed: int) -> dict:
     predictor = Predictor.from_model(load_model(model_dir))
-    held = view_scores(predictor, holdout_images(str(model_dir), data, subset, seed))
+    held_layers = layer_maps(predictor, holdout_images(str(model_dir), data, subset, seed))
     dataset = load_dataset(data)
-    test = view_scores(predictor, np.stack([predictor.prepare(Path(s.image).read_bytes(), s.image).pixels
-                                            for s in dataset.test]))
+    test_layers = layer_maps(predictor, np.stack([predictor.prepare(Path(s.image).read_bytes(), s.image).pixels
+                                                  for s in dataset.test]))
     labels = np.array([s.label for s in dataset.test])
-    ratio = {v: test[v] / np.median(held[v]) for v in VIEWS}
+    held = {v: image_scores(held_layers, predictor.size, layer_norm=v) for v in VIEWS}
+    test = {v: image_scores(test_layers, predictor.size, layer_norm=v) for v in VIEWS}
     z = {v: (test[v] - held[v].mean()) / held[v].std() for v in VIEWS}
     result = {v: auroc(labels, test[v]) for v in VIEWS}
-    result["max_ratio"] = auroc(labels, np.maximum(*ratio.values()))
+    # the product's own map, with the scales training would record from these held-out images
+    result["max_ratio"] = auroc(labels, image_scores(test_layers, predictor.size, layer_norm="views",
+                                                     view_scale=view_scale(held_layers, (predictor.size,) * 2)))
     result["max_z"] = auroc(labels, np.maximum(*z.values()))
     return result
 

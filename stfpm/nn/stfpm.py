@@ -21,8 +21,6 @@ from paddle import nn
 from stfpm.card import COMBINES, LAYER_NORMS  # the map options a model card may name
 from stfpm.nn.backbones import build_backbone
 
-VIEWS = ("none", "median")  # the two maps layer_norm "views" combines, in view_scale's order
-
 
 def layer_distances(teacher_feats, student_feats) -> list[paddle.Tensor]:
     """Per layer, 0.5 * squared distance of channel-normalised features: (N, h, w) each."""
@@ -77,15 +75,16 @@ def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none", com
         if view_scale is None or len(view_scale) != 2 or combine != "product":
             raise ValueError("layer_norm 'views' needs two view_scale values (model.json map.view_scale) "
                              "and combine 'product'")
-        plain, median = (anomaly_map(layer_maps, size, view, combine) for view in VIEWS)
-        return np.maximum(plain / np.float32(view_scale[0]), median / np.float32(view_scale[1]))
+        plain, levels = _views(layer_maps, size)
+        scale = np.maximum(1.0 / view_scale[0], 1.0 / (view_scale[1] * levels)).astype(np.float32)
+        return plain * scale[:, None, None]
     height, width = size
     result = None
     for i, layer in enumerate(layer_maps):
         layer = np.asarray(layer, dtype=np.float32)
         n = len(layer)
         if layer_norm == "median":
-            layer = layer / np.maximum(np.median(layer.reshape(n, -1), axis=1), 1e-12)[:, None, None]
+            layer = layer / _image_medians(layer)[:, None, None]
         elif layer_norm == "holdout":
             layer = layer / np.float32(max(float(layer_scale[i]), 1e-12))
         up = np.empty((n, height, width), np.float32)
@@ -103,11 +102,26 @@ def anomaly_map(layer_maps, size: tuple[int, int], layer_norm: str = "none", com
     return result / len(layer_maps) if combine == "sum" else result
 
 
+def _image_medians(layer) -> np.ndarray:
+    """(N,) each image's median of an (N, h, w) layer map, kept away from 0."""
+    layer = np.asarray(layer, dtype=np.float32)
+    return np.maximum(np.median(layer.reshape(len(layer), -1), axis=1), 1e-12)
+
+
+def _views(layer_maps, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The two views of layer_norm "views" from one upsampling pass: the paper's map and, per
+    image, the product of the layer medians. A resize is linear, so the median view is exactly
+    the paper's map divided by that product."""
+    levels = np.prod([_image_medians(layer) for layer in layer_maps], axis=0)
+    return anomaly_map(layer_maps, size), levels
+
+
 def view_scale(layer_maps, size: tuple[int, int]) -> tuple[float, float]:
-    """For layer_norm "views": the median image score (map max) of each view over these
-    images (training passes the held-out good images)."""
-    n = len(layer_maps[0])
-    return tuple(float(np.median(anomaly_map(layer_maps, size, view).reshape(n, -1).max(1))) for view in VIEWS)
+    """For layer_norm "views": the median image score (map max) over these images (training
+    passes the held-out good images) of the paper's map, then of the median map."""
+    plain, levels = _views(layer_maps, size)
+    scores = plain.reshape(len(plain), -1).max(1)
+    return float(np.median(scores)), float(np.median(scores / levels))
 
 
 class STFPM(nn.Layer):
