@@ -201,6 +201,17 @@ class _Fields:
             self.fail(key, f"must be a list of 3 {'non-zero ' if nonzero else ''}numbers (R, G, B), got {value!r}")
         return tuple(float(v) for v in value)
 
+    def positive_numbers(self, key: str, problem: str, length: int | None = None) -> tuple[float, ...] | None:
+        """An optional list of positive finite numbers (`length` of them if given); None when absent."""
+        value = self.doc.get(key)
+        if value is None:
+            return None
+        if (not isinstance(value, list) or (length is not None and len(value) != length)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                           for v in value)):
+            self.fail(key, problem)
+        return tuple(float(v) for v in value)
+
     def optional_dict(self, key: str) -> dict | None:
         value = self.doc.get(key)
         if value is not None and not isinstance(value, dict):
@@ -279,7 +290,8 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     inp = f.sub("input")
     spec = InputSpec(size=inp.positive_int("size"), mean=inp.triple("mean"), std=inp.triple("std", nonzero=True),
                      color=inp.string("color", default="RGB"))
-    map_doc = f.sub("map", optional=True).doc
+    map_fields = f.sub("map", optional=True)
+    map_doc = map_fields.doc
     layer_norm, smooth_sigma = map_doc.get("layer_norm", "none"), map_doc.get("smooth_sigma", 0.0)
     if layer_norm not in LAYER_NORMS:
         f.fail("map.layer_norm", f"is {layer_norm!r}; expected one of {', '.join(LAYER_NORMS)}")
@@ -288,16 +300,10 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     combine = map_doc.get("combine", "product")
     if combine not in COMBINES:
         f.fail("map.combine", f"is {combine!r}; expected one of {', '.join(COMBINES)}")
-    layer_scale = map_doc.get("layer_scale")
-    if layer_scale is not None and not (isinstance(layer_scale, list) and all(
-            isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in layer_scale)):
-        f.fail("map.layer_scale", "must be a list of positive numbers (one per layer) or absent")
+    layer_scale = map_fields.positive_numbers("layer_scale", "must be a list of positive numbers (one per layer) or absent")
     if layer_norm == "holdout" and layer_scale is None:
         f.fail("map.layer_scale", "is missing; layer_norm 'holdout' divides each layer by it")
-    view_scale = map_doc.get("view_scale")
-    if view_scale is not None and not (isinstance(view_scale, list) and len(view_scale) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in view_scale)):
-        f.fail("map.view_scale", "must be a list of two positive numbers or absent")
+    view_scale = map_fields.positive_numbers("view_scale", "must be a list of two positive numbers or absent", length=2)
     if layer_norm == "views" and (view_scale is None or combine != "product"):
         f.fail("map.view_scale" if view_scale is None else "map.combine",
                "layer_norm 'views' needs view_scale (two numbers) and combine 'product'")
@@ -314,8 +320,7 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     return ModelCard(
         model_name=model_name, backbone=f.string("backbone"), input=spec,
         calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(
-            layer_norm, float(smooth_sigma), combine, None if layer_scale is None else tuple(float(v) for v in layer_scale),
-            None if view_scale is None else tuple(float(v) for v in view_scale)),
+            layer_norm, float(smooth_sigma), combine, layer_scale, view_scale),
         weights=weights, model_version=version, taps=taps, patchcore=patchcore,
         **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export", "validation")},
         extra={k: v for k, v in doc.items() if k not in known})
