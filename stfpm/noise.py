@@ -18,9 +18,13 @@
   logs are printed too) while a pipeline or a training run goes.
 - "Progress bars disabled. To enable, set ..." (Ray Data, once per process): the scoring run
   turns Ray Data's progress off on purpose and draws its own (stfpm.distributed.progress).
-- "does not have any available CPUs. The Dataset job will hang" (in Ray Train workers, which
-  hold the CPUs while they iterate datasets that are already materialized and need none).
-  Dropped by a filter on Ray Data's logger in those workers only.
+- "does not have any available CPUs. The Dataset job will hang" (Ray Data, once per process,
+  when a dataset executes while `ray.available_resources()` shows no free CPU): in Ray Train
+  workers, which hold the CPUs while they iterate datasets that are already materialized and
+  need none; and in the training driver, whose second dataset (the held-out images) starts
+  while the cluster's resource view still counts the first one's just-finished tasks (seen
+  as 1 of 2 CPUs free right after a `materialize`). Dropped by a filter on Ray Data's logger
+  in those workers, and in the driver only while it materializes its training datasets.
 """
 from __future__ import annotations
 
@@ -98,6 +102,18 @@ def _drop(logger: logging.Logger, needle: str) -> None:
 def drop_materialized_dataset_cpu_warning() -> None:
     """For processes that iterate materialized datasets while holding every CPU (Ray Train workers)."""
     _drop(logging.getLogger("ray.data.dataset"), NO_CPUS_FOR_DATASET)
+
+
+@contextlib.contextmanager
+def dataset_cpu_warning_dropped():
+    """For the training driver while it materializes its own datasets back to back: the only
+    CPUs it sees taken are its previous dataset's, already finished."""
+    logger, drop = logging.getLogger("ray.data.dataset"), _DropMessage(NO_CPUS_FOR_DATASET)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def drop_progress_bars_disabled_notice() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, init_ray, native_lines_dropped
+from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, dataset_cpu_warning_dropped, init_ray, native_lines_dropped
 from stfpm.calibration import finalize
 from stfpm.train import TrainConfig, TrainResult, split_dataset
 
@@ -183,8 +183,9 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     split = split_dataset(data, cfg)
     if not ray.is_initialized():
         init_ray()
-    datasets = {"train": image_dataset([split.uri(s.image) for s in split.train], cfg.image_size),
-                "holdout": image_dataset([split.uri(s.image) for s in split.holdout], cfg.image_size)}
+    with dataset_cpu_warning_dropped():  # the resource view lags the first dataset's finished tasks (stfpm.noise)
+        datasets = {"train": image_dataset([split.uri(s.image) for s in split.train], cfg.image_size),
+                    "holdout": image_dataset([split.uri(s.image) for s in split.holdout], cfg.image_size)}
     storage_filesystem = None
     if storage and storage.startswith("s3://"):
         from stfpm.storage import filesystem_for
