@@ -36,7 +36,7 @@ def main() -> None:
         out = []
         for i in range(0, len(paths), 32):
             with paddle.no_grad():
-                feats = teacher(paddle.to_tensor(load_images(paths[i:i + 32], args.image_size, spec.mean, spec.std)))
+                feats = teacher(paddle.to_tensor(load_images(paths[i:i + 32], args.image_size, spec.mean, spec.std)[0]))
             out.append(feature_profile(feats).numpy())
         return np.concatenate(out)
 

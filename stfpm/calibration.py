@@ -32,26 +32,35 @@ def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> Calibrat
                        score_scale=ScoreScale.fit(holdout_scores, threshold))
 
 
-def calibrate_on_good_images(network: STFPM, card: ModelCard, images: np.ndarray, quantile: float,
+def calibrate_on_good_images(network: STFPM, card: ModelCard, holdout_paths: list[str], quantile: float,
                              reference_paths: list[str]) -> Calibration:
     """The calibration of `network` (with `card`'s input and map settings; its calibration is
-    not used): threshold and score scale from the scores of good `images` it was not trained
-    on, the in-distribution check's statistics from the good images at `reference_paths` (the
-    training split) with its limit from `images`. Training's calibration, also used on import."""
+    not used): threshold and score scale from the scores of the good images at `holdout_paths`
+    it was not trained on, scored by predict's own path (`Predictor.prepare`, `tile_forward`,
+    `stitch`), the in-distribution check's statistics from the good images at
+    `reference_paths` (the training split) with its limit from the held-out ones (tiles, for
+    a tiled model). Training's calibration, also used on import."""
     from stfpm.inference import Predictor
 
     predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
-    maps, profiles = predictor.forward(images)
-    calibration = calibrate_threshold(maps.reshape(len(images), -1).max(axis=1), quantile)
+    scores, profiles = [], []
+    for i in range(0, len(holdout_paths), 64):
+        inputs = [predictor.prepare(Path(p).read_bytes(), p) for p in holdout_paths[i:i + 64]]
+        maps, chunk_profiles = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]))
+        scores += [float(m.max()) for m in predictor.stitch(maps, [len(x.tiles) for x in inputs],
+                                                            [(x.height, x.width) for x in inputs])]
+        profiles.append(chunk_profiles)
+    calibration = calibrate_threshold(np.array(scores), quantile)
     reference = feature_profiles(predictor, reference_paths)
-    return dataclasses.replace(calibration, ood=InDistribution.fit(reference, profiles),
+    return dataclasses.replace(calibration, ood=InDistribution.fit(reference, np.concatenate(profiles)),
                                details={**calibration.details, "n_ood_reference": len(reference)})
 
 
 def feature_profiles(predictor, paths: list[str], chunk: int = 64) -> np.ndarray:
-    """The forward's (N, D) feature profiles of the images at `paths`, `chunk` at a time."""
+    """The forward's feature profiles of the images (tiles) at `paths`, `chunk` images at a time."""
     return np.concatenate([predictor.forward(load_images(paths[i:i + chunk], predictor.size, predictor.mean,
-                                                         predictor.std))[1] for i in range(0, len(paths), chunk)])
+                                                         predictor.std, predictor.tiling)[0])[1]
+                           for i in range(0, len(paths), chunk)])
 
 
 def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images: np.ndarray,
@@ -66,7 +75,8 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
     dataset = split.dataset
     spec = backbone_spec(cfg.backbone)
     card = ModelCard(
-        model_name="STFPM", backbone=cfg.backbone, input=InputSpec.for_backbone(cfg.backbone, cfg.image_size),
+        model_name="STFPM", backbone=cfg.backbone, input=InputSpec.for_backbone(
+            cfg.backbone, cfg.image_size, cfg.tile_size, cfg.tile_overlap),
         calibration=UNCALIBRATED,
         map=MapSpec(layer_norm=cfg.layer_norm, combine=cfg.combine), taps=list(spec.channels), recipe=asdict(cfg),
         training={"data": str(dataset.root), "layout": dataset.layout,
@@ -87,13 +97,13 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
             card.map, **dict(zip(("layer_norm", "combine"), chosen.split("/")))))
     card = dataclasses.replace(card, validation={
         "method": "held-out good images vs the same with synthetic defects (stfpm.proxy)",
-        "n_images": len(holdout_images), "proxy_auroc": proxies, "map_selection": cfg.map_selection,
+        "n_images": len(split.holdout), "n_rows": len(holdout_images), "proxy_auroc": proxies, "map_selection": cfg.map_selection,
         "map": variant_name(card.map)})
-    card, metrics = calibrate_and_save(network, card, holdout_images, split, out_dir, cfg, history)
+    card, metrics = calibrate_and_save(network, card, split, out_dir, cfg, history)
     return TrainResult(str(out_dir), best["epoch"], best["holdout_loss"], card.calibration, history, metrics)
 
 
-def calibrate_and_save(network, card: ModelCard, holdout_images: np.ndarray, split: TrainSplit, out_dir: str,
+def calibrate_and_save(network, card: ModelCard, split: TrainSplit, out_dir: str,
                        cfg: TrainConfig, log: list[dict]) -> tuple[ModelCard, dict | None]:
     """For every model kind: calibrate on the held-out images (and the training split, for the
     in-distribution check), write the model directory (`log` as train_log.jsonl) and, when the
@@ -104,7 +114,7 @@ def calibrate_and_save(network, card: ModelCard, holdout_images: np.ndarray, spl
     network.eval()
     dataset = split.dataset
     card = dataclasses.replace(card, calibration=calibrate_on_good_images(
-        network, card, holdout_images, cfg.threshold_quantile, [s.image for s in split.train]))
+        network, card, [s.image for s in split.holdout], cfg.threshold_quantile, [s.image for s in split.train]))
     with tempfile.TemporaryDirectory() as tmp:
         local_dir = Path(tmp) if is_s3(str(out_dir)) else Path(out_dir)
         card = save_model(network, local_dir, card)

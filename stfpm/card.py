@@ -35,18 +35,29 @@ class ModelDirError(UserError):
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the network takes: RGB images resized to size x size, then (x / 255 - mean) / std."""
+    """What the network takes: RGB images resized to size x size, then (x / 255 - mean) / std.
+    With `tile_size`, tiles of tile_size pixels of the full-resolution image, sharing at least
+    `tile_overlap` pixels, are what is resized (stfpm.data.tiling)."""
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     color: str = "RGB"
+    tile_size: int | None = None
+    tile_overlap: int = 0
+
+    @property
+    def tiling(self):
+        from stfpm.data.tiling import Tiling
+
+        return None if self.tile_size is None else Tiling(self.tile_size, self.tile_overlap)
 
     @classmethod
-    def for_backbone(cls, backbone: str, size: int) -> "InputSpec":
+    def for_backbone(cls, backbone: str, size: int, tile_size: int | None = None, tile_overlap: int = 0) -> "InputSpec":
         from stfpm.nn import backbone_spec
 
         spec = backbone_spec(backbone)
-        return cls(size=int(size), mean=tuple(spec.mean), std=tuple(spec.std))
+        return cls(size=int(size), mean=tuple(spec.mean), std=tuple(spec.std), tile_size=tile_size,
+                   tile_overlap=tile_overlap if tile_size else 0)
 
 
 @dataclass(frozen=True)
@@ -289,7 +300,14 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
         f.fail("model_name", f"is {model_name!r}; this stfpm knows {', '.join(MODEL_KINDS)}")
     inp = f.sub("input")
     spec = InputSpec(size=inp.positive_int("size"), mean=inp.triple("mean"), std=inp.triple("std", nonzero=True),
-                     color=inp.string("color", default="RGB"))
+                     color=inp.string("color", default="RGB"), tile_size=inp.doc.get("tile_size"),
+                     tile_overlap=inp.doc.get("tile_overlap", 0))
+    if spec.tile_size is None and spec.tile_overlap != 0:
+        f.fail("input.tile_overlap", f"is {spec.tile_overlap!r} without an input.tile_size")
+    try:
+        spec.tiling  # noqa: B018 - Tiling checks the size and overlap
+    except ValueError as e:
+        f.fail("input.tile_size", f"or input.tile_overlap is wrong: {e}")
     map_fields = f.sub("map", optional=True)
     map_doc = map_fields.doc
     layer_norm, smooth_sigma = map_doc.get("layer_norm", "none"), map_doc.get("smooth_sigma", 0.0)

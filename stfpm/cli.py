@@ -51,11 +51,13 @@ def synth(out: Path = typer.Argument(..., help="Folder to write the MVTec-layout
           n_train: int = typer.Option(64, help="Good training images"),
           n_test: int = typer.Option(32, help="Test images, about half defective"),
           size: int = typer.Option(128, help="Image side in pixels"),
-          seed: int = typer.Option(0)):
+          seed: int = typer.Option(0),
+          defect_scale: float = typer.Option(1.0, help="Defect size relative to the usual (0.125 at 1024 px: "
+                                                       "defects as small as at 128 px, for --tile)")):
     """Write a synthetic textured dataset with masked defects (for demos and tests)."""
     from stfpm.data import make_synthetic_dataset
 
-    ds = make_synthetic_dataset(out, n_train=n_train, n_test=n_test, size=size, seed=seed)
+    ds = make_synthetic_dataset(out, n_train=n_train, n_test=n_test, size=size, seed=seed, defect_scale=defect_scale)
     typer.echo(f"wrote {len(ds.train)} train and {len(ds.test)} test images to {out}")
 
 

@@ -108,6 +108,9 @@ def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
         "Global": {"model_name": card.model_name, "backbone": card.backbone, "model_version": card.model_version},
         "PreProcess": {"transform_ops": [
             {"ReadImage": {"format": "RGB"}},
+            *([{"Tile": {"size": card.input.tile_size, "overlap": card.input.tile_overlap,
+                         "doc": "tiles of the full-resolution image, stitched after (stfpm.data.tiling)"}}]
+              if card.input.tile_size else []),
             {"Resize": {"target_size": [size, size]}},
             {"Normalize": {"mean": list(card.input.mean), "std": list(card.input.std), "scale": 1.0 / 255}},
             {"ToCHWImage": None}]},

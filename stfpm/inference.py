@@ -1,7 +1,8 @@
 """The one per-image path (prepare, infer, calibrate, encode) used by predict, evaluate,
 training's calibration and batch scoring.
 
-A batch of prepared images goes through ONE forward pass; each map is then resized back to
+A batch of prepared images (or of their tiles, for a tiled model: `stfpm.data.tiling`) goes
+through batched forwards; a tiled image's tile maps are stitched; each map is then resized back to
 its own image's size, scored (max of the map), normalised (0.5 at the threshold, docs/design.md §3)
 and thresholded into a 0/255 mask; the forward's feature profile gives the in-distribution
 check (`stfpm.ood`: `ood`, `ood_score`).
@@ -26,6 +27,7 @@ from stfpm.nn import anomaly_map
 from stfpm.nn.patchcore import images_per_forward, smooth_map
 
 ENGINES = ("auto", "onednn", "dygraph")
+TILES_PER_FORWARD = 64  # bounds a forward's memory however many tiles a batch of large images has
 
 
 @dataclass
@@ -44,9 +46,10 @@ class Predictor:
     """The whole per-image path of a model, used by predict, evaluate, training's threshold
     calibration and Ray Data scoring (whose stages call its parts on different nodes):
 
-        prepare (bytes or array -> ModelInput, the one decode policy) -> infer (a batch of
-        inputs -> maps, ONE forward) -> calibrate (score, normalise, decide; maps at each
-        image's size) -> encode (`stfpm.heatmap`: the 8-bit map, its PNG, the overlay)
+        prepare (bytes or array -> ModelInput, the one decode policy; a tiled model's tiles) ->
+        image_maps (a batch of inputs' tiles -> maps, batched forwards, tiles stitched) ->
+        calibrate (score, normalise, decide; maps at each image's size) -> encode
+        (`stfpm.heatmap`: the 8-bit map, its PNG, the overlay)
 
     The forward is a model directory's network compiled into Paddle Inference (CPU) or run on
     the dynamic graph (GPU), or an exported model's program; all give the same maps."""
@@ -59,6 +62,7 @@ class Predictor:
         self.calibration = card.calibration
         self.threshold = card.calibration.threshold if threshold is None else float(threshold)
         self.smooth_sigma = card.map.smooth_sigma
+        self.tiling = card.input.tiling  # None, or the tiles every image is cut into (stfpm.data.tiling)
         bank = card.patchcore  # PatchCore: its (patches x bank) distances bound the images per forward
         self.forward_batch = images_per_forward(bank["bank_size"], bank["patches_per_image"]) if bank else None
 
@@ -109,7 +113,7 @@ class Predictor:
     def prepare(self, source: bytes | np.ndarray, name: str = "<image>", max_pixels: int = 100_000_000,
                 keep_image: bool = False) -> ModelInput:
         """File bytes or a BGR array -> this model's input (`stfpm.data.images.prepare_input`)."""
-        return prepare_input(source, self.size, name, max_pixels, keep_image)
+        return prepare_input(source, self.size, name, max_pixels, keep_image, self.tiling)
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps and the (N, D)
@@ -136,15 +140,43 @@ class Predictor:
             return [None] * n
         return [float(v) for v in self.calibration.ood.score(profiles)]
 
-    def calibrate(self, maps: np.ndarray, profiles: np.ndarray | None, sizes: list[tuple[int, int]],
+    def tile_forward(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB uint8 (M, S, S, 3) tiles or whole images -> their (M, S, S) maps and (M, D)
+        feature profiles, TILES_PER_FORWARD at a time."""
+        maps, profiles = [], []
+        for i in range(0, len(tiles), TILES_PER_FORWARD):
+            chunk_maps, chunk_profiles = self.infer(tiles[i:i + TILES_PER_FORWARD])
+            maps.append(chunk_maps)
+            profiles.append(chunk_profiles)
+        join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
+        return join(maps), None if profiles[0] is None else join(profiles)
+
+    def stitch(self, maps: np.ndarray, counts: list[int], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """The maps of consecutive images' tiles (`counts` each) -> each image's map: its tiles'
+        stitched (stfpm.data.tiling, at the tiles' model scale), or its own (S, S) one untiled."""
+        starts = np.cumsum([0, *counts])
+        if self.tiling is None:
+            return list(maps)
+        return [self.tiling.stitch(maps[a:b], h, w) for a, b, (h, w) in zip(starts[:-1], starts[1:], sizes)]
+
+    def image_maps(self, tiles: list[np.ndarray], sizes: list[tuple[int, int]]) -> tuple[list, list]:
+        """Each image's RGB uint8 (K, S, S, 3) tiles (`ModelInput.tiles`; K = 1 untiled) and
+        full (h, w) -> its anomaly map (`stitch`) and in-distribution score (its tiles' largest)."""
+        counts = [len(t) for t in tiles]
+        maps, profiles = self.tile_forward(np.concatenate(tiles) if len(tiles) > 1 else tiles[0])
+        oods, starts = self.ood_scores(profiles, len(maps)), np.cumsum([0, *counts])
+        image_oods = [None if oods[a] is None else max(oods[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+        return self.stitch(maps, counts, sizes), image_oods
+
+    def calibrate(self, maps: list[np.ndarray], ood_scores: list[float | None], sizes: list[tuple[int, int]],
                   threshold: float | None = None) -> list[Prediction]:
-        """(N, S, S) maps and (N, D) profiles -> Predictions: score (max of the map), normalised
-        score, decision, in-distribution check, and map and mask resized to each (h, w)."""
+        """Each image's map (`image_maps`) and in-distribution score -> Predictions: score (max
+        of the map), normalised score, decision, and map and mask resized to each (h, w)."""
         thr = self.threshold if threshold is None else float(threshold)
-        scores = maps.reshape(len(maps), -1).max(axis=1)
+        scores = np.array([float(m.max()) for m in maps], np.float64)
         norm = self.calibration.normalize(scores, thr)
         out = []
-        for (h, w), amap, score, ns, ood in zip(sizes, maps, scores, norm, self.ood_scores(profiles, len(maps))):
+        for (h, w), amap, score, ns, ood in zip(sizes, maps, scores, norm, ood_scores):
             full = amap if (h, w) == amap.shape else cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
             out.append(Prediction(score=float(score), norm_score=float(ns), is_anomaly=bool(score >= thr),
                                   threshold=thr, anomaly_map=full,
@@ -153,13 +185,13 @@ class Predictor:
         return out
 
     def predict(self, sources: list, names: list[str] | None = None, threshold: float | None = None) -> list[Prediction]:
-        """File bytes or BGR arrays of any sizes -> one Prediction each, from a single forward."""
+        """File bytes or BGR arrays of any sizes -> one Prediction each, from batched forwards."""
         if not sources:
             return []
         inputs = [self.prepare(src, name) for src, name in zip(sources, names or ["<image>"] * len(sources))]
         return self.run(inputs, threshold)
 
     def run(self, inputs: list[ModelInput], threshold: float | None = None) -> list[Prediction]:
-        """infer + calibrate for prepared inputs."""
-        maps, profiles = self.infer(np.stack([i.pixels for i in inputs]))
-        return self.calibrate(maps, profiles, [(i.height, i.width) for i in inputs], threshold)
+        """image_maps + calibrate for prepared inputs."""
+        sizes = [(i.height, i.width) for i in inputs]
+        return self.calibrate(*self.image_maps([i.tiles for i in inputs], sizes), sizes, threshold)

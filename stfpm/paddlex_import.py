@@ -88,7 +88,7 @@ def import_paddlex(path: str | Path, out_dir: str | Path, good: str | Path, imag
     from stfpm.card import InputSpec, MapSpec, ModelCard
     from stfpm.data import load_dataset
     from stfpm.calibration import UNCALIBRATED, calibrate_on_good_images
-    from stfpm.train import fingerprint, load_images
+    from stfpm.train import fingerprint
 
     checkpoint = find_checkpoint(path)
     parts = paddlex_to_parts(read_pdparams(checkpoint), checkpoint)
@@ -101,9 +101,8 @@ def import_paddlex(path: str | Path, out_dir: str | Path, good: str | Path, imag
     card = ModelCard(model_name="STFPM", backbone=BACKBONE, input=InputSpec.for_backbone(BACKBONE, image_size),
                      calibration=UNCALIBRATED, map=MapSpec(layer_norm="none"), taps=list(spec.channels),
                      training={"imported_from": str(checkpoint), "format": "paddlex_stfpm_pdparams"})
-    images = load_images(good_paths, image_size, spec.mean, spec.std)
     # the same good images give the in-distribution statistics and their limit (none to spare for a split)
-    calibration = calibrate_on_good_images(network, card, images, threshold_quantile, good_paths)
+    calibration = calibrate_on_good_images(network, card, good_paths, threshold_quantile, good_paths)
     calibration = dataclasses.replace(calibration, source="imported_good_quantile", details={
         **calibration.details, "data": str(good), "data_fingerprint": fingerprint(good_paths)})
     card = save_model(network, out_dir, dataclasses.replace(card, calibration=calibration))

@@ -28,16 +28,17 @@ def build_bank(network: PatchCore, paths: list[str], cfg: TrainConfig, batch_siz
     spec = backbone_spec(cfg.backbone)
     rng = np.random.default_rng(cfg.seed)
     per_image = max(1, cfg.bank_pool // len(paths))
-    pool, patches_per_image = [], 0
+    pool, patches_per_image, n_rows = [], 0, 0
     network.eval()
     for start in range(0, len(paths), batch_size):
-        batch = load_images(paths[start:start + batch_size], cfg.image_size, spec.mean, spec.std)
+        chunk = paths[start:start + batch_size]
+        batch, _ = load_images(chunk, cfg.image_size, spec.mean, spec.std, cfg.tiling)  # a tiled image: its tiles
         with paddle.no_grad():
             features = network.features(paddle.to_tensor(batch)).numpy()
-        patches_per_image = features.shape[2] * features.shape[3]
-        pool.append(subsample_patches(features, per_image, rng))
+        patches_per_image, n_rows = features.shape[2] * features.shape[3], n_rows + len(batch)
+        pool.append(subsample_patches(features, max(1, per_image * len(chunk) // len(batch)), rng))
     pool = np.concatenate(pool)
-    n_bank = min(len(pool), math.ceil(cfg.bank_fraction * len(paths) * patches_per_image))
+    n_bank = min(len(pool), math.ceil(cfg.bank_fraction * n_rows * patches_per_image))
     bank = pool[greedy_coreset(pool, n_bank, seed=cfg.seed)]
     return bank, {"bank_size": int(len(bank)), "pool_size": int(len(pool)), "patches_per_image": int(patches_per_image)}
 
@@ -59,17 +60,18 @@ def train_patchcore(data: str, out_dir: str, cfg: TrainConfig, progress: bool = 
                          f"({len(split.train)} images) in {record['seconds']:.0f} s\n")
     dataset = split.dataset
     card = ModelCard(
-        model_name="PatchCore", backbone=cfg.backbone, input=InputSpec.for_backbone(cfg.backbone, cfg.image_size),
+        model_name="PatchCore", backbone=cfg.backbone, input=InputSpec.for_backbone(
+            cfg.backbone, cfg.image_size, cfg.tile_size, cfg.tile_overlap),
         calibration=UNCALIBRATED, map=MapSpec(layer_norm="none", smooth_sigma=SMOOTH_SIGMA),
         taps=[spec.channels[t] for t in network.taps],
         patchcore={"taps": list(network.taps), "feature_dim": network.feature_dim,
                    "bank_fraction": cfg.bank_fraction, "bank_pool": cfg.bank_pool, **stats},
         recipe={k: getattr(cfg, k) for k in ("model", "backbone", "image_size", "holdout_fraction", "seed",
-                                             "threshold_quantile", "teacher_weights", "bank_fraction", "bank_pool")},
+                                             "threshold_quantile", "teacher_weights", "bank_fraction", "bank_pool",
+                                             "tile_size", "tile_overlap")},
         training={"data": str(dataset.root), "layout": dataset.layout,
                   "n_train": len(split.train), "n_holdout": len(split.holdout),
                   "data_fingerprint": fingerprint([s.image for s in dataset.train]),
                   "bank_seconds": record["seconds"]})
-    holdout_images = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std)
-    card, metrics = calibrate_and_save(network, card, holdout_images, split, out_dir, cfg, [record])
+    card, metrics = calibrate_and_save(network, card, split, out_dir, cfg, [record])
     return TrainResult(str(out_dir), 0, float("nan"), card.calibration, [record], metrics)

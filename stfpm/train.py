@@ -70,6 +70,14 @@ class TrainConfig:
     combine: str | None = None  # product | sum of the layer maps (stfpm.nn.anomaly_map); not a training input
     map_selection: str | None = None  # "recipe": layer_norm and combine as given; "proxy": the best proxy AUROC
     teacher_cache_mb: int = 2048  # memory for TeacherCache (unaugmented training only); 0 disables it
+    tile_size: int | None = None  # train, calibrate and predict on tiles of this many source pixels (stfpm.data.tiling)
+    tile_overlap: int = 0
+
+    @property
+    def tiling(self):
+        from stfpm.data.tiling import Tiling
+
+        return None if self.tile_size is None else Tiling(self.tile_size, self.tile_overlap)
 
     def resolved(self) -> "TrainConfig":
         from stfpm.nn.patchcore import PATCHCORE_RECIPE
@@ -99,6 +107,9 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
         if not 0 < cfg.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
+        if cfg.tile_size is None and cfg.tile_overlap:
+            raise ValueError("tile_overlap needs tile_size")
+        cfg.tiling  # noqa: B018 - raises ValueError naming a bad tile size or overlap
         if cfg.model == "patchcore":
             if not 0 < cfg.bank_fraction <= 1:
                 raise ValueError(f"bank_fraction must be in (0, 1], got {cfg.bank_fraction}")
@@ -201,11 +212,13 @@ def mean_loss(network: STFPM, images: np.ndarray, batch_size: int, cache: Teache
     return total / len(images)
 
 
-def load_images(paths: list[str], size: int, mean, std) -> np.ndarray:
+def load_images(paths: list[str], size: int, mean, std, tiling=None) -> tuple[np.ndarray, list[str]]:
     """Image files -> the normalised (N, 3, S, S) float32 batch the network sees, through the
-    decode policy every other path uses (`stfpm.data.prepare_input`)."""
-    pixels = np.stack([prepare_input(Path(p).read_bytes(), size, p).pixels for p in paths])
-    return normalize_batch(pixels, mean, std)
+    decode policy every other path uses (`stfpm.data.prepare_input`), and each row's key (the
+    teacher cache's): its path, or with a `tiling` one row per tile, keyed "path#k"."""
+    tiles = [prepare_input(Path(p).read_bytes(), size, p, tiling=tiling).tiles for p in paths]
+    keys = [p if tiling is None else f"{p}#{k}" for p, t in zip(paths, tiles) for k in range(len(t))]
+    return normalize_batch(np.concatenate(tiles) if tiles else np.zeros((0, size, size, 3), np.uint8), mean, std), keys
 
 
 def fingerprint(paths: list[str]) -> str:
@@ -287,13 +300,14 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
     configure_threads()
     spec = backbone_spec(cfg.backbone)
     split = split_dataset(data, cfg)
-    train_images = load_images([s.image for s in split.train], cfg.image_size, spec.mean, spec.std)
-    holdout_images = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std)
+    train_images, train_keys = load_images([s.image for s in split.train], cfg.image_size, spec.mean, spec.std,
+                                           cfg.tiling)
+    holdout_images, holdout_keys = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean,
+                                               spec.std, cfg.tiling)
 
     network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
     optimizer = make_optimizer(network, cfg)
     cache = teacher_cache(network, cfg)
-    train_keys, holdout_keys = [s.image for s in split.train], [s.image for s in split.holdout]
     rng = np.random.default_rng(cfg.seed)
     log = ProgressLog(cfg.epochs, enabled=progress)
     best_loss, best_state, history = float("inf"), None, []

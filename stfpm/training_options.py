@@ -31,12 +31,20 @@ TRAINING_OPTIONS = {
     "backbone": (str, typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | "
                                                     "efficientnet_lite2")),
     "epochs": (Optional[int], typer.Option(None, help="Default: the backbone's recipe (100)")),
-    "batch_size": (Optional[int], typer.Option(None, help="Global batch size (split across workers); default 32")),
-    "lr": (Optional[float], typer.Option(None, help="Default: 0.4 (SGD)")),
+    "batch_size": (Optional[int], typer.Option(None, help="Global batch size (split across workers); default 32, 8 "
+                                                                   "for the efficientnet_lite teachers")),
+    "lr": (Optional[float], typer.Option(None, help="Default: 0.4 (SGD), 0.1 for the efficientnet_lite teachers")),
     "momentum": (Optional[float], typer.Option(None, help="Default: 0.9")),
     "weight_decay": (Optional[float], typer.Option(None, help="Default: 1e-4")),
     "optimizer": (Optional[str], typer.Option(None, help="sgd | adam; default sgd")),
     "image_size": (Optional[int], typer.Option(None, help="Default: 256")),
+    "tile_size": (Optional[int], typer.Option(None, "--tile", help="Cut each image at full resolution into tiles "
+                                                                "of this many pixels, each resized to --image-size, "
+                                                                "and stitch their maps (large images, small "
+                                                                "defects); recorded in model.json, so evaluate, "
+                                                                "predict, score and export tile alike")),
+    "tile_overlap": (int, typer.Option(0, help="With --tile: pixels shared by neighbouring tiles (their maps are "
+                                               "averaged there)")),
     "holdout": (Optional[float], typer.Option(None, help="Fraction of train/good held out (default 0.2)")),
     "seed": (int, typer.Option(0)),
     "threshold_quantile": (float, typer.Option(0.99, help="Threshold = this quantile of held-out good scores")),

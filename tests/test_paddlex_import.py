@@ -93,16 +93,16 @@ def test_imported_model_gives_paddleseg_maps(paddleseg_checkpoint, good_images, 
     card = model.card
     assert card.backbone == "resnet18" and card.training["imported_from"] == str(path)
 
-    test_images = load_images([s.image for s in load_dataset(good_images).test], SIZE,
-                              card.input.mean, card.input.std)
+    test_images, _ = load_images([s.image for s in load_dataset(good_images).test], SIZE,
+                                 card.input.mean, card.input.std)
     ours, _ = Predictor.from_model(model).forward(test_images)
     with paddle.no_grad():
         theirs = network.score_map(paddle.to_tensor(test_images)).numpy() / 8  # their sum, our 0.5 per layer
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * float(theirs.max()))
 
     # the threshold is training's calibration: the 0.99 quantile of the good images' scores
-    good = load_images([s.image for s in load_dataset(good_images).train], SIZE,
-                       card.input.mean, card.input.std)
+    good, _ = load_images([s.image for s in load_dataset(good_images).train], SIZE,
+                          card.input.mean, card.input.std)
     with paddle.no_grad():
         good_scores = (network.score_map(paddle.to_tensor(good)).numpy() / 8).reshape(len(good), -1).max(axis=1)
     calibration = card.calibration

@@ -1,7 +1,8 @@
 """Scores must not depend on which door an image comes in by: the same JPEGs (300-1024 px,
 some with an EXIF orientation, most large enough to be decoded at reduced scale) scored by
 `predict`, `evaluate` and `stfpm score` give the same raw scores, and the threshold stored in
-model.json decides in all three."""
+model.json decides in all three; also for a tiled model (model.json input.tile_size), whose
+images are cut into tiles at full resolution and whose maps are stitched."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,10 +45,11 @@ def picture(rng, width: int, height: int, defect: bool) -> np.ndarray:
     return image
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """An MVTec-layout folder of JPEGs and a random-weight Lite0 model (input 64) whose stored
-    threshold is the median of the test images' scores (so decisions are mixed)."""
+@pytest.fixture(scope="module", params=[None, (256, 32)], ids=["whole", "tiled"])
+def workspace(tmp_path_factory, request) -> Path:
+    """An MVTec-layout folder of JPEGs and a random-weight Lite0 model (input 64; untiled, or
+    tiles of 256 px sharing 32) whose stored threshold is the median of the test images'
+    scores (so decisions are mixed)."""
     import paddle
 
     from stfpm.inference import Predictor
@@ -67,7 +69,8 @@ def workspace(tmp_path_factory) -> Path:
     paddle.seed(0)
     model = root / "model"
     save_model(STFPM("efficientnet_lite0"), model, ModelCard(
-        model_name="STFPM", backbone="efficientnet_lite0", input=InputSpec.for_backbone("efficientnet_lite0", SIZE),
+        model_name="STFPM", backbone="efficientnet_lite0",
+        input=InputSpec.for_backbone("efficientnet_lite0", SIZE, *(request.param or ())),
         calibration=Calibration(0.0, 0.0, 1.0)))
     paths = [str(data / "test" / name) for name, *_ in JPEGS]
     scores = [p.score for p in Predictor.open(model).predict([Path(p).read_bytes() for p in paths], paths)]

@@ -255,27 +255,39 @@ def resize_for_model(image: np.ndarray, size: int) -> np.ndarray:
 @dataclass
 class ModelInput:
     """One image prepared for a model: what the network sees and the size to answer at."""
-    pixels: np.ndarray           # RGB uint8 (S, S, 3), `resize_for_model` of the decoded image
+    pixels: np.ndarray           # RGB uint8 (S, S, 3), `resize_for_model` of the decoded image;
+                                 # a tiled model's (K, S, S, 3) tiles (stfpm.data.tiling)
     height: int                  # the image's full-resolution size (EXIF orientation applied):
     width: int                   # maps and masks are returned at this size
     image: np.ndarray | None = None  # the decoded BGR image, when asked for (overlays); a large
                                      # JPEG's is at the reduced scale it was decoded at
 
+    @property
+    def tiles(self) -> np.ndarray:
+        """(K, S, S, 3): the tiles, or the one whole image of an untiled model."""
+        return self.pixels if self.pixels.ndim == 4 else self.pixels[None]
+
 
 def prepare_input(source: bytes | np.ndarray, size: int, name: str = "<image>", max_pixels: int = 100_000_000,
-                  keep_image: bool = False) -> ModelInput:
+                  keep_image: bool = False, tiling=None) -> ModelInput:
     """THE decode policy, for every path that feeds a network (training, its threshold
     calibration, predict, evaluate, Ray Train, Ray Data scoring), so a file gets the same
     score whichever way it comes in. Bytes are decoded with `decode_image(min_side=size)`: a
     JPEG at least twice the input on both sides is decoded at 1/2, 1/4 or 1/8 scale (1.5-7x
-    faster, bench/RESULTS.md); arrays (already decoded) go through `to_bgr_uint8`."""
+    faster, bench/RESULTS.md); arrays (already decoded) go through `to_bgr_uint8`. With a
+    `tiling` (stfpm.data.tiling.Tiling) the image is decoded at full resolution, which its
+    tiles are cut from, and `pixels` holds the tiles."""
     if isinstance(source, np.ndarray):
         image = to_bgr_uint8(source, name)
         height, width = image.shape[:2]
     else:
-        image = decode_image(source, name, max_pixels, min_side=size)
+        image = decode_image(source, name, max_pixels, min_side=None if tiling else size)
         height, width = full_size(source, image)
-    return ModelInput(resize_for_model(image, size), height, width, image if keep_image else None)
+    if tiling is None:
+        pixels = resize_for_model(image, size)
+    else:
+        pixels = np.ascontiguousarray(tiling.cut(image, size)[..., ::-1])
+    return ModelInput(pixels, height, width, image if keep_image else None)
 
 
 def full_size(data: bytes, image: np.ndarray) -> tuple[int, int]:

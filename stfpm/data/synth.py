@@ -55,19 +55,21 @@ def render_texture(rng: np.random.Generator, size: int, family: dict) -> np.ndar
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _blob(rng: np.random.Generator, size: int, radius: tuple[float, float]) -> np.ndarray:
+def _blob(rng: np.random.Generator, size: int, radius: tuple[float, float], scale: float) -> np.ndarray:
     """A filled, randomly rotated ellipse away from the border, as a 0/255 mask."""
     mask = np.zeros((size, size), np.uint8)
-    axes = tuple(int(round(r * size / 128)) for r in rng.uniform(*radius, 2))
+    axes = tuple(max(1, int(round(r * scale))) for r in rng.uniform(*radius, 2))
     centre = tuple(int(c) for c in rng.integers(max(axes) + 2, size - max(axes) - 2, 2))
     cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
     return mask
 
 
-def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(defective image, bool mask); pixels change only where the mask is set."""
+def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
+               defect_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(defective image, bool mask); pixels change only where the mask is set. Defects are
+    sized relative to the image (as at 128 px, scaled), times `defect_scale`."""
     size = image.shape[0]
-    scale = size / 128
+    scale = size / 128 * defect_scale
     if kind == "scratch":
         mask = np.zeros((size, size), np.uint8)
         length, angle = rng.uniform(45, 75) * scale, rng.uniform(0, np.pi)
@@ -78,19 +80,19 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
         value = 20 if image.mean() > 110 else 235
         defect = np.full_like(image, value)
     elif kind == "spot":
-        mask = _blob(rng, size, (7, 12))
+        mask = _blob(rng, size, (7, 12), scale)
         defect = (image * rng.uniform(0.25, 0.4)).astype(np.uint8)
     elif kind == "missing":
         mask = np.zeros((size, size), np.uint8)
-        side = (rng.uniform(18, 26, 2) * scale).astype(int)
+        side = np.maximum(2, rng.uniform(18, 26, 2) * scale).astype(int)
         corner = rng.integers(4, size - side.max() - 4, 2)
         mask[corner[1]:corner[1] + side[1], corner[0]:corner[0] + side[0]] = 255
         defect = np.full_like(image, int(image.mean() * rng.uniform(0.5, 0.7)))
     elif kind == "blur":
-        mask = _blob(rng, size, (10, 14))
+        mask = _blob(rng, size, (10, 14), scale)
         defect = cv2.GaussianBlur(image, (0, 0), 4 * scale)
     elif kind == "color":
-        mask = _blob(rng, size, (10, 14))
+        mask = _blob(rng, size, (10, 14), scale)
         tint = np.array([1.0, 1.0, 1.0]) + rng.permutation([0.6, -0.5, 0.0])
         defect = np.clip(image * tint, 0, 255).astype(np.uint8)
     else:
@@ -99,10 +101,14 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
     return np.where(inside[..., None], defect, image), inside
 
 
-def make_synthetic_dataset(out: str | Path, n_train: int, n_test: int, size: int = 128, seed: int = 0) -> Dataset:
+def make_synthetic_dataset(out: str | Path, n_train: int, n_test: int, size: int = 128, seed: int = 0,
+                           defect_scale: float = 1.0) -> Dataset:
     """Write train/good, test/good, test/<kind> and ground_truth/<kind>/<name>_mask.png
     (0/255) under `out`, which must be empty or absent. About half the test images are good;
-    the defective ones cycle through DEFECT_KINDS."""
+    the defective ones cycle through DEFECT_KINDS. `defect_scale` < 1 makes defects smaller
+    than their usual share of the image (large frames with small defects: tiling's case)."""
+    if not 0 < defect_scale <= 4:
+        raise ValueError(f"defect_scale must be in (0, 4], got {defect_scale}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: not empty; the synthetic dataset needs an empty or new folder")
@@ -118,7 +124,7 @@ def make_synthetic_dataset(out: str | Path, n_train: int, n_test: int, size: int
         name = f"{counts[kind]:03d}"
         counts[kind] += 1
         if kind != "good":
-            image, mask = add_defect(image, kind, rng)
+            image, mask = add_defect(image, kind, rng, defect_scale)
             _write(out / "ground_truth" / kind / f"{name}_mask.png", mask.astype(np.uint8) * 255)
         _write(out / "test" / kind / f"{name}.png", image)
     return load_dataset(out)

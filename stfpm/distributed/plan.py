@@ -82,7 +82,9 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
                           error=(errors, pa.string()), error_kind=(kinds, pa.string()),
                           _model_key=([(ref.name if registry else "") if ref else None for ref in refs],
                                       pa.string()),
-                          _size=([ref.input_size if ref else 0 for ref in refs], pa.int32()))
+                          _size=([ref.input_size if ref else 0 for ref in refs], pa.int32()),
+                          _tile=([ref.tile_size if ref else None for ref in refs], pa.int32()),
+                          _tile_overlap=([ref.tile_overlap if ref else 0 for ref in refs], pa.int32()))
     run_id = run_id or new_run_id()
     return Plan(output=output, run_id=run_id, models=models, partitions=partitions, pending=pending,
                 n_listed=len(uris), n_skipped=len(uris) - len(pending_rows),

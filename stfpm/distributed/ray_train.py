@@ -22,16 +22,22 @@ from stfpm.train import TrainConfig, TrainResult, split_dataset
 CHECKPOINT_STATE = "state.json"
 
 
-def _decode_resize(batch: dict, size: int) -> dict:
+def _decode_resize(batch: dict, size: int, tile_size: int | None = None, tile_overlap: int = 0) -> dict:
+    """Each file's model input; a tiled model's tiles, one row each, keyed "path#k" as in
+    one-process training (stfpm.train.load_images)."""
     from stfpm.data import prepare_input
+    from stfpm.data.tiling import Tiling
 
-    images = [prepare_input(bytes(data), size, str(path)).pixels for data, path in zip(batch["bytes"], batch["path"])]
-    return {"image": np.stack(images), "path": batch["path"]}
+    tiling = Tiling(tile_size, tile_overlap) if tile_size else None
+    tiles = [prepare_input(bytes(data), size, str(path), tiling=tiling).tiles
+             for data, path in zip(batch["bytes"], batch["path"])]
+    keys = [str(p) if tiling is None else f"{p}#{k}" for p, t in zip(batch["path"], tiles) for k in range(len(t))]
+    return {"image": np.concatenate(tiles), "path": np.array(keys)}
 
 
-def image_dataset(uris: list[str], size: int):
-    """Decoded, resized uint8 (S, S, 3) RGB images, materialised in the object store so
-    epochs do not decode again. Local paths or s3:// URIs, read by Ray's workers."""
+def image_dataset(uris: list[str], size: int, tiling=None):
+    """Decoded, resized uint8 (S, S, 3) RGB images (or their tiles), materialised in the object
+    store so epochs do not decode again. Local paths or s3:// URIs, read by Ray's workers."""
     import ray.data
 
     from stfpm.storage import filesystem_for
@@ -39,7 +45,8 @@ def image_dataset(uris: list[str], size: int):
     filesystem, _ = filesystem_for(uris[0])
     paths = sorted(filesystem_for(u)[1] for u in uris)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem)
-    return ds.map_batches(_decode_resize, fn_kwargs={"size": size}, batch_format="numpy").materialize()
+    tile = {"tile_size": tiling.size, "tile_overlap": tiling.overlap} if tiling else {}
+    return ds.map_batches(_decode_resize, fn_kwargs={"size": size, **tile}, batch_format="numpy").materialize()
 
 
 def _save_tensors(path: Path, state: dict) -> None:
@@ -184,8 +191,8 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     if not ray.is_initialized():
         init_ray()
     with dataset_cpu_warning_dropped():  # the resource view lags the first dataset's finished tasks (stfpm.noise)
-        datasets = {"train": image_dataset([split.uri(s.image) for s in split.train], cfg.image_size),
-                    "holdout": image_dataset([split.uri(s.image) for s in split.holdout], cfg.image_size)}
+        datasets = {name: image_dataset([split.uri(s.image) for s in samples], cfg.image_size, cfg.tiling)
+                    for name, samples in (("train", split.train), ("holdout", split.holdout))}
     storage_filesystem = None
     if storage and storage.startswith("s3://"):
         from stfpm.storage import filesystem_for
@@ -210,7 +217,8 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
         network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
         network.student.set_state_dict(_load_tensors(Path(d) / "best_student.safetensors"))
     spec = backbone_spec(cfg.backbone)
-    holdout_images = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std)
+    holdout_images, _ = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std,
+                                    cfg.tiling)
     return finalize(network, cfg, split, holdout_images, out_dir, state["history"])
 
 

@@ -279,6 +279,8 @@ class ModelRef:
     input_size: int
     threshold: float
     log_scale: float  # of the normalised score (stfpm.score_scale)
+    tile_size: int | None = None  # the model's tiling (model.json input.tile_size, stfpm.data.tiling)
+    tile_overlap: int = 0
 
     @classmethod
     def read(cls, name: str, uri: str, threshold: float | None = None) -> "ModelRef":
@@ -298,7 +300,8 @@ class ModelRef:
         cal = card.calibration
         return cls(name=name, uri=uri, version=card.model_version, input_size=card.input.size,
                    threshold=cal.threshold if threshold is None else float(threshold),
-                   log_scale=cal.scale.log_scale)
+                   log_scale=cal.scale.log_scale, tile_size=card.input.tile_size,
+                   tile_overlap=card.input.tile_overlap)
 
 
 def is_registry(model: str) -> bool:

@@ -7,6 +7,7 @@ makes its rows error rows; no input can fail a batch.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import resource
 import stat
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from stfpm.data.images import prepare_input, sniff_image
+from stfpm.data.tiling import Tiling
 from stfpm.distributed.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
 from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, write_bytes
 
@@ -106,7 +108,10 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
     status, errors, kinds, heights, widths, images, decoded = [], [], [], [], [], [], []
     t_read = t_decode = 0.0
     cache: dict = {}
-    for row in batch.select(["image_uri", "status", "error", "error_kind", "_size"]).to_pylist():
+    tiled = "_tile" in batch.column_names  # the plan's columns of a tiled model (stfpm.data.tiling)
+    tiles = zip(batch["_tile"].to_pylist(), batch["_tile_overlap"].to_pylist()) if tiled else itertools.repeat((None, 0))
+    for row, (tile, overlap) in zip(batch.select(["image_uri", "status", "error", "error_kind", "_size"]).to_pylist(),
+                                    tiles):
         height = width = image = kept = None
         error, kind = row["error"], row["error_kind"]
         if row["status"] != "error":
@@ -121,7 +126,8 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
             t1 = time.perf_counter()
             if data is not None:
                 try:
-                    prepared = prepare_input(data, row["_size"], row["image_uri"], max_pixels, keep_images)
+                    tiling = Tiling(tile, overlap) if tile else None
+                    prepared = prepare_input(data, row["_size"], row["image_uri"], max_pixels, keep_images, tiling)
                     height, width, image = prepared.height, prepared.width, prepared.pixels.tobytes()
                     if keep_images:
                         kept = _pack(prepared.image)
@@ -151,13 +157,13 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
 
 
 def _pack(image: np.ndarray) -> bytes:
-    """A BGR uint8 image as bytes: an 8-byte (h, w) header, then the pixels."""
+    """A uint8 image (a BGR image, an 8-bit map) as bytes: an 8-byte (h, w) header, then the pixels."""
     return np.array(image.shape[:2], np.int32).tobytes() + image.tobytes()
 
 
-def _unpack(data: bytes) -> np.ndarray:
+def _unpack(data: bytes, channels: int = 3) -> np.ndarray:
     h, w = np.frombuffer(data[:8], np.int32)
-    return np.frombuffer(data[8:], np.uint8).reshape(h, w, 3)
+    return np.frombuffer(data[8:], np.uint8).reshape((h, w, channels) if channels > 1 else (h, w))
 
 
 # ---------------------------------------------------------------------- stage 2: actor pool
@@ -202,6 +208,7 @@ class ScoreActor:
         raw, norm, anomalous, thresholds, maps = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
         ood, ood_scores = [None] * n, [None] * n
         keys, images = batch["_model_key"].to_pylist(), batch["_image"].to_pylist()
+        heights, widths = batch["height"].to_pylist(), batch["width"].to_pylist()
         for key in sorted({k for k, s in zip(keys, status) if s == "ok"}):
             rows = [i for i in range(n) if keys[i] == key and status[i] == "ok"]
             predictor = self._predictor(key)
@@ -210,11 +217,13 @@ class ScoreActor:
                     status[i], errors[i], kinds[i] = "error", self.failed[key], TRANSIENT_ERROR
                 continue
             size = predictor.size
-            stack = np.stack([np.frombuffer(images[i], np.uint8).reshape(size, size, 3) for i in rows])
-            for i, p in zip(rows, predictor.calibrate(*predictor.infer(stack), [(size, size)] * len(rows))):
+            tiles = [np.frombuffer(images[i], np.uint8).reshape(-1, size, size, 3) for i in rows]
+            image_maps, oods = predictor.image_maps(tiles, [(heights[i], widths[i]) for i in rows])
+            # calibrated at the maps' own size; the maps stage resizes them to the image's
+            for i, p in zip(rows, predictor.calibrate(image_maps, oods, [m.shape for m in image_maps])):
                 raw[i], norm[i], anomalous[i], thresholds[i] = p.score, p.norm_score, p.is_anomaly, p.threshold
                 ood[i], ood_scores[i] = p.ood, p.ood_score
-                maps[i] = to_heat(predictor.calibration.normalize(p.anomaly_map, p.threshold)).tobytes()
+                maps[i] = _pack(to_heat(predictor.calibration.normalize(p.anomaly_map, p.threshold)))
                 versions[i] = predictor.model_version
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         per_row = (time.perf_counter() - t0) / max(n, 1)
@@ -242,14 +251,14 @@ def write_maps(batch: pa.Table, output: str) -> pa.Table:
     map_uris, overlay_uris = [None] * n, [None] * n
     errors = batch["error"].to_pylist()
     images = batch["_decoded"].to_pylist() if "_decoded" in batch.column_names else [None] * n
-    rows = batch.select(["image_id", "status", "model_version", "width", "height", "_size", "_map",
+    rows = batch.select(["image_id", "status", "model_version", "width", "height", "_map",
                          "is_anomaly", "raw_score", "score"]).to_pylist()
     for i, row in enumerate(rows):
         if row["status"] != "ok":
             continue
-        s, h, w = row["_size"], row["height"], row["width"]
-        heat = np.frombuffer(row["_map"], np.uint8).reshape(s, s)
-        if (h, w) != (s, s):
+        h, w = row["height"], row["width"]
+        heat = _unpack(row["_map"], channels=1)  # at the model's scale (stfpm.data.tiling: a stitched map)
+        if (h, w) != heat.shape:
             heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
         key = f"{row['model_version']}/{row['image_id']}.png"
         map_uris[i] = join_uri(output, MAPS, key)

@@ -1,0 +1,84 @@
+"""Tiling of large images: the model runs on tiles of the full-resolution image, each resized
+to its input size, and the tile maps are stitched back into one map.
+
+A factory frame of 5-20 MP squeezed to 256 px loses a defect a few pixels wide; cut into tiles
+of `size` source pixels, each tile keeps (size / input size) of the detail. Along each side of
+length L the tiles start at evenly spaced offsets from 0 to L - size, as few as cover the side
+with at least `overlap` pixels shared by neighbours (`starts`); a side shorter than a tile has
+one tile, padded by mirroring the image (a texture-like border, not black) and cropped off
+again when stitching. Where tiles overlap their maps are averaged.
+
+The stitched map is at the tiles' model scale (input size / tile size of the source: the
+source's own resolution when the two are equal); callers resize it to the image's size as they
+do an untiled map. The model directory records the tiling (`model.json` `input.tile`), so
+training, calibration, evaluate, predict, export and Ray scoring all cut the same tiles.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+def starts(length: int, size: int, overlap: int) -> list[int]:
+    """Tile offsets along one side: 0 and length - size included, neighbours sharing >= overlap."""
+    if length <= size:
+        return [0]
+    n = math.ceil((length - overlap) / (size - overlap))
+    return [round(i * (length - size) / (n - 1)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    size: int         # tile side, in pixels of the full-resolution image
+    overlap: int = 0  # at least this many pixels shared by neighbouring tiles
+
+    def __post_init__(self):
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 16:
+            raise ValueError(f"tile size must be an integer of at least 16 pixels, not {self.size!r}")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.size:
+            raise ValueError(f"tile overlap must be an integer from 0 to the tile size - 1 ({self.size - 1}), "
+                             f"not {self.overlap!r}")
+
+    def boxes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(top, left) of each tile, row by row."""
+        return [(y, x) for y in starts(height, self.size, self.overlap) for x in starts(width, self.size, self.overlap)]
+
+    def count(self, height: int, width: int) -> int:
+        return len(starts(height, self.size, self.overlap)) * len(starts(width, self.size, self.overlap))
+
+    def cut(self, image: np.ndarray, model_size: int) -> np.ndarray:
+        """BGR uint8 (H, W, 3) -> the tiles as the model sees them: BGR uint8 (K, S, S, 3),
+        S = model_size (stfpm.data.images.resize_for_model turns them to RGB)."""
+        h, w = image.shape[:2]
+        pad_h, pad_w = max(0, self.size - h), max(0, self.size - w)
+        if pad_h or pad_w:  # numpy's "symmetric" mirrors repeatedly, so any shortfall is filled
+            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
+        t, shrink = self.size, self.size >= model_size
+        tiles = [image[y:y + t, x:x + t] for y, x in self.boxes(h, w)]
+        if t == model_size:
+            return np.stack(tiles)
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        return np.stack([cv2.resize(tile, (model_size, model_size), interpolation=interpolation) for tile in tiles])
+
+    def map_shape(self, height: int, width: int, model_size: int) -> tuple[int, int]:
+        """The stitched map's (h, w): the image at the tiles' model scale."""
+        scale = model_size / self.size
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def stitch(self, maps: np.ndarray, height: int, width: int) -> np.ndarray:
+        """(K, S, S) float32 tile maps of an (height, width) image -> its map, `map_shape`;
+        overlapping tiles are averaged, the mirrored padding of a short side is cropped off."""
+        model_size = maps.shape[-1]
+        scale = model_size / self.size
+        out_h, out_w = self.map_shape(height, width, model_size)
+        total = np.zeros((out_h, out_w), np.float32)
+        weight = np.zeros((out_h, out_w), np.float32)
+        for tile_map, (y, x) in zip(maps, self.boxes(height, width)):
+            top, left = round(y * scale), round(x * scale)
+            rows, cols = min(model_size, out_h - top), min(model_size, out_w - left)
+            total[top:top + rows, left:left + cols] += tile_map[:rows, :cols]
+            weight[top:top + rows, left:left + cols] += 1.0
+        return total / np.maximum(weight, 1.0)
