@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import ray.train  # TrainingFailedError; also when this module runs alone
 
 from stfpm import load_model
 from stfpm.data import make_synthetic_dataset
@@ -129,7 +130,7 @@ def test_rerun_with_the_same_name_resumes(data, tmp_path, local_ray):
                                storage=str(tmp_path / "storage"), name="resume", threads_per_worker=1)
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     assert result.history[0]["segment_start"] == 1 and result.history[-1]["segment_start"] > 1
-    # another configuration under the same name is refused, naming the way out
+    # another configuration (an lr that is not the recipe's 0.1) under the same name is refused, naming the way out
     with pytest.raises(Exception, match="another --name"):
-        train_distributed(str(data), str(tmp_path / "other"), TrainConfig(**{**CFG, "lr": 0.1}), num_workers=2,
+        train_distributed(str(data), str(tmp_path / "other"), TrainConfig(**{**CFG, "lr": 0.05}), num_workers=2,
                           storage=str(tmp_path / "storage"), name="resume", threads_per_worker=1)
