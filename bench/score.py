@@ -90,7 +90,7 @@ def run_loop(work: Path, n: int, batch_size: int) -> dict:
 
 
 def run_pipeline(work: Path, n: int, batch_size: int, cpus: int, actors: str, cpus_per_actor: float,
-                 threads_per_actor: int | None) -> dict:
+                 threads_per_actor: int | None, fused: bool = False) -> dict:
     import ray
 
     from stfpm.distributed import score
@@ -102,7 +102,8 @@ def run_pipeline(work: Path, n: int, batch_size: int, cpus: int, actors: str, cp
     try:
         t0 = time.perf_counter()
         summary = score(str(work / "model"), manifest(work, n), out, batch_size=batch_size, actors=actors,
-                        cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, verbose=False)
+                        cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, verbose=False,
+                        fused=fused)
         wall = time.perf_counter() - t0
     finally:
         ray.shutdown()
@@ -117,7 +118,7 @@ def child(args) -> dict:
     if args.mode == "loop":
         return run_loop(work, args.n, args.batch_size)
     return run_pipeline(work, args.n, args.batch_size, args.cpus, args.actors, args.cpus_per_actor,
-                        args.threads_per_actor)
+                        args.threads_per_actor, args.fused)
 
 
 def measure(cmd: list[str], env: dict, attempts: int = 2) -> dict:
@@ -143,6 +144,8 @@ def main() -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=1)
     parser.add_argument("--threads-per-actor", type=int, default=None,
                         help="Paddle CPU threads per scoring actor (default: its CPUs)")
+    parser.add_argument("--fused", action="store_true", help="stfpm score --fused: the actors also decode and "
+                                                             "write maps (one machine)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each (mode, N); the median is reported")
     parser.add_argument("--work", default=None, help="folder for images, model and outputs (default: a temp dir)")
     parser.add_argument("--mode", choices=["loop", "pipeline"], help=argparse.SUPPRESS)
@@ -156,7 +159,7 @@ def main() -> None:
     prepare(work, args.n * args.scale, args.image_size, args.model_size)
     print(f"{args.n * args.scale} images of {args.image_size}px, model input {args.model_size}, "
           f"batch {args.batch_size}, {args.cpus} CPUs for Ray, actors {args.actors} x {args.cpus_per_actor} CPU "
-          f"({args.threads_per_actor or 'default'} threads); "
+          f"({args.threads_per_actor or 'default'} threads{', fused' if args.fused else ''}); "
           f"prepared in {time.perf_counter() - t0:.0f}s ({work})", flush=True)
     runs = {}
     for n in (args.n, args.n * args.scale):
@@ -167,6 +170,8 @@ def main() -> None:
                        "--cpus-per-actor", str(args.cpus_per_actor)]
                 if args.threads_per_actor:
                     cmd += ["--threads-per-actor", str(args.threads_per_actor)]
+                if args.fused:
+                    cmd += ["--fused"]
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
                 r = measure(cmd, env)
                 runs.setdefault((mode, n), []).append(r)

@@ -259,7 +259,11 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
           s3_region: Optional[str] = typer.Option(None, help="Default: AWS_REGION"),
           allow_root: Optional[list[str]] = typer.Option(None, "--allow-root", help="Read local inputs only from "
                                                          "under this folder (repeatable; symlinks resolved); "
-                                                         "default: any file the workers can read")):
+                                                         "default: any file the workers can read"),
+          fused: bool = typer.Option(False, "--fused", help="One machine: each actor also reads, decodes and "
+                                                           "writes maps (give it the machine's CPUs with "
+                                                           "--cpus-per-actor); default: decoding and maps in CPU "
+                                                           "tasks any node can run")):
     """Score every image of SOURCE on Ray Data: a Parquet score table and anomaly maps in OUTPUT."""
     from stfpm.distributed import score as run_score
     from stfpm.storage import set_s3_environment
@@ -270,7 +274,7 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
                         batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                         cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, threshold=threshold,
                         overlays=overlays, ray_address=ray_address, run_id=run_id, allow_roots=allow_root or None,
-                        **options)
+                        fused=fused, **options)
     typer.echo(f"table: {summary['output']['scores']}  maps: {summary['output']['maps']}  "
                f"summary: {summary['output']['root']}/_SUCCESS")
 

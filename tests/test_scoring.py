@@ -215,6 +215,24 @@ def test_local_folder_end_to_end(workspace, ray_local):
     assert success["devices"] == ["cpu"]
 
 
+def test_fused_actors_write_what_the_separate_stages_write(workspace, ray_local, tmp_path):
+    """--fused (one machine): the actors also decode and write maps; every row, error and map
+    is the same as with decoding and maps in their own tasks."""
+    root, _ = workspace
+    runs = {}
+    for fused in (False, True):
+        out = tmp_path / f"fused-{fused}"
+        summary = score(str(root / "model"), str(root / "data"), str(out), batch_size=4, overlays=True,
+                        fused=fused, verbose=False)
+        assert set(summary["stages"]) == {"read", "decode", "predict", "maps", "table"}
+        df = read_table(out).set_index("image_uri").sort_index()
+        df["map_png"] = [None if pd.isna(u) else Path(u).read_bytes() for u in df.map_uri]
+        runs[fused] = df
+    columns = ["status", "error", "error_kind", "raw_score", "score", "is_anomaly", "height", "width", "map_png"]
+    pd.testing.assert_frame_equal(runs[True][columns], runs[False][columns])
+    assert runs[True].overlay_uri.notna().sum() == runs[False].overlay_uri.notna().sum() > 0
+
+
 def test_progress_lines_and_bar():
     assert progress_text(25, 100, 5.0, bar=False) == "scored 25/100 rows (25%), 5.0 images/s, ETA 00:00:15"
     assert progress_text(50, 100, 10.0, bar=True) == "[" + "#" * 15 + "." * 15 + "] 50/100 rows  5.0 images/s  ETA 00:00:10"

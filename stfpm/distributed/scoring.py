@@ -57,7 +57,7 @@ from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.distributed.plan import Plan, plan_run
 from stfpm.distributed.sources import MODEL_CACHE
 from stfpm.distributed.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
-from stfpm.distributed.stages import MAX_BYTES, ScoreActor, load_images, write_maps
+from stfpm.distributed.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
 from stfpm.distributed.table import MAPS, SCORES, SUCCESS, latest_rows, read_index
 from stfpm.distributed.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
@@ -98,7 +98,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
           threshold: float | None = None, overlays: bool = False, run_id: str | None = None, ray_address: str | None = None,
           max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
           rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S, allow_roots: list[str] | None = None,
-          verbose: bool = True, progress: bool | None = None) -> dict:
+          verbose: bool = True, progress: bool | None = None, fused: bool = False) -> dict:
     """Score every image of SOURCE with MODEL on Ray Data and write OUTPUT (module docstring).
 
     model: a model directory (local or s3://) or a registry YAML (category -> model directory).
@@ -110,7 +110,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         workers can read. Table files are written every rows_per_file rows or flush_s seconds.
     verbose: report on stderr. progress (default: verbose): rows done, images/s and ETA while
         the pipeline runs (stfpm.distributed.progress): a bar when stderr is a terminal, else
-        a line every 30 s.
+        a line every 30 s. fused: one machine: each actor also reads, decodes and writes
+        maps (stages.FusedScoreActor) instead of separate CPU tasks doing so.
     Returns the _SUCCESS summary (counts, timings, per-stage throughput, models)."""
     echo = logger.info if verbose else logger.debug
     started = time.perf_counter()
@@ -128,7 +129,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
             started_ray = True
         plan.timings["ray_start_s"] = time.perf_counter() - t0
         try:
-            if started_ray and ray_address is None:
+            if started_ray and ray_address is None and not fused:
                 check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
             t0 = time.perf_counter()
             shown = verbose if progress is None else progress
@@ -138,7 +139,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
                                         threads_per_actor=threads_per_actor, threshold=threshold,
                                         overlays=overlays, max_pixels=max_pixels, max_bytes=max_bytes,
                                         wait_for_actors_s=wait_for_actors_s, rows_per_file=rows_per_file,
-                                        flush_s=flush_s)
+                                        flush_s=flush_s, fused=fused)
             with native_lines_dropped(ACTOR_ARGS_IN_OBJECT_STORE), meter or contextlib.nullcontext():
                 totals = writer.consume(ds, on_rows=meter and meter.add)
             plan.timings["pipeline_s"] = time.perf_counter() - t0
@@ -160,10 +161,11 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
                    cpus_per_actor: float = 1, threads_per_actor: int | None = None,
                    threshold: float | None = None, overlays: bool = False,
                    max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
-                   rows_per_file: int = ROWS_PER_FILE,
-                   flush_s: float = FLUSH_S) -> tuple[ray.data.Dataset, TableWriter]:
+                   rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S,
+                   fused: bool = False) -> tuple[ray.data.Dataset, TableWriter]:
     """The Ray Data pipeline for `plan.pending` up to the maps, and the writer of its rows:
-    `writer.consume(ds)` runs it and returns the counts and stage times."""
+    `writer.consume(ds)` runs it and returns the counts and stage times. `fused`: one
+    actor stage that also decodes and writes maps (stages.FusedScoreActor), for one machine."""
     pending = plan.pending
     ds = ray.data.from_arrow([pending.slice(i, batch_size) for i in range(0, len(pending), batch_size)])
     ds.context.wait_for_min_actors_s = wait_for_actors_s
@@ -178,17 +180,24 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
     # from images of every size cannot build up. Being a remote argument the actors lack, it
     # also keeps Ray Data from fusing decoding into the actors: decoding stays in CPU tasks
     # that any node can run, and the stage report can tell it apart (docs/design.md §6).
+    actor_kwargs = {"models": models, "threshold": threshold, "threads": threads_per_actor, "cache_dir": MODEL_CACHE}
+    writer = TableWriter(join_uri(plan.output, SCORES), plan.run_id, plan.schema, rows_per_file, flush_s)
+    if fused:
+        ds = ds.map_batches(FusedScoreActor, batch_format="pyarrow", batch_size=batch_size,
+                            compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+                            num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
+                            fn_constructor_kwargs={**actor_kwargs, "output": plan.output, "max_pixels": max_pixels,
+                                                   "max_bytes": max_bytes, "keep_images": overlays})
+        return ds, writer
     ds = ds.map_batches(load_images, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         max_calls=DECODE_BATCHES_PER_WORKER,
                         fn_kwargs={"max_pixels": max_pixels, "max_bytes": max_bytes, "keep_images": overlays})
     ds = ds.map_batches(ScoreActor, batch_format="pyarrow", batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
-                        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor,
-                        fn_constructor_kwargs={"models": models, "threshold": threshold, "threads": threads_per_actor,
-                                               "cache_dir": MODEL_CACHE})
+                        num_gpus=gpus_per_actor, num_cpus=cpus_per_actor, fn_constructor_kwargs=actor_kwargs)
     ds = ds.map_batches(write_maps, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         fn_kwargs={"output": plan.output})
-    return ds, TableWriter(join_uri(plan.output, SCORES), plan.run_id, plan.schema, rows_per_file, flush_s)
+    return ds, writer
 
 
 def _delete(uri: str) -> None:

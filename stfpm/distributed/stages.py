@@ -238,6 +238,23 @@ class ScoreActor:
                            _actor_rss_mb=([rss_mb] * n, pa.float64()))
 
 
+class FusedScoreActor(ScoreActor):
+    """For one machine (`stfpm score --fused`): each batch read and decoded (`load_images`),
+    scored, and its maps written (`write_maps`) in this actor, the in-process loop's work with
+    the actor's CPUs and threads. On a few cores the separate stages cost more than they
+    overlap (bench/RESULTS.md, issue 14); on a cluster keep them apart, so decoding runs on
+    CPU-only nodes and GPU actors only predict."""
+
+    def __init__(self, models: dict[str, str], threshold: float | None, cache_dir: str, threads: int | None = None,
+                 *, output: str, max_pixels: int, max_bytes: int, keep_images: bool = False):
+        super().__init__(models, threshold, cache_dir, threads)
+        self.output, self.max_pixels, self.max_bytes, self.keep_images = output, max_pixels, max_bytes, keep_images
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        decoded = load_images(batch, self.max_pixels, self.max_bytes, self.keep_images)
+        return write_maps(super().__call__(decoded), self.output)
+
+
 # ------------------------------------------------------------------------ stage 3: CPU tasks
 
 def write_maps(batch: pa.Table, output: str) -> pa.Table:
