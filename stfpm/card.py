@@ -47,9 +47,9 @@ class InputSpec:
 
     @property
     def tiling(self):
-        from stfpm.data.tiling import Tiling
+        from stfpm.data.tiling import tiling_of
 
-        return None if self.tile_size is None else Tiling(self.tile_size, self.tile_overlap)
+        return tiling_of(self.tile_size, self.tile_overlap)
 
     @classmethod
     def for_backbone(cls, backbone: str, size: int, tile_size: int | None = None, tile_overlap: int = 0) -> "InputSpec":

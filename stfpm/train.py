@@ -75,9 +75,9 @@ class TrainConfig:
 
     @property
     def tiling(self):
-        from stfpm.data.tiling import Tiling
+        from stfpm.data.tiling import tiling_of
 
-        return None if self.tile_size is None else Tiling(self.tile_size, self.tile_overlap)
+        return tiling_of(self.tile_size, self.tile_overlap)
 
     def resolved(self) -> "TrainConfig":
         from stfpm.nn.patchcore import PATCHCORE_RECIPE

@@ -30,6 +30,12 @@ def starts(length: int, size: int, overlap: int) -> list[int]:
     return [round(i * (length - size) / (n - 1)) for i in range(n)]
 
 
+def tiling_of(size: int | None, overlap: int = 0) -> "Tiling | None":
+    """The Tiling of a (tile size, overlap) pair as cards, configs and plan rows store it;
+    a size of None means the image is not tiled (any other bad size is Tiling's error)."""
+    return None if size is None else Tiling(size, overlap)
+
+
 @dataclass(frozen=True)
 class Tiling:
     size: int         # tile side, in pixels of the full-resolution image

@@ -26,9 +26,9 @@ def _decode_resize(batch: dict, size: int, tile_size: int | None = None, tile_ov
     """Each file's model input; a tiled model's tiles, one row each, keyed "path#k" as in
     one-process training (stfpm.train.load_images)."""
     from stfpm.data import prepare_input
-    from stfpm.data.tiling import Tiling
+    from stfpm.data.tiling import tiling_of
 
-    tiling = Tiling(tile_size, tile_overlap) if tile_size else None
+    tiling = tiling_of(tile_size, tile_overlap)
     tiles = [prepare_input(bytes(data), size, str(path), tiling=tiling).tiles
              for data, path in zip(batch["bytes"], batch["path"])]
     keys = [str(p) if tiling is None else f"{p}#{k}" for p, t in zip(batch["path"], tiles) for k in range(len(t))]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from stfpm.data.images import prepare_input, sniff_image
-from stfpm.data.tiling import Tiling
+from stfpm.data.tiling import tiling_of
 from stfpm.distributed.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
 from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, write_bytes
 
@@ -126,7 +126,7 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
             t1 = time.perf_counter()
             if data is not None:
                 try:
-                    tiling = Tiling(tile, overlap) if tile else None
+                    tiling = tiling_of(tile, overlap)
                     prepared = prepare_input(data, row["_size"], row["image_uri"], max_pixels, keep_images, tiling)
                     height, width, image = prepared.height, prepared.width, prepared.pixels.tobytes()
                     if keep_images:
