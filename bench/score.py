@@ -5,8 +5,10 @@
 Both score the same synthetic PNGs (the project's woven-texture generator) with the same
 random-weight model directory and the same stage functions: read + decode + resize,
 the batched Predictor, map PNGs, Parquet table files. The loop runs them one batch after
-another in one process; the pipeline is `stfpm.distributed.score` on a local
-`ray.init(num_cpus=2)`, whose start is reported apart. Each (mode, N) runs in its own
+another in one process; the pipeline is `stfpm.distributed.score` as a user runs it on one
+machine: it starts its own local Ray (all CPUs), whose start and stop are reported apart and
+not counted, and chooses its own layout (fused actors, one per CPU) unless --stages/--fused
+and --actors say otherwise. Each (mode, N) runs in its own
 process so peak RSS (ru_maxrss) is that run's: the driver's, and the scoring actor's
 (reported by the actor itself). Prints images/s for both (median of --repeats runs, loop
 and pipeline alternating), the median of the per-repeat pipeline/loop ratios, and peak memory
@@ -89,24 +91,18 @@ def run_loop(work: Path, n: int, batch_size: int) -> dict:
     return {"mode": "loop", "n": n, "seconds": wall, "images_per_s": n / wall, "driver_peak_mb": peak_rss_mb()}
 
 
-def run_pipeline(work: Path, n: int, batch_size: int, cpus: int, actors: str, cpus_per_actor: float,
-                 threads_per_actor: int | None, fused: bool = False) -> dict:
-    import ray
-
+def run_pipeline(work: Path, n: int, batch_size: int, actors: str | None, cpus_per_actor: float,
+                 threads_per_actor: int | None, fused: bool | None = None) -> dict:
     from stfpm.distributed import score
 
     out = tempfile.mkdtemp(dir=work, prefix=f"pipeline-{n}-")
     t0 = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    ray_start = time.perf_counter() - t0
-    try:
-        t0 = time.perf_counter()
-        summary = score(str(work / "model"), manifest(work, n), out, batch_size=batch_size, actors=actors,
-                        cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, verbose=False,
-                        fused=fused)
-        wall = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
+    summary = score(str(work / "model"), manifest(work, n), out, batch_size=batch_size, actors=actors,
+                    cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, verbose=False,
+                    fused=fused)
+    timings = summary["timings_s"]
+    ray_start = timings["ray_start_s"]
+    wall = time.perf_counter() - t0 - ray_start - timings["ray_stop_s"]
     assert summary["counts"]["ok"] == n, summary["counts"]
     return {"mode": "pipeline", "n": n, "seconds": wall, "images_per_s": n / wall, "ray_start_s": ray_start,
             "driver_peak_mb": peak_rss_mb(), "actor_peak_mb": summary["actor_peak_rss_mb"],
@@ -117,8 +113,8 @@ def child(args) -> dict:
     work = Path(args.work)
     if args.mode == "loop":
         return run_loop(work, args.n, args.batch_size)
-    return run_pipeline(work, args.n, args.batch_size, args.cpus, args.actors, args.cpus_per_actor,
-                        args.threads_per_actor, args.fused)
+    return run_pipeline(work, args.n, args.batch_size, args.actors, args.cpus_per_actor,
+                        args.threads_per_actor, args.layout)
 
 
 def measure(cmd: list[str], env: dict, attempts: int = 2) -> dict:
@@ -139,13 +135,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--model-size", type=int, default=64, help="model input side")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--cpus", type=int, default=2, help="ray.init(num_cpus=...)")
-    parser.add_argument("--actors", default="1", help="scoring actors: N or MIN..MAX")
+    parser.add_argument("--actors", default=None, help="scoring actors: N or MIN..MAX (default: score's choice)")
     parser.add_argument("--cpus-per-actor", type=float, default=1)
     parser.add_argument("--threads-per-actor", type=int, default=None,
                         help="Paddle CPU threads per scoring actor (default: its CPUs)")
-    parser.add_argument("--fused", action="store_true", help="stfpm score --fused: the actors also decode and "
-                                                             "write maps (one machine)")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--fused", dest="layout", action="store_const", const=True, default=None,
+                        help="stfpm score --fused: the actors also decode and write maps")
+    layout.add_argument("--stages", dest="layout", action="store_const", const=False,
+                        help="stfpm score --no-fused: decoding and maps in separate CPU tasks")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each (mode, N); the median is reported")
     parser.add_argument("--work", default=None, help="folder for images, model and outputs (default: a temp dir)")
     parser.add_argument("--mode", choices=["loop", "pipeline"], help=argparse.SUPPRESS)
@@ -157,21 +155,23 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="stfpm-bench-score-"))
     t0 = time.perf_counter()
     prepare(work, args.n * args.scale, args.image_size, args.model_size)
+    layout = {None: "score's choice", True: "fused", False: "separate stages"}[args.layout]
     print(f"{args.n * args.scale} images of {args.image_size}px, model input {args.model_size}, "
-          f"batch {args.batch_size}, {args.cpus} CPUs for Ray, actors {args.actors} x {args.cpus_per_actor} CPU "
-          f"({args.threads_per_actor or 'default'} threads{', fused' if args.fused else ''}); "
+          f"batch {args.batch_size}, {os.cpu_count()} CPUs, actors {args.actors or 'default'} x {args.cpus_per_actor} "
+          f"CPU ({args.threads_per_actor or 'default'} threads, {layout}); "
           f"prepared in {time.perf_counter() - t0:.0f}s ({work})", flush=True)
     runs = {}
     for n in (args.n, args.n * args.scale):
         for repeat in range(args.repeats):  # loop and pipeline alternate, so load drifts hit both
             for mode in ("loop", "pipeline"):
                 cmd = [sys.executable, __file__, "--mode", mode, "--n", str(n), "--work", str(work),
-                       "--batch-size", str(args.batch_size), "--cpus", str(args.cpus), "--actors", args.actors,
-                       "--cpus-per-actor", str(args.cpus_per_actor)]
+                       "--batch-size", str(args.batch_size), "--cpus-per-actor", str(args.cpus_per_actor)]
+                if args.actors:
+                    cmd += ["--actors", args.actors]
                 if args.threads_per_actor:
                     cmd += ["--threads-per-actor", str(args.threads_per_actor)]
-                if args.fused:
-                    cmd += ["--fused"]
+                if args.layout is not None:
+                    cmd += ["--fused" if args.layout else "--stages"]
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
                 r = measure(cmd, env)
                 runs.setdefault((mode, n), []).append(r)

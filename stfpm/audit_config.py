@@ -41,6 +41,8 @@ KINDS = {
                or (isinstance(v, str) and re.fullmatch(r"[1-9][0-9]*(\.\.[1-9][0-9]*)?", v) is not None
                    and int(v.partition("..")[0]) <= int(v.partition("..")[2] or v)),
                'N or "MIN..MAX" with 1 <= MIN <= MAX, e.g. 2 or "1..8"'),
+    "actors or null": (lambda v: v is None or KINDS["actors"][0](v),
+                       'N or "MIN..MAX" with 1 <= MIN <= MAX, e.g. 2 or "1..8", or left out'),
     "rates by name": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(x) and 0 <= x <= 1
                                                             for k, x in v.items()),
                       "a mapping of category names to numbers between 0 and 1"),
@@ -98,7 +100,7 @@ class ReportConfig:
 class ScoringConfig:
     """Passed to stfpm.distributed.score (see its docstring)."""
     batch_size: int = 32
-    actors: str = "1"                   # N or MIN..MAX (autoscaling pool)
+    actors: str | None = None           # N or MIN..MAX (autoscaling pool); default: score's (choose_layout)
     gpus_per_actor: float = 0
     cpus_per_actor: float = 1
     threshold: float | None = None
@@ -107,7 +109,7 @@ class ScoringConfig:
     allow_roots: list | None = None     # local inputs only from under these folders; default: anywhere
 
     def __post_init__(self):
-        _check(self, {"batch_size": "positive int", "actors": "actors", "gpus_per_actor": ">= 0",
+        _check(self, {"batch_size": "positive int", "actors": "actors or null", "gpus_per_actor": ">= 0",
                       "cpus_per_actor": "> 0", "threshold": "number or null", "wait_for_actors_s": "> 0",
                       "extensions": "extensions or null", "allow_roots": "folders or null"})
 

@@ -244,7 +244,8 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
                                                    "as columns, e.g. category,line,date (a registry needs category)"),
           ext: Optional[str] = typer.Option(None, help="Extensions to list, e.g. .png,.jpg (default: all images)"),
           batch_size: int = typer.Option(32, help="Images per forward pass"),
-          actors: str = typer.Option("1", help="Scoring actors: N, or MIN..MAX to autoscale"),
+          actors: Optional[str] = typer.Option(None, help="Scoring actors: N, or MIN..MAX to autoscale; default 1, "
+                                                        "or one per CPU on the local Ray score starts itself"),
           gpus_per_actor: float = typer.Option(0, help="GPUs per actor (Ray assigns them)"),
           cpus_per_actor: float = typer.Option(1, help="CPUs Ray reserves per actor"),
           threads_per_actor: Optional[int] = typer.Option(None, help="Paddle CPU threads per actor (default: its "
@@ -260,10 +261,10 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
           allow_root: Optional[list[str]] = typer.Option(None, "--allow-root", help="Read local inputs only from "
                                                          "under this folder (repeatable; symlinks resolved); "
                                                          "default: any file the workers can read"),
-          fused: bool = typer.Option(False, "--fused", help="One machine: each actor also reads, decodes and "
-                                                           "writes maps (give it the machine's CPUs with "
-                                                           "--cpus-per-actor); default: decoding and maps in CPU "
-                                                           "tasks any node can run")):
+          fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Each actor also reads, decodes "
+                                               "and writes maps; default: fused on the local Ray score starts "
+                                               "itself (no GPUs), else decoding and maps in CPU tasks any node "
+                                               "can run")):
     """Score every image of SOURCE on Ray Data: a Parquet score table and anomaly maps in OUTPUT."""
     from stfpm.distributed import score as run_score
     from stfpm.storage import set_s3_environment
@@ -307,9 +308,8 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data
     typer.echo(f"[4/5] overlays and JSON per test image in {out / 'predict'}")
     from stfpm.distributed import score as run_score
 
-    one_core = len(os.sched_getaffinity(0)) < 2  # the actor must leave a CPU for decoding
     summary = run_score(str(model_dir), str(data / "test"), str(out / "audit"), partitions=["kind"],
-                        batch_size=16, cpus_per_actor=0.5 if one_core else 1, verbose=False, progress=True)
+                        batch_size=16, verbose=False, progress=True)
     scores = summary["output"]["scores"]
     typer.echo(f"[5/5] {summary['counts']['scored']} test images scored on a local Ray: table {scores}, "
                f"maps {summary['output']['maps']}\n      read it with: python -c \"import pandas as pd; "

@@ -6,6 +6,7 @@ images are cut into tiles at full resolution and whose maps are stitched."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import struct
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def test_predict_evaluate_and_score_agree(workspace):
     result = CliRunner().invoke(app, ["score", str(model_dir), str(data / "test"), str(workspace / "audit"),
                                       "--batch-size", "4", "--cpus-per-actor", "0.5"])
     assert result.exit_code == 0, result.output
+    layout = json.loads((workspace / "audit" / "_SUCCESS").read_text())["layout"]
+    assert layout["fused"] is True and layout["actors"][0] >= 1  # score's own local Ray: fused actors
     table = pd.read_parquet(workspace / "audit" / "scores").set_index("image_uri")
     assert set(predicted) == set(evaluated) == set(table.index) and len(table) == len(JPEGS)
     decisions = set()

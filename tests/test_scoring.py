@@ -433,6 +433,26 @@ def test_actor_counts_and_gpu_device_mapping():
     assert paddle_device([1], "1", False)[0] == "cpu"
 
 
+def test_score_fuses_the_stages_only_on_a_local_ray_of_its_own():
+    """On the local Ray score starts itself (no GPUs): fused actors, one per CPU, capped; on a
+    Ray that was already running, or with GPU actors: separate stages and one actor; what
+    the caller gives is kept."""
+    from stfpm.distributed.scoring import MAX_LOCAL_ACTORS, choose_layout
+
+    own = dict(gpus_per_actor=0, cpus_per_actor=1, own_local_ray=True)
+    assert choose_layout(None, None, cpus=2, **own) == (True, (2, 2))
+    assert choose_layout(None, None, cpus=64, **own) == (True, (MAX_LOCAL_ACTORS, MAX_LOCAL_ACTORS))
+    assert choose_layout(None, None, cpus=4, **{**own, "cpus_per_actor": 2}) == (True, (2, 2))
+    assert choose_layout(None, None, cpus=2, **{**own, "cpus_per_actor": 0.5}) == (True, (2, 2))  # one per CPU
+    assert choose_layout(None, "1..3", cpus=2, **own) == (True, (1, 3))
+    assert choose_layout(False, None, cpus=2, **own) == (False, (1, 1))
+    assert choose_layout(None, None, cpus=8, **{**own, "gpus_per_actor": 1}) == (False, (1, 1))
+    assert choose_layout(None, None, cpus=8, **{**own, "own_local_ray": False}) == (False, (1, 1))
+    assert choose_layout(True, None, cpus=8, **{**own, "own_local_ray": False}) == (True, (1, 1))
+    with pytest.raises(ValueError, match="actors must be"):
+        choose_layout(None, "3..1", cpus=2, **own)
+
+
 def test_actors_may_not_take_every_cpu_of_a_local_ray():
     """Measured: 2 actors x 1 CPU on ray.init(num_cpus=2) leave no CPU for decoding and the
     run waits forever without an error; score() refuses that on a Ray it starts itself."""

@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 DECODE_BATCHES_PER_WORKER = 256
 RESERVATION_MIN_CPUS = 16  # fewer CPUs: no per-stage reservations (build_pipeline)
+MAX_LOCAL_ACTORS = 8  # on a local Ray of its own, score starts one fused actor per CPU up to this (each holds a model)
 
 
 def parse_actors(actors: int | str | tuple[int, int]) -> tuple[int, int]:
@@ -82,6 +83,24 @@ def parse_actors(actors: int | str | tuple[int, int]) -> tuple[int, int]:
     return low, high
 
 
+def choose_layout(fused: bool | None, actors, gpus_per_actor: float, cpus_per_actor: float,
+                  own_local_ray: bool, cpus: float) -> tuple[bool, tuple[int, int]]:
+    """(fused, (min, max) actors) of a run; None means "choose". On a local Ray that `score`
+    started itself the machine is all there is, so unless the actors use GPUs the default is
+    fused actors, one per CPU (each with one CPU and one Paddle thread, up to MAX_LOCAL_ACTORS):
+    every core then reads, decodes, predicts and writes maps, and no stage waits for another's
+    CPU (0.93x the in-process loop at 4,000 images on 2 cores, against 0.63x for the separate
+    stages; bench/RESULTS.md). On a Ray that was already running (a cluster, `ray job submit`)
+    the default stays separate stages with one actor, so decoding runs in CPU tasks any node
+    can take and GPU actors only predict."""
+    if fused is None:
+        fused = own_local_ray and gpus_per_actor == 0
+    if actors is None:
+        per_cpu = fused and own_local_ray and gpus_per_actor == 0
+        actors = min(MAX_LOCAL_ACTORS, max(1, int(cpus // max(1.0, cpus_per_actor)))) if per_cpu else 1
+    return fused, parse_actors(actors)
+
+
 def check_cpus_left_for_decoding(actors: int, cpus_per_actor: float, cluster_cpus: float) -> None:
     """On a fixed-size (local) Ray, actors that hold every CPU leave none for the read and
     decode tasks, and Ray Data then waits forever without an error (measured): refuse it."""
@@ -93,12 +112,12 @@ def check_cpus_left_for_decoding(actors: int, cpus_per_actor: float, cluster_cpu
 
 
 def score(model: str, source: str, output: str, *, partitions: list[str] | None = None,
-          extensions=IMAGE_EXTENSIONS, batch_size: int = 32, actors: int | str | tuple[int, int] = (1, 1),
+          extensions=IMAGE_EXTENSIONS, batch_size: int = 32, actors: int | str | tuple[int, int] | None = None,
           gpus_per_actor: float = 0, cpus_per_actor: float = 1, threads_per_actor: int | None = None,
           threshold: float | None = None, overlays: bool = False, run_id: str | None = None, ray_address: str | None = None,
           max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
           rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S, allow_roots: list[str] | None = None,
-          verbose: bool = True, progress: bool | None = None, fused: bool = False) -> dict:
+          verbose: bool = True, progress: bool | None = None, fused: bool | None = None) -> dict:
     """Score every image of SOURCE with MODEL on Ray Data and write OUTPUT (module docstring).
 
     model: a model directory (local or s3://) or a registry YAML (category -> model directory).
@@ -106,21 +125,24 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         an image. partitions: names for the directory levels under it (e.g. category, line).
     actors: pool size, N or "MIN..MAX" (autoscaling); gpus_per_actor > 0 puts each actor on a
         GPU Ray assigns. Ray is started locally unless it is running or ray_address is given.
+        fused: each actor also reads, decodes and writes maps (stages.FusedScoreActor) instead of
+        separate CPU tasks doing so. None for both: `choose_layout` (on a local Ray of its own,
+        fused actors, one per CPU; else separate stages and one actor).
     allow_roots: folders local inputs must lie in (symlinks resolved); default: anywhere the
         workers can read. Table files are written every rows_per_file rows or flush_s seconds.
     verbose: report on stderr. progress (default: verbose): rows done, images/s and ETA while
         the pipeline runs (stfpm.distributed.progress): a bar when stderr is a terminal, else
-        a line every 30 s. fused: one machine: each actor also reads, decodes and writes
-        maps (stages.FusedScoreActor) instead of separate CPU tasks doing so.
+        a line every 30 s.
     Returns the _SUCCESS summary (counts, timings, per-stage throughput, models)."""
     echo = logger.info if verbose else logger.debug
     started = time.perf_counter()
-    low, high = parse_actors(actors)
+    if actors is not None:
+        parse_actors(actors)  # a bad pool size fails before any listing
     plan = plan_run(model, source, output, partitions, extensions, threshold, run_id, allow_roots=allow_roots)
     _delete(join_uri(plan.output, SUCCESS))
     echo(f"{plan.n_listed} inputs listed in {plan.timings['list_s']:.1f}s; {plan.n_skipped} already scored "
          f"with the same model version; {len(plan.pending)} to score")
-    totals, started_ray = merge_stats([]), False
+    totals, started_ray, layout = merge_stats([]), False, None
     if len(plan.pending):
         t0 = time.perf_counter()
         if not ray.is_initialized():
@@ -129,6 +151,13 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
             started_ray = True
         plan.timings["ray_start_s"] = time.perf_counter() - t0
         try:
+            fused, (low, high) = choose_layout(fused, actors, gpus_per_actor, cpus_per_actor,
+                                               started_ray and ray_address is None,
+                                               ray.cluster_resources().get("CPU", 0))
+            layout = {"fused": fused, "actors": [low, high], "cpus_per_actor": cpus_per_actor,
+                      "gpus_per_actor": gpus_per_actor}
+            echo(f"{low if low == high else f'{low}..{high}'} {'fused ' if fused else ''}scoring actor(s) x "
+                 f"{cpus_per_actor:g} CPU" + ("" if fused else ", decoding and maps in separate CPU tasks"))
             if started_ray and ray_address is None and not fused:
                 check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
             t0 = time.perf_counter()
@@ -145,13 +174,15 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
             plan.timings["pipeline_s"] = time.perf_counter() - t0
         finally:
             if started_ray:
+                t0 = time.perf_counter()
                 ray.shutdown()
+                plan.timings["ray_stop_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     removed = remove_superseded(join_uri(plan.output, SCORES))
     index = read_index(join_uri(plan.output, SCORES))
     plan.timings["compact_s"] = time.perf_counter() - t0
     plan.timings["total_s"] = time.perf_counter() - started
-    summary = _summary(plan, totals, removed, index)
+    summary = _summary(plan, totals, removed, index, layout)
     write_bytes(join_uri(plan.output, SUCCESS), json.dumps(summary, indent=2).encode())
     echo(format_report(summary))
     return summary
@@ -206,7 +237,7 @@ def _delete(uri: str) -> None:
         fs.delete_file(path)
 
 
-def _summary(plan: Plan, totals: dict, removed: int, index: pa.Table) -> dict:
+def _summary(plan: Plan, totals: dict, removed: int, index: pa.Table, layout: dict | None) -> dict:
     rows = totals["rows"]
     wall = plan.timings.get("pipeline_s")
     status = index["status"].to_pylist()
@@ -229,7 +260,7 @@ def _summary(plan: Plan, totals: dict, removed: int, index: pa.Table) -> dict:
                    "latest_rows": len(latest), "latest_ok": latest.count("ok"), "latest_error": latest.count("error")},
         "timings_s": {k: round(v, 3) for k, v in plan.timings.items()},
         "images_per_s": round(rows / wall, 2) if wall else None,
-        "stages": stages, "actor_peak_rss_mb": round(totals["actor_peak_rss_mb"], 1),
+        "layout": layout, "stages": stages, "actor_peak_rss_mb": round(totals["actor_peak_rss_mb"], 1),
         "devices": totals["devices"], "error_examples": totals["error_examples"],
         "map_scaling": "pixel = round(255 * s), r = raw / threshold: s = 0.5 * r ** (1 / log_scale) "
                        "below the threshold, 1 - 0.5 / r above (map_to_raw inverts it)",
