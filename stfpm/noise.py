@@ -121,12 +121,17 @@ def drop_progress_bars_disabled_notice() -> None:
     _drop(logging.getLogger("ray.data._internal.progress"), PROGRESS_BARS_DISABLED)
 
 
-def init_ray(address: str | None = None, runtime_env: dict | None = None, **kwargs):
+def init_ray(address: str | None = None, runtime_env: dict | None = None, pin_workers: bool = True, **kwargs):
     """ray.init, without Ray's announcement that a new local Ray uses token auth (its default),
-    and with every worker pinned to this cluster (stfpm.distributed.own_cluster)."""
+    and with every worker pinned to this cluster (stfpm.distributed.own_cluster), which Ray
+    Train needs. `pin_workers=False` (Ray Data scoring, which starts no Ray Train run) leaves
+    the hook out: a job with it took 21.7-26.4 s for a 1,000-image scoring run on a local Ray,
+    19.2-20.0 s without (3 runs each, bench/RESULTS.md, issue 14)."""
     import ray
 
     from stfpm.distributed.own_cluster import with_own_cluster_hook
 
     _drop(logging.getLogger("ray._private.authentication.authentication_token_setup"), TOKEN_AUTH_ENABLED)
-    return ray.init(address=address, runtime_env=with_own_cluster_hook(runtime_env), **kwargs)
+    if pin_workers:
+        runtime_env = with_own_cluster_hook(runtime_env)
+    return ray.init(address=address, runtime_env=runtime_env, **kwargs)

@@ -89,7 +89,7 @@ def choose_layout(fused: bool | None, actors, gpus_per_actor: float, cpus_per_ac
     started itself the machine is all there is, so unless the actors use GPUs the default is
     fused actors, one per CPU (each with one CPU and one Paddle thread, up to MAX_LOCAL_ACTORS):
     every core then reads, decodes, predicts and writes maps, and no stage waits for another's
-    CPU (0.93x the in-process loop at 4,000 images on 2 cores, against 0.63x for the separate
+    CPU (0.73x the in-process loop at 4,000 images on 2 cores, against 0.60x for the separate
     stages; bench/RESULTS.md). On a Ray that was already running (a cluster, `ray job submit`)
     the default stays separate stages with one actor, so decoding runs in CPU tasks any node
     can take and GPU actors only predict."""
@@ -147,7 +147,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         t0 = time.perf_counter()
         if not ray.is_initialized():
             env = s3_settings()  # S3 endpoint and region (never credentials) for workers on a cluster
-            init_ray(address=ray_address, runtime_env={"env_vars": env} if env else None, log_to_driver=verbose)
+            init_ray(address=ray_address, runtime_env={"env_vars": env} if env else None,
+                     pin_workers=False, include_dashboard=False, log_to_driver=verbose)
             started_ray = True
         plan.timings["ray_start_s"] = time.perf_counter() - t0
         try:
