@@ -187,7 +187,7 @@ def main() -> None:
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("image-size", int),
                        ("momentum", float), ("weight-decay", float), ("optimizer", str), ("augment", str),
                        ("layer-norm", str), ("combine", str), ("map-selection", str), ("bank-fraction", float),
-                       ("bank-pool", int), ("tile-size", int), ("tile-overlap", int)):
+                       ("bank-pool", int), ("tile-size", int), ("tile-overlap", int), ("student", str)):
         ap.add_argument(f"--{name}", type=kind, default=None)
     args = ap.parse_args()
     categories = [Path(c) for c in args.categories] or [DEV_ROOT / name for name in DEV_SETS]
@@ -198,7 +198,7 @@ def main() -> None:
     recipe = {"backbone": args.backbone}
     recipe.update({k: v for k, v in vars(args).items() if v is not None and k in (
         "epochs", "batch_size", "lr", "image_size", "momentum", "weight_decay", "optimizer", "augment", "layer_norm",
-        "combine", "map_selection", "bank_fraction", "bank_pool", "tile_size", "tile_overlap")})
+        "combine", "map_selection", "bank_fraction", "bank_pool", "tile_size", "tile_overlap", "student")})
     args.out = args.out or str(Path(__file__).with_name(
         "accuracy.json" if args.model == "stfpm" else f"accuracy_{args.model}.json"))
     variants = [parse_map_variant(m) for m in args.map] or [{}]

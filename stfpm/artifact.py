@@ -110,7 +110,7 @@ def load_model(model_dir: str | Path) -> LoadedModel:
     if card.model_name == "PatchCore":
         network = PatchCore(card.backbone, tuple(card.patchcore["taps"]), card.patchcore["bank_size"])
     else:
-        network = STFPM(card.backbone)
+        network = STFPM(card.backbone, card.student)
     for part, filename in WEIGHT_FILES[card.model_name].items():
         path = model_dir / filename
         layer = getattr(network, part)

@@ -75,7 +75,7 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
     dataset = split.dataset
     spec = backbone_spec(cfg.backbone)
     card = ModelCard(
-        model_name="STFPM", backbone=cfg.backbone, input=InputSpec.for_backbone(
+        model_name="STFPM", backbone=cfg.backbone, student=cfg.student, input=InputSpec.for_backbone(
             cfg.backbone, cfg.image_size, cfg.tile_size, cfg.tile_overlap),
         calibration=UNCALIBRATED,
         map=MapSpec(layer_norm=cfg.layer_norm, combine=cfg.combine), taps=list(spec.channels), recipe=asdict(cfg),

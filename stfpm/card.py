@@ -135,6 +135,7 @@ class ModelCard:
     export: dict | None = None   # set in exported models (stfpm.export)
     patchcore: dict | None = None  # PatchCore's bank: taps, bank_size, patches_per_image, how it was built
     validation: dict | None = None  # label-free proxy AUROC of each map variant (stfpm.proxy)
+    student: str | None = None  # the STFPM student's backbone when it is not the teacher's (stfpm.nn.build_student)
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -259,6 +260,18 @@ def _calibration(f: _Fields) -> Calibration:
                        score_scale=scale, ood=ood, **known)
 
 
+def _student(f, model_name: str) -> str | None:
+    """model.json "student": an STFPM student's backbone when it is not the teacher's."""
+    student = f.doc.get("student")
+    if student is None:
+        return None
+    from stfpm.nn.backbones import BACKBONES  # only here: reading a card needs no Paddle otherwise
+
+    if model_name != "STFPM" or student not in BACKBONES:
+        f.fail("student", f"is {student!r}; expected one of {', '.join(sorted(BACKBONES))} (STFPM only) or absent")
+    return student
+
+
 def _weights(f: _Fields, model_name: str) -> dict:
     weights = f.get("weights")
     if not isinstance(weights, dict) or not all(
@@ -339,7 +352,7 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
         model_name=model_name, backbone=f.string("backbone"), input=spec,
         calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(
             layer_norm, float(smooth_sigma), combine, layer_scale, view_scale),
-        weights=weights, model_version=version, taps=taps, patchcore=patchcore,
+        weights=weights, model_version=version, taps=taps, patchcore=patchcore, student=_student(f, model_name),
         **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export", "validation")},
         extra={k: v for k, v in doc.items() if k not in known})
 

@@ -72,6 +72,7 @@ class TrainConfig:
     teacher_cache_mb: int = 2048  # memory for TeacherCache (unaugmented training only); 0 disables it
     tile_size: int | None = None  # train, calibrate and predict on tiles of this many source pixels (stfpm.data.tiling)
     tile_overlap: int = 0
+    student: str | None = None  # the student's backbone; default the teacher's (stfpm.nn.build_student)
 
     @property
     def tiling(self):
@@ -109,6 +110,10 @@ class TrainConfig:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
         if cfg.tile_size is None and cfg.tile_overlap:
             raise ValueError("tile_overlap needs tile_size")
+        if cfg.student is not None:
+            if cfg.model != "stfpm":
+                raise ValueError(f"student applies to model 'stfpm' only, not {cfg.model!r}")
+            backbone_spec(cfg.student)  # raises ValueError naming the known backbones
         cfg.tiling  # noqa: B018 - raises ValueError naming a bad tile size or overlap
         if cfg.model == "patchcore":
             if not 0 < cfg.bank_fraction <= 1:
@@ -118,10 +123,11 @@ class TrainConfig:
         return cfg
 
 
-def build_network(backbone: str, teacher_weights: str | None = None, seed: int = 0) -> STFPM:
+def build_network(backbone: str, teacher_weights: str | None = None, seed: int = 0,
+                  student: str | None = None) -> STFPM:
     """Teacher from pretrained weights, student randomly initialised (seeded)."""
     paddle.seed(seed)
-    network = STFPM(backbone)
+    network = STFPM(backbone, student)
     apply_state(network.teacher, load_teacher_state(backbone, teacher_weights))
     return network
 
@@ -305,7 +311,7 @@ def train(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True,
     holdout_images, holdout_keys = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean,
                                                spec.std, cfg.tiling)
 
-    network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
+    network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed, cfg.student)
     optimizer = make_optimizer(network, cfg)
     cache = teacher_cache(network, cfg)
     rng = np.random.default_rng(cfg.seed)

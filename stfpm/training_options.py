@@ -30,6 +30,8 @@ TRAINING_OPTIONS = {
                                                          "the coreset; bounds memory; default 40000")),
     "backbone": (str, typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | "
                                                     "efficientnet_lite2")),
+    "student": (Optional[str], typer.Option(None, help="STFPM: the student's backbone (same names as --backbone); "
+                                                       "default the teacher's")),
     "epochs": (Optional[int], typer.Option(None, help="Default: the backbone's recipe (100)")),
     "batch_size": (Optional[int], typer.Option(None, help="Global batch size (split across workers); default 32, 8 "
                                                                    "for the efficientnet_lite teachers")),

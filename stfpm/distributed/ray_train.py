@@ -114,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         configure_logging()  # this worker process's epoch lines, for `ray job logs`
     device = paddle.device.get_device()  # set by PaddleConfig's train_func_context; the collective is joined
-    network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
+    network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed, cfg.student)
     optimizer = make_optimizer(network, cfg)
     start, best_loss, best_state, history = 1, float("inf"), None, []
     checkpoint = ray.train.get_checkpoint()
@@ -214,7 +214,7 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
         result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
-        network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed)
+        network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed, cfg.student)
         network.student.set_state_dict(_load_tensors(Path(d) / "best_student.safetensors"))
     spec = backbone_spec(cfg.backbone)
     holdout_images, _ = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean, spec.std,

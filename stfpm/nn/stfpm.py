@@ -124,16 +124,40 @@ def view_scale(layer_maps, size: tuple[int, int]) -> tuple[float, float]:
     return float(np.median(scores)), float(np.median(scores / levels))
 
 
+class ProjectedStudent(nn.Layer):
+    """A student backbone whose taps differ in width from the teacher's, each tap followed by a
+    1x1 convolution to the teacher's channels (trained with it), so the loss and the maps
+    compare like with like."""
+
+    def __init__(self, backbone: str, channels, teacher_channels):
+        super().__init__()
+        self.features = build_backbone(backbone)
+        self.project = nn.LayerList([nn.Conv2D(c, t, 1) for c, t in zip(channels, teacher_channels)])
+
+    def forward(self, x):
+        return [p(f) for p, f in zip(self.project, self.features(x))]
+
+
+def build_student(student: str, teacher: str) -> nn.Layer:
+    """A randomly initialised student: the `student` backbone, projected to the teacher's tap
+    widths where they differ (a student need not be a copy of the teacher)."""
+    from stfpm.nn.backbones import backbone_spec
+
+    mine, theirs = backbone_spec(student).channels, backbone_spec(teacher).channels
+    return build_backbone(student) if mine == theirs else ProjectedStudent(student, mine, theirs)
+
+
 class STFPM(nn.Layer):
-    """Teacher (frozen, always in eval mode) and student of the same backbone."""
+    """Teacher (frozen, always in eval mode) and student, by default of the same backbone."""
 
     model_name = "STFPM"
 
-    def __init__(self, backbone: str):
+    def __init__(self, backbone: str, student: str | None = None):
         super().__init__()
         self.backbone = backbone
+        self.student_backbone = student or backbone
         self.teacher = build_backbone(backbone)
-        self.student = build_backbone(backbone)
+        self.student = build_student(self.student_backbone, backbone)
         for p in self.teacher.parameters():
             p.stop_gradient = True
         self.teacher.eval()
