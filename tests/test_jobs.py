@@ -251,6 +251,8 @@ def test_nightly_audit_nights_alert_failure_and_retry(head, site):
     assert (summary["categories"]["a"]["ood"], summary["categories"]["b"]["ood"]) == (0, 4)  # the misrouted ones
     assert summary["status"] == "ok" and summary["exit_code"] == 0
     assert_every_image_loads(_run_dir(site, run1) / "report.html", at_least=8)
+    # a Ray job scores on its cluster's layout (separate decode tasks), not one machine's
+    assert json.loads((_run_dir(site, run1) / "_SUCCESS").read_text())["layout"]["fused"] is False
 
     # night 2: only the new images; threshold 0 makes every one anomalous, so the alert
     # level 0% is exceeded -> exit 3 (Ray reports the job FAILED, with driver exit code 3)

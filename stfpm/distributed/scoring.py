@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from datetime import datetime, timezone
 
@@ -124,7 +125,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
     source: a directory, an s3:// prefix, a manifest (.parquet or text, one URI per line) or
         an image. partitions: names for the directory levels under it (e.g. category, line).
     actors: pool size, N or "MIN..MAX" (autoscaling); gpus_per_actor > 0 puts each actor on a
-        GPU Ray assigns. Ray is started locally unless it is running or ray_address is given.
+        GPU Ray assigns. A new local Ray is started unless Ray is initialised in this process,
+        ray_address is given or RAY_ADDRESS is set (inside `ray job submit`: the job's cluster).
         fused: each actor also reads, decodes and writes maps (stages.FusedScoreActor) instead of
         separate CPU tasks doing so. None for both: `choose_layout` (on a local Ray of its own,
         fused actors, one per CPU; else separate stages and one actor).
@@ -142,24 +144,26 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
     _delete(join_uri(plan.output, SUCCESS))
     echo(f"{plan.n_listed} inputs listed in {plan.timings['list_s']:.1f}s; {plan.n_skipped} already scored "
          f"with the same model version; {len(plan.pending)} to score")
-    totals, started_ray, layout = merge_stats([]), False, None
+    totals, started_ray, own_local_ray, layout = merge_stats([]), False, False, None
     if len(plan.pending):
         t0 = time.perf_counter()
         if not ray.is_initialized():
             env = s3_settings()  # S3 endpoint and region (never credentials) for workers on a cluster
-            init_ray(address=ray_address, runtime_env={"env_vars": env} if env else None,
+            # No address anywhere (not given, no RAY_ADDRESS as a Ray job has): a new local Ray
+            # of this run's own, never one that another `ray start` on the machine advertises.
+            own_local_ray = ray_address is None and not os.environ.get("RAY_ADDRESS")
+            init_ray(address="local" if own_local_ray else ray_address, runtime_env={"env_vars": env} if env else None,
                      pin_workers=False, include_dashboard=False, log_to_driver=verbose)
             started_ray = True
         plan.timings["ray_start_s"] = time.perf_counter() - t0
         try:
-            fused, (low, high) = choose_layout(fused, actors, gpus_per_actor, cpus_per_actor,
-                                               started_ray and ray_address is None,
+            fused, (low, high) = choose_layout(fused, actors, gpus_per_actor, cpus_per_actor, own_local_ray,
                                                ray.cluster_resources().get("CPU", 0))
             layout = {"fused": fused, "actors": [low, high], "cpus_per_actor": cpus_per_actor,
                       "gpus_per_actor": gpus_per_actor}
             echo(f"{low if low == high else f'{low}..{high}'} {'fused ' if fused else ''}scoring actor(s) x "
                  f"{cpus_per_actor:g} CPU" + ("" if fused else ", decoding and maps in separate CPU tasks"))
-            if started_ray and ray_address is None and not fused:
+            if own_local_ray and not fused:
                 check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
             t0 = time.perf_counter()
             shown = verbose if progress is None else progress
