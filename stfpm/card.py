@@ -267,7 +267,7 @@ def _student(f, model_name: str) -> str | None:
         return None
     from stfpm.nn.backbones import BACKBONES  # only here: reading a card needs no Paddle otherwise
 
-    if model_name != "STFPM" or student not in BACKBONES:
+    if model_name != "STFPM" or not isinstance(student, str) or student not in BACKBONES:
         f.fail("student", f"is {student!r}; expected one of {', '.join(sorted(BACKBONES))} (STFPM only) or absent")
     return student
 

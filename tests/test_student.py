@@ -65,11 +65,12 @@ def test_the_student_is_recorded_and_rebuilt_by_every_loader(student_model, tmp_
     np.testing.assert_allclose([p.score for p in exported], [p.score for p in direct], rtol=1e-4)
 
 
-def test_a_card_naming_an_unknown_student_is_refused(student_model, tmp_path):
+@pytest.mark.parametrize("student", ["vgg99", ["resnet18"], 5])
+def test_a_card_naming_an_unknown_student_is_refused(student_model, tmp_path, student):
     broken = tmp_path / "broken"
     shutil.copytree(student_model / "model", broken)
     doc = json.loads((broken / MODEL_JSON).read_text())
-    doc["student"] = "vgg99"
+    doc["student"] = student
     (broken / MODEL_JSON).write_text(json.dumps(doc))
-    with pytest.raises(ModelDirError, match="key 'student' is 'vgg99'"):
+    with pytest.raises(ModelDirError, match=f"key 'student' is {student!r}".replace("[", r"\[").replace("]", r"\]")):
         load_model(broken)
