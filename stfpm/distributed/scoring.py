@@ -157,14 +157,15 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
             started_ray = True
         plan.timings["ray_start_s"] = time.perf_counter() - t0
         try:
+            cluster_cpus = ray.cluster_resources().get("CPU", 0)
             fused, (low, high) = choose_layout(fused, actors, gpus_per_actor, cpus_per_actor, own_local_ray,
-                                               ray.cluster_resources().get("CPU", 0))
+                                               cluster_cpus)
             layout = {"fused": fused, "actors": [low, high], "cpus_per_actor": cpus_per_actor,
                       "gpus_per_actor": gpus_per_actor}
             echo(f"{low if low == high else f'{low}..{high}'} {'fused ' if fused else ''}scoring actor(s) x "
                  f"{cpus_per_actor:g} CPU" + ("" if fused else ", decoding and maps in separate CPU tasks"))
             if own_local_ray and not fused:
-                check_cpus_left_for_decoding(high, cpus_per_actor, ray.cluster_resources().get("CPU", 0))
+                check_cpus_left_for_decoding(high, cpus_per_actor, cluster_cpus)
             t0 = time.perf_counter()
             shown = verbose if progress is None else progress
             meter = ScoringProgress(len(plan.pending)) if shown else None
