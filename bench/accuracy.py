@@ -15,7 +15,7 @@ a seeded random N of train/good (the held-out 20% is taken from those N). With `
 a model already in DIR for the same category, seed and recipe is reused instead of retrained,
 so map variants (`--map KEY=VALUE,...`, applied to model.json's "map") cost one evaluation.
 The table's "proxy" is the label-free image AUROC on the model's held-out good images
-against the same images with synthetic defects (stfpm.proxy). The JSON holds the first map
+against the same images with synthetic defects (stfpm.training.proxy). The JSON holds the first map
 variant (the recipe's own when no --map is given), means over --seeds; the table shows every
 variant and seed.
 """
@@ -36,12 +36,12 @@ warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
 
-from stfpm.artifact import load_model  # noqa: E402
-from stfpm.card import read_card  # noqa: E402
+from stfpm.model.artifact import load_model  # noqa: E402
+from stfpm.model.card import read_card  # noqa: E402
 from stfpm.data import load_dataset  # noqa: E402
 from stfpm.evaluate import evaluate_model  # noqa: E402
-from stfpm.inference import Predictor  # noqa: E402
-from stfpm.proxy import proxy_auroc, run_once, with_synthetic_defects  # noqa: E402
+from stfpm.model.inference import Predictor  # noqa: E402
+from stfpm.training.proxy import proxy_auroc, run_once, with_synthetic_defects  # noqa: E402
 
 DEV_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEV_SETS = ("mvtec_bottle_dev", "mvtec_screw_dev", "magnetic_tile_dev", "elpv_mono_dev")
@@ -50,10 +50,11 @@ HARNESS_JSON = "harness.json"  # next to model.json in a kept model: the trainin
 
 
 def train_stfpm(train_dir: str, model_dir: str, recipe: dict, seed: int) -> str:
-    """STFPM through stfpm.train with `recipe` as TrainConfig fields (unset ones: the backbone's defaults)."""
+    """STFPM through stfpm.training.run.train with `recipe` as TrainConfig fields (unset ones: the backbone's defaults)."""
     from dataclasses import asdict
 
-    from stfpm.train import TrainConfig, train
+    from stfpm.training.config import TrainConfig
+    from stfpm.training.run import train
 
     cfg = TrainConfig(**recipe, seed=seed)
     train(train_dir, model_dir, cfg, progress=True)

@@ -22,10 +22,10 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import DEV_ROOT, holdout_images  # noqa: E402
 
-from stfpm.artifact import load_model  # noqa: E402
+from stfpm.model.artifact import load_model  # noqa: E402
 from stfpm.data import load_dataset  # noqa: E402
 from stfpm.data.images import normalize_batch  # noqa: E402
-from stfpm.inference import Predictor  # noqa: E402
+from stfpm.model.inference import Predictor  # noqa: E402
 from stfpm.nn.patchcore import smooth_map  # noqa: E402
 from stfpm.nn.stfpm import _image_medians, anomaly_map  # noqa: E402
 

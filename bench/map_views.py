@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from accuracy import DEV_ROOT, holdout_images  # noqa: E402
-from stfpm.artifact import load_model  # noqa: E402
+from stfpm.model.artifact import load_model  # noqa: E402
 from stfpm.data import load_dataset  # noqa: E402
 from stfpm.data.images import normalize_batch  # noqa: E402
-from stfpm.inference import Predictor  # noqa: E402
+from stfpm.model.inference import Predictor  # noqa: E402
 from stfpm.metrics import auroc  # noqa: E402
 from stfpm.nn import anomaly_map, view_scale  # noqa: E402
 

@@ -26,7 +26,7 @@ def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-from stfpm.inference import Predictor
+from stfpm.model.inference import Predictor
 image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
 before = rss_mb()
 predictor = Predictor.open(sys.argv[1])
@@ -44,8 +44,8 @@ print(json.dumps({"rss_gain_mb": after - before, "latency_ms": 1000 * float(np.m
 def reference_model(out: Path) -> Path:
     import paddle
 
-    from stfpm.artifact import save_model
-    from stfpm.card import Calibration, InputSpec, MapSpec, ModelCard
+    from stfpm.model.artifact import save_model
+    from stfpm.model.card import Calibration, InputSpec, MapSpec, ModelCard
     from stfpm.nn import STFPM
 
     paddle.seed(0)

@@ -18,7 +18,8 @@ import numpy as np
 
 from stfpm import create_model
 from stfpm.data import load_dataset
-from stfpm.train import TrainConfig, train
+from stfpm.training.config import TrainConfig
+from stfpm.training.run import train
 
 SETS = ("mvtec_bottle_dev", "mvtec_screw_dev", "magnetic_tile_dev", "elpv_mono_dev")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,7 +1,7 @@
 """The in-distribution check on the dev sets without training: it reads only the frozen
 teacher's feature profile (stfpm.nn.feature_profile), so the pretrained teacher is all it
 needs. Per set: statistics fitted on (up to 120 of) the training split, limit from (up to 60
-of) the held-out split as in training (stfpm.ood.InDistribution.fit), then the share of each
+of) the held-out split as in training (stfpm.model.ood.InDistribution.fit), then the share of each
 set's test images flagged.
 
     python bench/ood_teacher.py --image-size 128
@@ -17,8 +17,9 @@ import paddle
 from stfpm.data import load_dataset, split_holdout
 from stfpm.nn import backbone_spec
 from stfpm.nn.stfpm import feature_profile
-from stfpm.ood import InDistribution
-from stfpm.train import build_network, load_images
+from stfpm.model.ood import InDistribution
+from stfpm.training.config import load_images
+from stfpm.training.loop import build_network
 
 SETS = ("mvtec_bottle_dev", "mvtec_screw_dev", "magnetic_tile_dev", "elpv_mono_dev")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

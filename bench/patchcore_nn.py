@@ -15,7 +15,7 @@ import time
 import numpy as np
 import paddle
 
-from stfpm.export import open_program
+from stfpm.model.export import open_program
 from stfpm.nn.patchcore import MemoryBank
 from stfpm.runtime import configure_threads
 

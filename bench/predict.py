@@ -28,9 +28,9 @@ import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
 from stfpm import create_model  # noqa: E402
-from stfpm.artifact import load_model, save_model  # noqa: E402
-from stfpm.card import Calibration, InputSpec, ModelCard  # noqa: E402
-from stfpm.inference import Predictor  # noqa: E402
+from stfpm.model.artifact import load_model, save_model  # noqa: E402
+from stfpm.model.card import Calibration, InputSpec, ModelCard  # noqa: E402
+from stfpm.model.inference import Predictor  # noqa: E402
 from stfpm.nn import STFPM  # noqa: E402
 
 

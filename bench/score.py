@@ -5,7 +5,7 @@
 Both score the same synthetic PNGs (the project's woven-texture generator) with the same
 random-weight model directory and the same stage functions: read + decode + resize,
 the batched Predictor, map PNGs, Parquet table files. The loop runs them one batch after
-another in one process; the pipeline is `stfpm.distributed.score` as a user runs it on one
+another in one process; the pipeline is `stfpm.scoring.score` as a user runs it on one
 machine: it starts its own local Ray (all CPUs), whose start and stop are reported apart and
 not counted, and chooses its own layout (fused actors, one per CPU) unless --stages/--fused
 and --actors say otherwise. Each (mode, N) runs in its own
@@ -47,8 +47,8 @@ def prepare(work: Path, n_max: int, image_size: int, model_size: int) -> list[st
     if not (model / "model.json").is_file():
         import paddle
 
-        from stfpm.artifact import save_model
-        from stfpm.card import Calibration, InputSpec, ModelCard
+        from stfpm.model.artifact import save_model
+        from stfpm.model.card import Calibration, InputSpec, ModelCard
         from stfpm.nn import STFPM
 
         paddle.seed(0)
@@ -71,10 +71,10 @@ def manifest(work: Path, n: int) -> str:
 
 def run_loop(work: Path, n: int, batch_size: int) -> dict:
     """The same stages, batch after batch, in this process."""
-    from stfpm.distributed.plan import plan_run
-    from stfpm.distributed.sink import write_table_file
-    from stfpm.distributed.stages import MAX_BYTES, ScoreActor, load_images, write_maps
-    from stfpm.distributed.table import SCORES
+    from stfpm.scoring.plan import plan_run
+    from stfpm.scoring.sink import write_table_file
+    from stfpm.scoring.stages import MAX_BYTES, ScoreActor, load_images, write_maps
+    from stfpm.scoring.table import SCORES
     from stfpm.storage import join_uri
 
     out = tempfile.mkdtemp(dir=work, prefix=f"loop-{n}-")
@@ -93,7 +93,7 @@ def run_loop(work: Path, n: int, batch_size: int) -> dict:
 
 def run_pipeline(work: Path, n: int, batch_size: int, actors: str | None, cpus_per_actor: float,
                  threads_per_actor: int | None, fused: bool | None = None) -> dict:
-    from stfpm.distributed import score
+    from stfpm.scoring import score
 
     out = tempfile.mkdtemp(dir=work, prefix=f"pipeline-{n}-")
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ at 255)?
     stfpm demo --out demo && python bench/score_scale.py demo/model demo/data
 
 All candidates are 0.5 at the threshold (the 0.99 quantile of the held-out good scores) and
-use the held-out good images the model was calibrated on; "chosen" is stfpm.score_scale.
+use the held-out good images the model was calibrated on; "chosen" is stfpm.model.score_scale.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import argparse
 
 import numpy as np
 
-from stfpm.artifact import load_model
+from stfpm.model.artifact import load_model
 from stfpm.data import load_dataset, read_image, split_holdout
 from stfpm.data.images import preprocess
-from stfpm.inference import Predictor
-from stfpm.score_scale import ScoreScale
+from stfpm.model.inference import Predictor
+from stfpm.model.score_scale import ScoreScale
 
 
 def maps_of(predictor: Predictor, paths: list[str]) -> np.ndarray:

@@ -22,7 +22,8 @@ warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
 
-from stfpm.train import TrainConfig, train  # noqa: E402
+from stfpm.training.config import TrainConfig  # noqa: E402
+from stfpm.training.run import train  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from stfpm.data import load_dataset, preprocess, read_image  # noqa: E402
 from stfpm.metrics import auroc  # noqa: E402
 from stfpm.nn import backbone_spec  # noqa: E402
 from stfpm.runtime import configure_threads  # noqa: E402
-from stfpm.train import build_network  # noqa: E402
+from stfpm.training.loop import build_network  # noqa: E402
 
 
 def patch_features(teacher, spec, paths: list[str], size: int) -> np.ndarray:

@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from stfpm.data import make_synthetic_dataset  # noqa: E402
-from stfpm.distributed.ray_train import train_distributed  # noqa: E402
-from stfpm.train import TrainConfig  # noqa: E402
+from stfpm.raytrain.driver import train_distributed  # noqa: E402
+from stfpm.training.config import TrainConfig  # noqa: E402
 
 
 def main() -> None:

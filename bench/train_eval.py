@@ -16,7 +16,8 @@ import warnings
 
 warnings.filterwarnings("ignore")
 
-from stfpm.train import TrainConfig, train  # noqa: E402
+from stfpm.training.config import TrainConfig  # noqa: E402
+from stfpm.training.run import train  # noqa: E402
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Only write runs/RUN_ID/report.html again (fresh presigned links)")
     args = parser.parse_args(argv)
 
-    from stfpm.audit import load_config, rerender_report, run_audit
-    from stfpm.audit_summary import EXIT_FAILED, EXIT_USAGE
+    from stfpm.audit.run import load_config, rerender_report, run_audit
+    from stfpm.audit.summary import EXIT_FAILED, EXIT_USAGE
     from stfpm.errors import UserError
 
     try:

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """--data, --out and the job's Ray options, then every training option of the CLI
-    (`stfpm.training_options.TRAINING_OPTIONS`: one list, so the two cannot drift apart)."""
-    from stfpm.training_options import TRAINING_OPTIONS
+    (`stfpm.training.options.TRAINING_OPTIONS`: one list, so the two cannot drift apart)."""
+    from stfpm.training.options import TRAINING_OPTIONS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,10 +64,10 @@ def parser() -> argparse.ArgumentParser:
 def train_job(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
 
-    from stfpm.distributed.ray_train import is_category, train_categories, train_distributed
+    from stfpm.raytrain.driver import is_category, train_categories, train_distributed
     from stfpm.storage import filesystem_for, is_s3
-    from stfpm.train import train
-    from stfpm.training_options import train_config
+    from stfpm.training.run import train
+    from stfpm.training.options import train_config
 
     cfg = train_config(vars(args))
     out = args.out.rstrip("/")

@@ -15,7 +15,7 @@ def create_model(model_name: str = "STFPM", model_dir=None):
 
 
 def load_model(path):
-    """Load a model directory (network + model.json); see stfpm.artifact.load_model."""
-    from stfpm.artifact import load_model as _load
+    """Load a model directory (network + model.json); see stfpm.model.artifact.load_model."""
+    from stfpm.model.artifact import load_model as _load
 
     return _load(path)

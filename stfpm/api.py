@@ -80,7 +80,7 @@ class STFPMModel:
     """A loaded model (our model directory or an exported inference model) with predict()."""
 
     def __init__(self, model_dir: str | Path, model_name: str = "STFPM"):
-        from stfpm.inference import Predictor
+        from stfpm.model.inference import Predictor
 
         self.model_dir = str(model_dir)
         self.predictor = Predictor.open(model_dir)

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from stfpm.errors import UserError
-from stfpm.training_options import training_options
+from stfpm.training.options import training_options
 
 # Plain (click) help: Typer's rich help labels every flag, --help included, "<bool>" as if it took a value.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -81,10 +81,10 @@ def train(data: str = typer.Argument(..., help="Dataset root: local or s3://"),
           cfg=None, workers: int = 0, ray_options: dict | None = None):
     """Train a model on the good images of DATA (STFPM: in this process or on Ray Train;
     PatchCore: its memory bank, in this process)."""
-    from stfpm.train import train as run_train
+    from stfpm.training.run import train as run_train
 
     if ray_options:
-        from stfpm.distributed.ray_train import train_distributed
+        from stfpm.raytrain.driver import train_distributed
 
         result = train_distributed(data, out, cfg, num_workers=workers, **ray_options)
     else:
@@ -105,7 +105,7 @@ def train_all(root: str = typer.Argument(..., help="Folder (local or s3://) of c
               parallel: Optional[int] = typer.Option(None, help="Categories at once (default: as the cluster fits)"),
               cfg=None, workers: int = 0, ray_options: dict | None = None):
     """Train one model per category folder and write OUT/registry.yaml for `stfpm score`."""
-    from stfpm.distributed.ray_train import train_categories
+    from stfpm.raytrain.driver import train_categories
 
     summary = train_categories(root, out, cfg, num_workers=workers, parallel=parallel, **ray_options)
     typer.echo(f"trained: {', '.join(summary['trained']) or 'none'}; registry: {summary['registry']}")
@@ -125,8 +125,8 @@ def evaluate(model_dir: Path = typer.Argument(..., help="Model directory"),
              set_threshold: bool = typer.Option(False, "--set-threshold",
                                                 help="Store the F1-optimal threshold in the model")):
     """Evaluate a model: image/pixel AUROC, AUPRO, F1-optimal threshold."""
-    from stfpm.artifact import load_model
-    from stfpm.card import write_card
+    from stfpm.model.artifact import load_model
+    from stfpm.model.card import write_card
     from stfpm.data import load_dataset
     from stfpm.evaluate import evaluate_model, write_evaluation
 
@@ -207,7 +207,7 @@ def _unique_stem(input_path: str | None, index: int, used: set[str]) -> str:
 def export(model_dir: Path = typer.Argument(..., help="Model directory from `stfpm train`"),
            out: Path = typer.Option(..., help="Folder for the Paddle inference model")):
     """Export a Paddle static inference model (inference.json/.pdiparams + inference.yml)."""
-    from stfpm.export import export_model
+    from stfpm.model.export import export_model
 
     export_model(model_dir, out)
     typer.echo(f"exported to {out}; load it with create_model(model_dir={str(out)!r})")
@@ -226,7 +226,7 @@ def import_paddlex(path: Path = typer.Argument(..., help="PaddleX/PaddleSeg STFP
     """Convert an STFPM ResNet18 model trained by PaddleX or PaddleSeg into a model directory.
     The .pdparams pickle is read by a restricted unpickler (arrays only): importing one is an
     explicit opt-in, a model directory itself never holds a pickle."""
-    from stfpm.paddlex_import import import_paddlex as run_import
+    from stfpm.training.paddlex_import import import_paddlex as run_import
 
     thr = run_import(path, out, good, image_size=image_size, threshold_quantile=threshold_quantile)
     typer.echo(f"model written to {out} (threshold {thr['value']:.6g}: the {threshold_quantile} quantile of "
@@ -266,7 +266,7 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
                                                "itself (no GPUs), else decoding and maps in CPU tasks any node "
                                                "can run")):
     """Score every image of SOURCE on Ray Data: a Parquet score table and anomaly maps in OUTPUT."""
-    from stfpm.distributed import score as run_score
+    from stfpm.scoring import score as run_score
     from stfpm.storage import set_s3_environment
 
     set_s3_environment(s3_endpoint, s3_region)
@@ -288,8 +288,9 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data
     score on a local Ray (the batch-scoring job) into OUT/audit."""
     from stfpm.data import check_dataset as run_check, load_dataset, make_synthetic_dataset
     from stfpm.evaluate import evaluate_model, write_evaluation
-    from stfpm.artifact import load_model
-    from stfpm.train import TrainConfig, train as run_train
+    from stfpm.model.artifact import load_model
+    from stfpm.training.config import TrainConfig
+    from stfpm.training.run import train as run_train
 
     data, model_dir = out / "data", out / "model"
     if not data.exists():  # a rerun reuses the generated data
@@ -306,7 +307,7 @@ def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data
                f"      {_threshold_note(model.card.calibration, result['metrics'])}")
     predict(model_dir, [str(data / "test")], out / "predict", batch_size=8, threshold=None)
     typer.echo(f"[4/5] overlays and JSON per test image in {out / 'predict'}")
-    from stfpm.distributed import score as run_score
+    from stfpm.scoring import score as run_score
 
     summary = run_score(str(model_dir), str(data / "test"), str(out / "audit"), partitions=["kind"],
                         batch_size=16, verbose=False, progress=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stfpm.artifact import LoadedModel
+from stfpm.model.artifact import LoadedModel
 from stfpm.data import Dataset, read_mask
-from stfpm.inference import Predictor
+from stfpm.model.inference import Predictor
 from stfpm.metrics import PixelMetrics, auroc, f1_max
 
 

@@ -17,7 +17,7 @@
   until the run ends, so a restart finds them. Dropped from the driver's stderr (where worker
   logs are printed too) while a pipeline or a training run goes.
 - "Progress bars disabled. To enable, set ..." (Ray Data, once per process): the scoring run
-  turns Ray Data's progress off on purpose and draws its own (stfpm.distributed.progress).
+  turns Ray Data's progress off on purpose and draws its own (stfpm.scoring.progress).
 - "does not have any available CPUs. The Dataset job will hang" (Ray Data, once per process,
   when a dataset executes while `ray.available_resources()` shows no free CPU): in Ray Train
   workers, which hold the CPUs while they iterate datasets that are already materialized and
@@ -123,13 +123,13 @@ def drop_progress_bars_disabled_notice() -> None:
 
 def init_ray(address: str | None = None, runtime_env: dict | None = None, pin_workers: bool = True, **kwargs):
     """ray.init, without Ray's announcement that a new local Ray uses token auth (its default),
-    and with every worker pinned to this cluster (stfpm.distributed.own_cluster), which Ray
+    and with every worker pinned to this cluster (stfpm.own_cluster), which Ray
     Train needs. `pin_workers=False` (Ray Data scoring, which starts no Ray Train run) leaves
     the hook out: a job with it took 21.7-26.4 s for a 1,000-image scoring run on a local Ray,
     19.2-20.0 s without (3 runs each, bench/RESULTS.md, issue 14)."""
     import ray
 
-    from stfpm.distributed.own_cluster import with_own_cluster_hook
+    from stfpm.own_cluster import with_own_cluster_hook
 
     _drop(logging.getLogger("ray._private.authentication.authentication_token_setup"), TOKEN_AUTH_ENABLED)
     if pin_workers:

@@ -11,9 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stfpm.card import Calibration
-from stfpm.heatmap import overlay, to_heat
-from stfpm.inference import Prediction
+from stfpm.model.card import Calibration
+from stfpm.model.heatmap import overlay, to_heat
+from stfpm.model.inference import Prediction
 
 SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold", "ood", "ood_score")
 

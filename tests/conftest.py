@@ -82,7 +82,7 @@ def private_ray_tmpdir(monkeypatch) -> str:
     """RAY_TMPDIR in a fresh directory for one test. A ray.cluster_utils.Cluster advertises
     itself in $RAY_TMPDIR/ray/ray_current_cluster, the file through which a plain ray.init()
     and Ray's own state-API lookups of every other Ray on the machine find "the" cluster
-    (stfpm.distributed.own_cluster). Short: Ray's socket paths must stay under 108 characters."""
+    (stfpm.own_cluster). Short: Ray's socket paths must stay under 108 characters."""
     private = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     monkeypatch.setenv("RAY_TMPDIR", private)
     yield private

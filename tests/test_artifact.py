@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stfpm.artifact import load_model, save_model, sha256_file
-from stfpm.card import MODEL_JSON, Calibration, InputSpec, ModelCard, ModelDirError, parse_card, read_card, weights_version
+from stfpm.model.artifact import load_model, save_model, sha256_file
+from stfpm.model.card import MODEL_JSON, Calibration, InputSpec, ModelCard, ModelDirError, parse_card, read_card, weights_version
 from stfpm.cli import app
-from stfpm.distributed.sources import resolve_models
+from stfpm.scoring.sources import resolve_models
 
 
 @pytest.fixture(scope="module")

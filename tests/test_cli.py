@@ -93,7 +93,7 @@ def test_the_train_job_takes_every_training_option_of_the_cli():
     import importlib.util
     from pathlib import Path
 
-    from stfpm.training_options import TRAINING_OPTIONS, train_config
+    from stfpm.training.options import TRAINING_OPTIONS, train_config
 
     spec = importlib.util.spec_from_file_location("train_job", Path(__file__).parents[1] / "jobs" / "train.py")
     job = importlib.util.module_from_spec(spec)

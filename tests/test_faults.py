@@ -19,13 +19,13 @@ from typer.testing import CliRunner
 
 from stfpm import audit, audit_summary
 from stfpm.cli import app
-from stfpm.distributed import score
-from stfpm.distributed.plan import plan_run
+from stfpm.scoring import score
+from stfpm.scoring.plan import plan_run
 from stfpm.errors import UserError
 
 
 def test_user_errors_share_one_base_and_print_one_line_with_exit_2(tmp_path):
-    from stfpm.card import ModelDirError, read_card
+    from stfpm.model.card import ModelDirError, read_card
     from stfpm.data.datasets import DatasetError
 
     assert issubclass(ModelDirError, UserError) and issubclass(DatasetError, UserError)
@@ -63,7 +63,7 @@ def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 def _pipeline_rows(plan, status: list[str], kinds: list[str | None]) -> pa.Table:
     """plan.pending as the stages would leave it: the given status and error kind per row."""
-    from stfpm.distributed.table import set_columns
+    from stfpm.scoring.table import set_columns
 
     n = len(plan.pending)
     return set_columns(plan.pending, status=(status, pa.string()),
@@ -120,7 +120,7 @@ def test_model_version_must_be_the_hash_of_the_weights_and_keys_stay_under_outpu
 
 def test_input_errors_are_settled_and_transient_errors_retried(model, tmp_path):
     """Item 2: a bad file is not read again for the same content; a model or IO failure is."""
-    from stfpm.distributed.sink import write_table_file
+    from stfpm.scoring.sink import write_table_file
 
     paths = _images(tmp_path / "data", 3)
     out = str(tmp_path / "out")
@@ -134,7 +134,7 @@ def test_input_errors_are_settled_and_transient_errors_retried(model, tmp_path):
 def test_an_input_is_its_canonical_uri_and_its_content_version(model, tmp_path):
     """Item 4: a replaced file (same name, new content) is scored again; one file named two
     ways in a manifest is one input."""
-    from stfpm.distributed.sink import write_table_file
+    from stfpm.scoring.sink import write_table_file
 
     paths = _images(tmp_path / "data" / "d", 2)
     manifest = tmp_path / "list.txt"
@@ -161,7 +161,7 @@ def test_an_input_is_its_canonical_uri_and_its_content_version(model, tmp_path):
 def test_table_files_are_flushed_by_time_as_well_as_rows(model, tmp_path):
     """Item 3: a killed run kept only whole files of 4,096 rows; now a file is written when
     rows have waited flush_s, so a kill loses at most about that much work."""
-    from stfpm.distributed.sink import TableWriter
+    from stfpm.scoring.sink import TableWriter
 
     _images(tmp_path / "data", 3)
     plan = plan_run(str(model), str(tmp_path / "data"), str(tmp_path / "out"))
@@ -181,8 +181,8 @@ def test_table_files_are_flushed_by_time_as_well_as_rows(model, tmp_path):
 def test_odd_files_become_error_rows_without_being_opened_or_quoted(tmp_path):
     """Items 7, 8, 9: a FIFO hung the job; dangling symlinks, loops and FIFOs in a folder got
     no row; an error quoted the file's first bytes; http:// entries got a confusing error."""
-    from stfpm.distributed.sources import list_inputs
-    from stfpm.distributed.stages import load_images
+    from stfpm.scoring.sources import list_inputs
+    from stfpm.scoring.stages import load_images
 
     data = tmp_path / "data"
     good = _images(data, 1)[0]
@@ -212,7 +212,7 @@ def test_odd_files_become_error_rows_without_being_opened_or_quoted(tmp_path):
 
 def test_allow_roots_restricts_which_local_files_a_manifest_may_name(tmp_path):
     """Item 8: a manifest could make the workers read any file they can."""
-    from stfpm.distributed.sources import list_inputs
+    from stfpm.scoring.sources import list_inputs
 
     allowed, elsewhere = _images(tmp_path / "images", 1)[0], _images(tmp_path / "private", 1)[0]
     (tmp_path / "images" / "link.png").symlink_to(elsewhere)  # a symlink out of the allowed folder
@@ -252,7 +252,7 @@ def test_reruns_retrains_and_switching_back(model, tmp_path, ray_local):  # noqa
     read_scores gives the one row per input of the last run's model."""
     from test_scoring import make_model
 
-    from stfpm.distributed import read_scores
+    from stfpm.scoring import read_scores
 
     other = make_model(tmp_path / "other", seed=1)
     version = {m: json.loads((m / "model.json").read_text())["model_version"] for m in (model, other)}

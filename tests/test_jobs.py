@@ -423,7 +423,7 @@ def test_report_on_s3_links_presigned_urls_that_load_and_escapes_names(s3_env, t
     the report's presigned links load in Chromium, and odd file names stay text."""
     import boto3
 
-    from stfpm.distributed.table import table_schema
+    from stfpm.scoring.table import table_schema
 
     s3 = boto3.client("s3")
     rows, now = [], datetime.now(timezone.utc)
@@ -467,7 +467,7 @@ def test_report_on_s3_links_presigned_urls_that_load_and_escapes_names(s3_env, t
 def test_inputs_unlike_the_training_images_are_counted_and_alerted(tmp_path):
     """Issue 13: a category whose images the model calls ood (a misrouted category, a changed
     camera) alerts though none is anomalous; a single ood input among many is listed, not alerted."""
-    from stfpm.distributed.table import table_schema
+    from stfpm.scoring.table import table_schema
 
     now, rows = datetime.now(timezone.utc), []
     for category, n, n_ood in (("misrouted", 5, 5), ("fine", 100, 1)):

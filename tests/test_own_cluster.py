@@ -1,5 +1,5 @@
 """A Ray Train run on a machine that advertises another Ray keeps its placement group
-(stfpm.distributed.own_cluster): a real second cluster with a dashboard, a real run."""
+(stfpm.own_cluster): a real second cluster with a dashboard, a real run."""
 import socket
 import time
 

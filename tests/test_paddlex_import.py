@@ -12,11 +12,11 @@ import pytest
 from paddle import nn
 from typer.testing import CliRunner
 
-from stfpm.artifact import load_model
+from stfpm.model.artifact import load_model
 from stfpm.cli import app
 from stfpm.data import load_dataset, make_synthetic_dataset
-from stfpm.inference import Predictor
-from stfpm.train import load_images
+from stfpm.model.inference import Predictor
+from stfpm.training.config import load_images
 
 SIZE = 64
 

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from stfpm.artifact import save_model
-from stfpm.card import Calibration, InputSpec, ModelCard, read_card, write_card
+from stfpm.model.artifact import save_model
+from stfpm.model.card import Calibration, InputSpec, ModelCard, read_card, write_card
 from stfpm.cli import app
 from stfpm.data import decode_image, load_dataset
 from stfpm.evaluate import evaluate_model
@@ -53,7 +53,7 @@ def workspace(tmp_path_factory, request) -> Path:
     scores (so decisions are mixed)."""
     import paddle
 
-    from stfpm.inference import Predictor
+    from stfpm.model.inference import Predictor
     from stfpm.nn import STFPM
 
     root = tmp_path_factory.mktemp("parity")

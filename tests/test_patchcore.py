@@ -61,8 +61,8 @@ def ray_two_cpus():
 
 def test_patchcore_model_through_every_path(tmp_path, ray_two_cpus):
     from stfpm import create_model
-    from stfpm.artifact import load_model, save_model
-    from stfpm.card import Calibration, InputSpec, ModelCard, ModelDirError
+    from stfpm.model.artifact import load_model, save_model
+    from stfpm.model.card import Calibration, InputSpec, ModelCard, ModelDirError
     from stfpm.nn import STFPM
 
     data, pc = tmp_path / "data", tmp_path / "models" / "pc"
@@ -117,7 +117,7 @@ def test_patchcore_model_through_every_path(tmp_path, ray_two_cpus):
 
 
 def test_a_patchcore_card_must_describe_its_bank():
-    from stfpm.card import ModelDirError, parse_card, weights_version
+    from stfpm.model.card import ModelDirError, parse_card, weights_version
 
     weights = {"teacher.safetensors": "a" * 64, "bank.safetensors": "b" * 64}
     card = {"schema_version": 1, "model_name": "PatchCore", "backbone": "efficientnet_lite0",

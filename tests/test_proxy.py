@@ -1,10 +1,10 @@
 """The label-free proxy: synthetic defects on held-out good images, scored per map variant."""
 import numpy as np
 
-from stfpm.card import Calibration, InputSpec, MapSpec, ModelCard
+from stfpm.model.card import Calibration, InputSpec, MapSpec, ModelCard
 from stfpm.data import normalize_batch, render_texture
 from stfpm.data.synth import texture_family
-from stfpm.proxy import MAP_VARIANTS, map_variant_proxies, to_rgb_uint8, with_synthetic_defects
+from stfpm.training.proxy import MAP_VARIANTS, map_variant_proxies, to_rgb_uint8, with_synthetic_defects
 
 
 def test_defects_change_each_image_and_normalisation_inverts():

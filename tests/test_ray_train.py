@@ -14,9 +14,10 @@ import ray.train  # TrainingFailedError; also when this module runs alone
 
 from stfpm import load_model
 from stfpm.data import make_synthetic_dataset
-from stfpm.distributed.ray_train import train_distributed
+from stfpm.raytrain.driver import train_distributed
 from stfpm.noise import init_ray
-from stfpm.train import TrainConfig, train
+from stfpm.training.config import TrainConfig
+from stfpm.training.run import train
 
 CFG = dict(backbone="efficientnet_lite0", epochs=3, image_size=64, batch_size=8, seed=0,
            augment="none")  # the same images in one process and in two workers: comparable loss curves
@@ -33,7 +34,7 @@ def data(tmp_path_factory):
 def local_ray():
     # "local": never another process's Ray that the machine advertises (a `ray start`, another
     # test's ray.cluster_utils.Cluster); init_ray pins the workers to this one too
-    # (stfpm.distributed.own_cluster: Ray Train's placement-group cleaner asks them)
+    # (stfpm.own_cluster: Ray Train's placement-group cleaner asks them)
     init_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

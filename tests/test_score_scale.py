@@ -1,12 +1,12 @@
-"""The normalised score (stfpm.score_scale) and the in-distribution check (stfpm.ood): pure numpy."""
+"""The normalised score (stfpm.model.score_scale) and the in-distribution check (stfpm.model.ood): pure numpy."""
 import json
 
 import numpy as np
 import pytest
 
-from stfpm.card import Calibration
-from stfpm.ood import InDistribution
-from stfpm.score_scale import ScoreScale
+from stfpm.model.card import Calibration
+from stfpm.model.ood import InDistribution
+from stfpm.model.score_scale import ScoreScale
 
 
 def test_normalised_score_keeps_every_rank_and_half_at_the_threshold():

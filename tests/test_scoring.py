@@ -25,15 +25,15 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from stfpm.card import ModelDirError
-from stfpm.distributed import map_to_raw, score
-from stfpm.distributed.plan import plan_run
-from stfpm.distributed.progress import ScoringProgress, progress_text
-from stfpm.distributed.scoring import build_pipeline, parse_actors
-from stfpm.distributed.sources import image_id, list_inputs, resolve_models
-from stfpm.distributed.table import read_index, table_schema
+from stfpm.model.card import ModelDirError
+from stfpm.scoring import map_to_raw, score
+from stfpm.scoring.plan import plan_run
+from stfpm.scoring.progress import ScoringProgress, progress_text
+from stfpm.scoring.run import build_pipeline, parse_actors
+from stfpm.scoring.sources import image_id, list_inputs, resolve_models
+from stfpm.scoring.table import read_index, table_schema
 from stfpm.runtime import paddle_device
-from stfpm.score_scale import ScoreScale
+from stfpm.model.score_scale import ScoreScale
 from test_images import cmyk_jpeg, hand_png, png_chunk
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def make_model(path: Path, seed: int) -> Path:
     """A random-weight STFPM (efficientnet_lite0) model directory with input 64."""
     import paddle
 
-    from stfpm.artifact import save_model
-    from stfpm.card import Calibration, InputSpec, ModelCard
+    from stfpm.model.artifact import save_model
+    from stfpm.model.card import Calibration, InputSpec, ModelCard
     from stfpm.nn import STFPM
 
     paddle.seed(seed)
@@ -60,8 +60,8 @@ def make_model(path: Path, seed: int) -> Path:
 
 def with_threshold_at_median(model_dir: Path, images: list[np.ndarray]) -> None:
     """Threshold = median score of `images`, range = their min..max: mixed decisions."""
-    from stfpm.card import Calibration, read_card, write_card
-    from stfpm.inference import Predictor
+    from stfpm.model.card import Calibration, read_card, write_card
+    from stfpm.model.inference import Predictor
 
     scores = [p.score for p in Predictor.open(model_dir).predict(images)]
     calibration = Calibration(float(np.median(scores)), min(scores), max(scores))
@@ -157,7 +157,7 @@ def read_table(output) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------- tests
 
 def test_local_folder_end_to_end(workspace, ray_local):
-    from stfpm.inference import Predictor
+    from stfpm.model.inference import Predictor
 
     root, good = workspace
     out = root / "out-e2e"
@@ -343,7 +343,7 @@ def test_registry_scores_each_category_with_its_own_model(workspace, ray_local, 
 def test_load_stage_turns_every_failure_into_an_error_row(tmp_path):
     """The decode stage alone (no Ray): files gone since listing, files over max_bytes, and
     headers claiming sizes no column can hold become error rows; the batch never fails."""
-    from stfpm.distributed.stages import load_images
+    from stfpm.scoring.stages import load_images
 
     rng = np.random.default_rng(0)
     (tmp_path / "ok.png").write_bytes(encode(texture(rng)))
@@ -402,7 +402,7 @@ def test_decoding_stays_out_of_the_actors(workspace, ray_local, tmp_path, capsys
 
 def test_map_writing_tasks_never_import_paddle():
     """The maps stage's module and the heat-map helpers load without Paddle (1-4 s per worker)."""
-    code = ("import sys, stfpm.heatmap, stfpm.distributed.stages, stfpm.distributed.sink; "
+    code = ("import sys, stfpm.model.heatmap, stfpm.scoring.stages, stfpm.scoring.sink; "
             "sys.exit('paddle' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO))).returncode == 0
 
@@ -437,7 +437,7 @@ def test_score_fuses_the_stages_only_on_a_local_ray_of_its_own():
     """On the local Ray score starts itself (no GPUs): fused actors, one per CPU, capped; on a
     Ray that was already running, or with GPU actors: separate stages and one actor; what
     the caller gives is kept."""
-    from stfpm.distributed.scoring import MAX_LOCAL_ACTORS, choose_layout
+    from stfpm.scoring.run import MAX_LOCAL_ACTORS, choose_layout
 
     own = dict(gpus_per_actor=0, cpus_per_actor=1, own_local_ray=True)
     assert choose_layout(None, None, cpus=2, **own) == (True, (2, 2))
@@ -456,7 +456,7 @@ def test_score_fuses_the_stages_only_on_a_local_ray_of_its_own():
 def test_actors_may_not_take_every_cpu_of_a_local_ray():
     """Measured: 2 actors x 1 CPU on ray.init(num_cpus=2) leave no CPU for decoding and the
     run waits forever without an error; score() refuses that on a Ray it starts itself."""
-    from stfpm.distributed.scoring import check_cpus_left_for_decoding
+    from stfpm.scoring.run import check_cpus_left_for_decoding
 
     check_cpus_left_for_decoding(1, 1, 2)
     check_cpus_left_for_decoding(2, 0.5, 2)

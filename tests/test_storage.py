@@ -11,7 +11,7 @@ import pytest
 
 from stfpm import storage
 from stfpm.storage import StorageError, StorageNotFound, fetch_to_cache, filesystem_for, read_bytes, write_bytes
-from stfpm.weights import load_teacher_state, read_pdparams
+from stfpm.model.weights import load_teacher_state, read_pdparams
 
 
 def test_local_write_is_atomic_and_creates_directories(tmp_path):

@@ -10,12 +10,12 @@ import paddle
 import pytest
 from typer.testing import CliRunner
 
-from stfpm.artifact import load_model
-from stfpm.card import MODEL_JSON, ModelDirError, read_card
+from stfpm.model.artifact import load_model
+from stfpm.model.card import MODEL_JSON, ModelDirError, read_card
 from stfpm.cli import app
 from stfpm.nn import STFPM, stfpm_loss
 from stfpm.nn.stfpm import ProjectedStudent
-from stfpm.train import TrainConfig
+from stfpm.training.config import TrainConfig
 
 
 def test_a_student_of_other_widths_is_projected_to_the_teacher_taps():
@@ -51,8 +51,8 @@ def student_model(tmp_path_factory):
 
 
 def test_the_student_is_recorded_and_rebuilt_by_every_loader(student_model, tmp_path):
-    from stfpm.export import export_model
-    from stfpm.inference import Predictor
+    from stfpm.model.export import export_model
+    from stfpm.model.inference import Predictor
 
     model = student_model / "model"
     card = read_card(model)

@@ -1,4 +1,4 @@
-"""The frozen teacher's features cached across epochs (stfpm.train.TeacherCache): the same
+"""The frozen teacher's features cached across epochs (stfpm.training.loop.TeacherCache): the same
 loss curve as computing them every step. (Ray Train workers use the same cache; their batch
 order differs from run to run, so two Ray runs cannot be compared to 1e-4: test_ray_train
 runs them with the cache on.)"""
@@ -7,7 +7,9 @@ import paddle
 import pytest
 
 from stfpm.data import make_synthetic_dataset
-from stfpm.train import TeacherCache, TrainConfig, build_network, train
+from stfpm.training.config import TrainConfig
+from stfpm.training.loop import TeacherCache, build_network
+from stfpm.training.run import train
 
 CFG = dict(backbone="efficientnet_lite0", epochs=3, image_size=64, batch_size=8, seed=0,
            augment="none")  # the cache needs unaugmented images

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stfpm.card import ModelDirError, read_card
+from stfpm.model.card import ModelDirError, read_card
 from stfpm.cli import app
 from stfpm.data.images import prepare_input
 from stfpm.data.tiling import Tiling, starts
@@ -79,7 +79,7 @@ def tiled_model(tmp_path_factory) -> Path:
 
 
 def test_training_records_the_tiling_and_calibrates_on_whole_images(tiled_model):
-    from stfpm.inference import Predictor
+    from stfpm.model.inference import Predictor
 
     card = read_card(tiled_model / "model")
     assert (card.input.tile_size, card.input.tile_overlap) == (96, 16)
@@ -97,7 +97,7 @@ def test_training_records_the_tiling_and_calibrates_on_whole_images(tiled_model)
 
 
 def test_an_export_tiles_as_the_model_does(tiled_model):
-    from stfpm.inference import Predictor
+    from stfpm.model.inference import Predictor
 
     model, exported = tiled_model / "model", tiled_model / "exported"
     done = CliRunner().invoke(app, ["export", str(model), "--out", str(exported)])
@@ -124,7 +124,7 @@ def test_a_card_with_a_bad_tiling_is_refused_naming_the_key(tiled_model, tmp_pat
 
 
 def test_train_refuses_a_bad_tile_naming_it(tmp_path):
-    from stfpm.train import TrainConfig
+    from stfpm.training.config import TrainConfig
 
     with pytest.raises(ValueError, match="tile overlap"):
         TrainConfig(backbone="efficientnet_lite0", tile_size=64, tile_overlap=64).resolved()
@@ -134,8 +134,8 @@ def test_train_refuses_a_bad_tile_naming_it(tmp_path):
 
 def test_ray_train_reads_a_tiled_image_as_one_row_per_tile(tmp_path):
     """Ray Train's decode (run here without Ray) gives the rows and cache keys one-process training does."""
-    from stfpm.distributed.ray_train import _decode_resize
-    from stfpm.train import load_images
+    from stfpm.raytrain.driver import _decode_resize
+    from stfpm.training.config import load_images
 
     paths = []
     for i, (h, w) in enumerate(((160, 160), (100, 250))):
@@ -155,7 +155,7 @@ def test_patchcore_builds_its_bank_from_tiles(tiled_model, tmp_path):
     assert done.exit_code == 0, done.output
     card = read_card(out)
     assert card.input.tile_size == 96 and card.patchcore["pool_size"] >= 4 * 8  # 8 training images, 4 tiles each
-    from stfpm.inference import Predictor
+    from stfpm.model.inference import Predictor
 
     image = sorted((tiled_model / "data" / "test").rglob("*.png"))[0].read_bytes()
     assert Predictor.open(out).predict([image])[0].anomaly_map.shape == (160, 160)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from stfpm import create_model, load_model
-from stfpm.card import ModelDirError
+from stfpm.model.card import ModelDirError
 from stfpm.data import load_dataset, make_synthetic_dataset
 from stfpm.evaluate import evaluate_model
-from stfpm.train import TrainConfig, train
+from stfpm.training.config import TrainConfig
+from stfpm.training.run import train
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +146,7 @@ def test_normalised_score_ranks_as_the_raw_score(trained, synth_data, tmp_path):
     import dataclasses
     import shutil
 
-    from stfpm.card import read_card, write_card
+    from stfpm.model.card import read_card, write_card
 
     model = create_model(model_dir=trained[0])
     results = list(model.predict(str(synth_data / "test"), batch_size=8))
@@ -209,9 +210,9 @@ def test_result_presentation(trained, synth_data, tmp_path, capsys):
 
 
 def test_onednn_engine_matches_dynamic_graph(trained, synth_data):
-    from stfpm.artifact import load_model
+    from stfpm.model.artifact import load_model
     from stfpm.data.images import preprocess
-    from stfpm.inference import Predictor
+    from stfpm.model.inference import Predictor
 
     model = load_model(trained[0])
     images = [cv2.imread(str(p)) for p in sorted((synth_data / "test").rglob("*.png"))[:5]]
@@ -227,7 +228,7 @@ def test_onednn_engine_matches_dynamic_graph(trained, synth_data):
 
 
 def test_export_matches_dynamic_model(trained, synth_data, tmp_path):
-    from stfpm.export import export_model
+    from stfpm.model.export import export_model
 
     export_dir = export_model(trained[0], tmp_path / "inference")
     assert (export_dir / "inference.yml").is_file() and (export_dir / "inference.pdiparams").is_file()
@@ -243,7 +244,7 @@ def test_export_matches_dynamic_model(trained, synth_data, tmp_path):
 
 
 def test_augment_batch_draws_only_pose_changes():
-    from stfpm.train import augment_batch
+    from stfpm.training.loop import augment_batch
 
     rng = np.random.default_rng(0)
     batch = rng.normal(size=(64, 3, 8, 8)).astype(np.float32)

@@ -20,7 +20,7 @@ from stfpm import weights
 from stfpm.nn import backbone_spec
 from stfpm.nn.efficientnet_lite import EfficientNetLiteFeatures, build_blocks, conv_bn, scaled_stages
 from stfpm.nn.resnet import ResNet18Features
-from stfpm.weights import WeightsError, apply_state, load_teacher_state, read_pdparams, read_weights
+from stfpm.model.weights import WeightsError, apply_state, load_teacher_state, read_pdparams, read_weights
 
 
 def _md5(path) -> str:

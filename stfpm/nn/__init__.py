@@ -1,6 +1,17 @@
-"""Backbones, the STFPM network and its anomaly map: Paddle, numpy and cv2, no file or network IO."""
-from stfpm.nn.backbones import BACKBONES, BackboneSpec, backbone_spec, build_backbone
-from stfpm.nn.stfpm import COMBINES, LAYER_NORMS, STFPM, anomaly_map, layer_distances, stfpm_loss, view_scale
+"""Backbones, the STFPM network and its anomaly map, PatchCore's search: Paddle, numpy and
+cv2, no file or network IO. Names are loaded on first use, so a Paddle-free module of this
+package (map_options) can be imported without Paddle."""
+import importlib
 
-__all__ = ["BACKBONES", "BackboneSpec", "backbone_spec", "build_backbone", "COMBINES", "LAYER_NORMS", "STFPM",
-           "anomaly_map", "layer_distances", "stfpm_loss", "view_scale"]
+_EXPORTS = {"BACKBONES": "backbones", "BackboneSpec": "backbones", "backbone_spec": "backbones",
+            "build_backbone": "backbones", "COMBINES": "map_options", "LAYER_NORMS": "map_options",
+            "STFPM": "stfpm", "anomaly_map": "stfpm", "layer_distances": "stfpm", "stfpm_loss": "stfpm",
+            "view_scale": "stfpm"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -27,7 +27,7 @@ from stfpm.nn.stfpm import feature_profile
 PATCHCORE_TAPS = (1, 2)       # the stride-8 and stride-16 taps: the paper's "mid-level" layer2 + layer3
 SMOOTH_SIGMA = 4.0            # the paper's Gaussian on the upsampled map
 PROJECTION_DIM = 128          # the paper's random projection for the coreset distances
-# Building the bank (stfpm.patchcore_train): at most `bank_pool` patches are kept, the same
+# Building the bank (stfpm.training.patchcore): at most `bank_pool` patches are kept, the same
 # number drawn at random from each training image, and the coreset keeps `bank_fraction` of
 # ALL training patches (the paper's "PatchCore-1%": 1% of every patch of every image).
 # layer_norm and augment are STFPM options, fixed here to what PatchCore does (none).
@@ -115,7 +115,7 @@ class PatchCore(nn.Layer):
     def inference_outputs(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         """What inference runs: [(N, h, w) distance of each patch to its nearest bank patch (one
         "layer", so the Predictor forms the map as it does from STFPM's layer maps), the
-        teacher's (N, D) feature profile for the in-distribution check (stfpm.ood)]."""
+        teacher's (N, D) feature profile for the in-distribution check (stfpm.model.ood)]."""
         taps = self.teacher(x)
         feats = locally_aware_features(taps, self.taps)
         c, h, w = feats.shape[1:]

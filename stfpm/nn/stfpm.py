@@ -6,9 +6,9 @@ normalisation along channels. Training minimises its mean; the anomaly map is it
 over layers after bilinear upsampling to the input size (or a mean of scaled layer maps,
 `anomaly_map`); the image score is the map's max.
 
-The network ends at the per-layer maps (and a pooled feature profile for `stfpm.ood`); upsampling and the product happen in numpy
-(`anomaly_map`), so the graph that Paddle Inference runs holds no interpolate op and oneDNN
-can run all of it (3.6x faster for ResNet18 on CPU, measured in bench/predict.py).
+The network ends at the per-layer maps (and a pooled feature profile for `stfpm.model.ood`);
+upsampling and the product happen in numpy (`anomaly_map`), so the graph that Paddle Inference
+runs holds no interpolate op and oneDNN can run all of it (3.6x faster for ResNet18 on CPU, measured in bench/predict.py).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from stfpm.card import COMBINES, LAYER_NORMS  # the map options a model card may name
 from stfpm.nn.backbones import build_backbone
+from stfpm.nn.map_options import COMBINES, LAYER_NORMS
 
 
 def layer_distances(teacher_feats, student_feats) -> list[paddle.Tensor]:
@@ -175,6 +175,6 @@ class STFPM(nn.Layer):
     def inference_outputs(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         """What inference runs: the per-layer (N, h, w) distance maps (`anomaly_map` combines
         them), then the (N, sum of tap channels) feature profile of the teacher that the
-        in-distribution check compares with training (`stfpm.ood`)."""
+        in-distribution check compares with training (`stfpm.model.ood`)."""
         t, s = self(x)
         return layer_distances(t, s) + [feature_profile(t)]

@@ -37,8 +37,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
-from stfpm.artifact import verify_weights
-from stfpm.card import MODEL_JSON, ModelDirError, parse_card
+from stfpm.model.artifact import verify_weights
+from stfpm.model.card import MODEL_JSON, ModelDirError, parse_card
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, read_bytes
 
@@ -278,7 +278,7 @@ class ModelRef:
     version: str     # model.json's model_version (a hash of the weights)
     input_size: int
     threshold: float
-    log_scale: float  # of the normalised score (stfpm.score_scale)
+    log_scale: float  # of the normalised score (stfpm.model.score_scale)
     tile_size: int | None = None  # the model's tiling (model.json input.tile_size, stfpm.data.tiling)
     tile_overlap: int = 0
 

@@ -11,20 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
-from stfpm.artifact import LoadedModel, save_model
-from stfpm.card import Calibration, InputSpec, MapSpec, ModelCard, write_card
+from stfpm.model.artifact import LoadedModel, save_model
+from stfpm.model.card import Calibration, InputSpec, MapSpec, ModelCard, write_card
 from stfpm.nn import STFPM, backbone_spec, view_scale
-from stfpm.ood import InDistribution
-from stfpm.score_scale import ScoreScale
+from stfpm.model.ood import InDistribution
+from stfpm.model.score_scale import ScoreScale
 from stfpm.storage import is_s3, upload_dir
-from stfpm.train import TrainConfig, TrainResult, TrainSplit, fingerprint, load_images
+from stfpm.training.config import TrainConfig, TrainResult, TrainSplit, fingerprint, load_images
 
 UNCALIBRATED = Calibration(threshold=0.0, score_min=0.0, score_max=1.0)  # a card's until it is calibrated
 
 
 def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> Calibration:
     """Threshold = a high quantile of held-out good images' scores (docs/design.md §3); the
-    normalised score's scale is fitted on the same scores (stfpm.score_scale)."""
+    normalised score's scale is fitted on the same scores (stfpm.model.score_scale)."""
     threshold = float(np.quantile(holdout_scores, quantile))
     return Calibration(threshold=threshold, score_min=float(holdout_scores.min()),
                        score_max=float(holdout_scores.max()), source="holdout_quantile",
@@ -40,7 +40,7 @@ def calibrate_on_good_images(network: STFPM, card: ModelCard, holdout_paths: lis
     `stitch`), the in-distribution check's statistics from the good images at
     `reference_paths` (the training split) with its limit from the held-out ones (tiles, for
     a tiled model). Training's calibration, also used on import."""
-    from stfpm.inference import Predictor
+    from stfpm.model.inference import Predictor
 
     predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
     scores, profiles = [], []
@@ -67,8 +67,8 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
              out_dir: str, history: list[dict]) -> TrainResult:
     """Shared by single-process and Ray Train training: the STFPM model's card, then
     `calibrate_and_save`."""
-    from stfpm.inference import Predictor
-    from stfpm.proxy import map_variant_proxies, to_rgb_uint8, variant_name
+    from stfpm.model.inference import Predictor
+    from stfpm.training.proxy import map_variant_proxies, to_rgb_uint8, variant_name
 
     network.eval()
     best = min(history, key=lambda r: r["holdout_loss"])
@@ -96,7 +96,7 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
         card = dataclasses.replace(card, map=dataclasses.replace(
             card.map, **dict(zip(("layer_norm", "combine"), chosen.split("/")))))
     card = dataclasses.replace(card, validation={
-        "method": "held-out good images vs the same with synthetic defects (stfpm.proxy)",
+        "method": "held-out good images vs the same with synthetic defects (stfpm.training.proxy)",
         "n_images": len(split.holdout), "n_rows": len(holdout_images), "proxy_auroc": proxies, "map_selection": cfg.map_selection,
         "map": variant_name(card.map)})
     card, metrics = calibrate_and_save(network, card, split, out_dir, cfg, history)

@@ -5,10 +5,10 @@ A batch of prepared images (or of their tiles, for a tiled model: `stfpm.data.ti
 through batched forwards; a tiled image's tile maps are stitched; each map is then resized back to
 its own image's size, scored (max of the map), normalised (0.5 at the threshold, docs/design.md §3)
 and thresholded into a 0/255 mask; the forward's feature profile gives the in-distribution
-check (`stfpm.ood`: `ood`, `ood_score`).
+check (`stfpm.model.ood`: `ood`, `ood_score`).
 
 The forward runs on one of two engines that give the same maps (within 1e-6): on CPU the
-network compiled into Paddle Inference with oneDNN (`stfpm.export.compile_network`, 3.6-5x
+network compiled into Paddle Inference with oneDNN (`stfpm.model.export.compile_network`, 3.6-5x
 faster than the dynamic graph); on GPU, or where Paddle lacks oneDNN, the dynamic graph.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 import paddle
 
-from stfpm.artifact import LoadedModel
-from stfpm.card import ModelCard
+from stfpm.model.artifact import LoadedModel
+from stfpm.model.card import ModelCard
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
-from stfpm.export import LayerForward
+from stfpm.model.export import LayerForward
 from stfpm.nn import anomaly_map
 from stfpm.nn.patchcore import images_per_forward, smooth_map
 
@@ -33,7 +33,7 @@ TILES_PER_FORWARD = 64  # bounds a forward's memory however many tiles a batch o
 @dataclass
 class Prediction:
     score: float            # raw: max of the anomaly map
-    norm_score: float       # in [0, 1], 0.5 at the threshold, strictly increasing in score (stfpm.score_scale)
+    norm_score: float       # in [0, 1], 0.5 at the threshold, strictly increasing in score (stfpm.model.score_scale)
     is_anomaly: bool
     threshold: float
     anomaly_map: np.ndarray  # float32 (H, W) at the input image's own size
@@ -49,7 +49,7 @@ class Predictor:
         prepare (bytes or array -> ModelInput, the one decode policy; a tiled model's tiles) ->
         image_maps (a batch of inputs' tiles -> maps, batched forwards, tiles stitched) ->
         calibrate (score, normalise, decide; maps at each image's size) -> encode
-        (`stfpm.heatmap`: the 8-bit map, its PNG, the overlay)
+        (`stfpm.model.heatmap`: the 8-bit map, its PNG, the overlay)
 
     The forward is a model directory's network compiled into Paddle Inference (CPU) or run on
     the dynamic graph (GPU), or an exported model's program; all give the same maps."""
@@ -82,7 +82,7 @@ class Predictor:
             on_gpu = paddle.device.get_device().startswith("gpu")
             engine = "dygraph" if on_gpu or not paddle.base.core.is_compiled_with_mkldnn() else "onednn"
         if engine == "onednn":
-            from stfpm.export import compile_network
+            from stfpm.model.export import compile_network
 
             return cls(model.card, compile_network(network, model.card.input.size, threads), threshold)
         network.eval()
@@ -97,12 +97,12 @@ class Predictor:
     @classmethod
     def open(cls, model_dir, threshold: float | None = None, threads: int | None = None) -> "Predictor":
         """A model directory from `stfpm train`, or an exported one from `stfpm export`."""
-        from stfpm.export import is_exported, load_exported
+        from stfpm.model.export import is_exported, load_exported
 
         if is_exported(model_dir):
             card, forward = load_exported(model_dir, threads)
             return cls(card, forward, threshold)
-        from stfpm.artifact import load_model
+        from stfpm.model.artifact import load_model
 
         return cls.from_model(load_model(model_dir), threshold, threads=threads)
 

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.distributed.sources import CATEGORY, ModelRef, image_id, is_registry, list_inputs, resolve_models
-from stfpm.distributed.table import (INPUT_ERROR, SCORES, TRANSIENT_ERROR, drop_columns, read_index, set_columns,
+from stfpm.scoring.sources import CATEGORY, ModelRef, image_id, is_registry, list_inputs, resolve_models
+from stfpm.scoring.table import (INPUT_ERROR, SCORES, TRANSIENT_ERROR, drop_columns, read_index, set_columns,
                                     table_schema)
 from stfpm.storage import filesystem_for, is_s3, join_uri
 

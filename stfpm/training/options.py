@@ -83,7 +83,7 @@ _RAY_OPTIONS = ("ray_address", "workers", "gpu", "storage", "name", "max_failure
 
 def train_config(values: dict):
     """The TrainConfig of TRAINING_OPTIONS values (the CLI's and jobs/train.py's)."""
-    from stfpm.train import TrainConfig
+    from stfpm.training.config import TrainConfig
 
     values = {name: values[name] for name in TRAINING_OPTIONS if name not in _RAY_OPTIONS}
     values["holdout_fraction"] = values.pop("holdout")

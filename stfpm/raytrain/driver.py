@@ -1,5 +1,5 @@
 """Data-parallel STFPM training on Ray Train: the single-process step and epoch functions
-of stfpm.train, run in every worker under paddle.DataParallel, fed by Ray Data.
+of stfpm.training.loop, run in every worker under paddle.DataParallel, fed by Ray Data.
 
 Images are decoded and resized once in Ray Data CPU tasks and materialised; each worker
 streams its shard of the training images and sees all held-out images. Every epoch is
@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, dataset_cpu_warning_dropped, init_ray, native_lines_dropped
-from stfpm.calibration import finalize
-from stfpm.train import TrainConfig, TrainResult, split_dataset
+from stfpm.training.calibration import finalize
+from stfpm.training.config import TrainConfig, TrainResult, split_dataset
 
 CHECKPOINT_STATE = "state.json"
 
 
 def _decode_resize(batch: dict, size: int, tile_size: int | None = None, tile_overlap: int = 0) -> dict:
     """Each file's model input; a tiled model's tiles, one row each, keyed "path#k" as in
-    one-process training (stfpm.train.load_images)."""
+    one-process training (stfpm.training.config.load_images)."""
     from stfpm.data import prepare_input
     from stfpm.data.tiling import tiling_of
 
@@ -52,7 +52,7 @@ def image_dataset(uris: list[str], size: int, tiling=None):
 def _save_tensors(path: Path, state: dict) -> None:
     from safetensors.numpy import save_file
 
-    from stfpm.artifact import state_to_numpy
+    from stfpm.model.artifact import state_to_numpy
 
     save_file(state_to_numpy(state), str(path))
 
@@ -102,8 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
     from stfpm.nn import backbone_spec
     from stfpm.noise import drop_materialized_dataset_cpu_warning
     from stfpm.runtime import configure_logging
-    from stfpm.train import (ProgressLog, augment_batch, build_network, make_optimizer, mean_loss, run_epoch,
-                             teacher_cache)
+    from stfpm.training.loop import ProgressLog, augment_batch, build_network, make_optimizer, mean_loss, run_epoch, teacher_cache
 
     drop_materialized_dataset_cpu_warning()  # this worker holds the CPUs; its datasets need none
 
@@ -180,9 +179,11 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     import ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from stfpm.distributed.paddle_backend import PaddleConfig
+    from stfpm.raytrain.paddle_backend import PaddleConfig
     from stfpm.nn import backbone_spec
-    from stfpm.train import build_network, load_images, train
+    from stfpm.training.config import load_images
+    from stfpm.training.loop import build_network
+    from stfpm.training.run import train
 
     cfg = cfg.resolved()
     if cfg.model == "patchcore":
@@ -259,7 +260,7 @@ def train_categories(root: str, out: str, cfg: TrainConfig, num_workers: int = 0
     import yaml
 
     from stfpm.storage import write_bytes
-    from stfpm.train import train
+    from stfpm.training.run import train
 
     categories = find_categories(root)
     run_prefix = distributed.pop("name", None) or "stfpm"

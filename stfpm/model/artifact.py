@@ -1,4 +1,4 @@
-"""The model directory: `model.json` (a stfpm.card.ModelCard) plus the weights in safetensors.
+"""The model directory: `model.json` (a stfpm.model.card.ModelCard) plus the weights in safetensors.
 
 Self-contained (a scoring node needs nothing else) and safe to fetch from a shared bucket:
 loading never unpickles, and each weight file's sha256 is checked against the card.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stfpm.card import (MODEL_JSON, RETRAIN, SCHEMA_VERSION, WEIGHT_FILES, ModelCard, ModelDirError, read_card,
+from stfpm.model.card import (MODEL_JSON, RETRAIN, SCHEMA_VERSION, WEIGHT_FILES, ModelCard, ModelDirError, read_card,
                         weights_version, write_card)
 
 

@@ -5,8 +5,8 @@ faster than the dynamic graph on CPU (bench/predict.py).
 The program maps the normalised input (N, 3, S, S) to the per-layer distance maps
 (N, h_i, w_i) (for PatchCore one map, the nearest-bank-patch distances: the bank is in the
 program's parameters) followed by the (N, D) feature profile of the in-distribution check
-(`stfpm.ood`; exports from before it return the maps only); `stfpm.nn.anomaly_map` upsamples and multiplies them outside the graph
-(oneDNN cannot run Paddle 3.3's bilinear-interpolate attributes). An export holds
+(`stfpm.model.ood`; exports from before it return the maps only); `stfpm.nn.anomaly_map`
+upsamples and multiplies them outside the graph (oneDNN cannot run Paddle 3.3's bilinear-interpolate attributes). An export holds
 `inference.json` + `inference.pdiparams` (paddle.jit.save), a PaddleX-style
 `inference.yml`, and our `model.json` so threshold and normalisation travel with it."""
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import paddle
 import yaml
 
-from stfpm.artifact import load_model, sha256_file, verify_weights
-from stfpm.card import MODEL_JSON, ModelCard, ModelDirError, read_card, write_card
+from stfpm.model.artifact import load_model, sha256_file, verify_weights
+from stfpm.model.card import MODEL_JSON, ModelCard, ModelDirError, read_card, write_card
 from stfpm.noise import PIR_OUT_TENSOR, native_lines_dropped
 from stfpm.runtime import cpu_threads
 
@@ -120,7 +120,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path) -> Path:
                                        "view_scale": None if card.map.view_scale is None else list(card.map.view_scale),
                                        "gaussian_sigma": card.map.smooth_sigma,
                                        "score": "max", "threshold": cal.threshold,
-                                       "normalised_score": {**cal.scale.to_dict(), "doc": "stfpm.score_scale"}}},
+                                       "normalised_score": {**cal.scale.to_dict(), "doc": "stfpm.model.score_scale"}}},
     }, sort_keys=False))
     return out
 

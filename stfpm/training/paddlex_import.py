@@ -5,7 +5,7 @@ trains) holds a `teacher` and a `student` `ResNet_MS3`: `paddle.vision` ResNet18
 to layer4 wrapped in `nn.Sequential`, so its parameters are `{teacher,student}.model.<i>.<rest>`
 with i = 0 conv1, 1 bn1, 4-7 layer1-4 (2 relu and 3 maxpool hold none). The features come
 from layer1-3, as ours; layer4 is computed and thrown away there, and dropped here. The file
-is read by the restricted unpickler of `stfpm.weights` (arrays and dicts only), and the
+is read by the restricted unpickler of `stfpm.model.weights` (arrays and dicts only), and the
 threshold is calibrated on good images exactly as training calibrates it on held-out ones.
 
 PaddleSeg's map sums the squared distance without our factor 0.5, so its raw scores are 8x
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from stfpm.nn import STFPM, backbone_spec
-from stfpm.weights import UNUSED_KEYS, WeightsError, apply_state, read_pdparams
+from stfpm.model.weights import UNUSED_KEYS, WeightsError, apply_state, read_pdparams
 
 BACKBONE = "resnet18"
 # ResNet_MS3's Sequential index -> paddle.vision ResNet's (and our) attribute name
@@ -84,11 +84,11 @@ def import_paddlex(path: str | Path, out_dir: str | Path, good: str | Path, imag
     on the good images of GOOD (a folder of good images or an MVTec category's train/good);
     returns the threshold record. Use images the model was not trained on, as training's
     hold-out is."""
-    from stfpm.artifact import save_model
-    from stfpm.card import InputSpec, MapSpec, ModelCard
+    from stfpm.model.artifact import save_model
+    from stfpm.model.card import InputSpec, MapSpec, ModelCard
     from stfpm.data import load_dataset
-    from stfpm.calibration import UNCALIBRATED, calibrate_on_good_images
-    from stfpm.train import fingerprint
+    from stfpm.training.calibration import UNCALIBRATED, calibrate_on_good_images
+    from stfpm.training.config import fingerprint
 
     checkpoint = find_checkpoint(path)
     parts = paddlex_to_parts(read_pdparams(checkpoint), checkpoint)

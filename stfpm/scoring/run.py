@@ -19,7 +19,7 @@ Output under OUTPUT (local folder or s3://bucket/prefix):
                                  written last, deleted when a run starts
 
 Map scaling: pixel = round(255 * s), s the normalised score of each pixel (the same
-normalisation as the `score` column, stfpm.score_scale: strictly increasing, never clipped);
+normalisation as the `score` column, stfpm.model.score_scale: strictly increasing, never clipped);
 so pixel / 255 is the normalised score, pixel >= 128 is at or above the threshold, and
 `map_to_raw` is its exact inverse. Each model's log_scale is in model.json and in _SUCCESS.
 
@@ -55,12 +55,12 @@ import pyarrow.fs as pafs
 import ray
 
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.distributed.plan import Plan, plan_run
-from stfpm.distributed.sources import MODEL_CACHE
-from stfpm.distributed.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
-from stfpm.distributed.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
-from stfpm.distributed.table import MAPS, SCORES, SUCCESS, latest_rows, read_index
-from stfpm.distributed.progress import ScoringProgress
+from stfpm.scoring.plan import Plan, plan_run
+from stfpm.scoring.sources import MODEL_CACHE
+from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
+from stfpm.scoring.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
+from stfpm.scoring.table import MAPS, SCORES, SUCCESS, latest_rows, read_index
+from stfpm.scoring.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
 from stfpm.storage import filesystem_for, join_uri, s3_settings, write_bytes
 
@@ -133,7 +133,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
     allow_roots: folders local inputs must lie in (symlinks resolved); default: anywhere the
         workers can read. Table files are written every rows_per_file rows or flush_s seconds.
     verbose: report on stderr. progress (default: verbose): rows done, images/s and ETA while
-        the pipeline runs (stfpm.distributed.progress): a bar when stderr is a terminal, else
+        the pipeline runs (stfpm.scoring.progress): a bar when stderr is a terminal, else
         a line every 30 s.
     Returns the _SUCCESS summary (counts, timings, per-stage throughput, models)."""
     echo = logger.info if verbose else logger.debug

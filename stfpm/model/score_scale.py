@@ -12,7 +12,7 @@ defect's peak is often 5-20x the threshold (the map is a product of three layer 
 a tail scaled by the narrow good-score spread reaches 1.0 in 8 bits, and for the largest
 scores in float64, long before that (bench/RESULTS.md). Neither piece clips, so every raw
 score keeps its rank. A threshold given at inference moves the 0.5 point; b stays.
-b is stored in model.json (`threshold.score_scale`, stfpm.card.Calibration); a model
+b is stored in model.json (`threshold.score_scale`, stfpm.model.card.Calibration); a model
 trained before it gets b from the midpoint of its stored `score_min` / `score_max`.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import yaml
 
-from stfpm.distributed.table import table_schema
+from stfpm.scoring.table import table_schema
 from stfpm.errors import UserError
 from stfpm.storage import filesystem_for, is_s3, read_bytes
 
@@ -98,7 +98,7 @@ class ReportConfig:
 
 @dataclass
 class ScoringConfig:
-    """Passed to stfpm.distributed.score (see its docstring)."""
+    """Passed to stfpm.scoring.score (see its docstring)."""
     batch_size: int = 32
     actors: str | None = None           # N or MIN..MAX (autoscaling pool); default: score's (choose_layout)
     gpus_per_actor: float = 0

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from stfpm.data.images import prepare_input, sniff_image
 from stfpm.data.tiling import tiling_of
-from stfpm.distributed.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
+from stfpm.scoring.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
 from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, write_bytes
 
 MAX_BYTES = 256 << 20
@@ -177,7 +177,7 @@ class ScoreActor:
                  threads: int | None = None):
         import paddle
 
-        from stfpm.inference import Predictor
+        from stfpm.model.inference import Predictor
         from stfpm.runtime import ray_paddle_device
 
         self._open = Predictor.open
@@ -199,7 +199,7 @@ class ScoreActor:
         return self.predictors.get(key)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from stfpm.heatmap import to_heat
+        from stfpm.model.heatmap import to_heat
 
         t0 = time.perf_counter()
         n = len(batch)
@@ -261,7 +261,7 @@ def write_maps(batch: pa.Table, output: str) -> pa.Table:
     """Resize each ok row's 8-bit map to the input's size, PNG-encode it and write it to its
     deterministic key (a re-run overwrites it with the same content). Rows that carry their
     decoded image (overlays) and are anomalous also get the overlay, drawn from that map."""
-    from stfpm.heatmap import encode_png, overlay
+    from stfpm.model.heatmap import encode_png, overlay
 
     t0 = time.perf_counter()
     n = len(batch)

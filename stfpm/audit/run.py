@@ -6,13 +6,13 @@ Layout under OUTPUT (a local folder or s3://bucket/prefix):
     _audit_state.json              the audit's state (below); written only by the audit
     runs/<run_id>/inputs.parquet   the run's inputs: image_uri, size_bytes, arrived_at, partitions
     runs/<run_id>/scores/ maps/ overlays/ _SUCCESS
-                                   the scoring output (stfpm.distributed.scoring, TABLE_DOC)
+                                   the scoring output (stfpm.scoring.run, TABLE_DOC)
     runs/<run_id>/audit.json       the summary: counts, errors, anomaly rate per category, alerts
     runs/<run_id>/report.html      score histogram and the top-K most anomalous images per category
 
 "Arrived" is an object's LastModified on S3 and, for local or NFS files, the later of mtime
 and ctime (ctime catches files copied with their old mtime kept, as `rsync -a` and `cp -p`
-do; stfpm.distributed.sources.list_files). A run takes the window (last successful cut-off, now - settle],
+do; stfpm.scoring.sources.list_files). A run takes the window (last successful cut-off, now - settle],
 so windows never overlap and an input belongs to exactly one of them; `settle_minutes` leaves
 uploads still in flight (S3 dates a multipart upload by its start) to the next night.
 
@@ -31,8 +31,8 @@ reads them); the entries of every manifest that arrived in the window are scored
 Partitions come from a Parquet manifest's columns of the same name, else from the entries'
 folder levels below `root`.
 
-The configuration is audit_config.py, the summary (audit.json: alerts, exit codes)
-audit_summary.py, the HTML report audit_report.py.
+The configuration is config.py, the summary (audit.json: alerts, exit codes)
+summary.py, the HTML report report.py.
 
 Retries: a run's inputs whose row is a transient error (a model that failed in an actor, a
 storage or IO failure, a category without a model) are written to runs/<run_id>/retry.parquet
@@ -51,14 +51,14 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from stfpm.audit_config import (AlertConfig, AuditConfig, ReportConfig, ScoringConfig, iso, load_config, parse_time,
+from stfpm.audit.config import (AlertConfig, AuditConfig, ReportConfig, ScoringConfig, iso, load_config, parse_time,
                                 utc_now)
-from stfpm.audit_report import render_report
-from stfpm.audit_summary import one_row_per_input, summarize
+from stfpm.audit.report import render_report
+from stfpm.audit.summary import one_row_per_input, summarize
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.distributed.plan import new_run_id
-from stfpm.distributed.sources import list_files, path_level, read_manifest
-from stfpm.distributed.table import TRANSIENT_ERROR
+from stfpm.scoring.plan import new_run_id
+from stfpm.scoring.sources import list_files, path_level, read_manifest
+from stfpm.scoring.table import TRANSIENT_ERROR
 from stfpm.storage import filesystem_for, is_s3, join_uri, read_bytes, set_s3_environment, write_bytes
 
 __all__ = ["AlertConfig", "AuditConfig", "AuditResult", "ReportConfig", "ScoringConfig", "load_config",
@@ -153,7 +153,7 @@ class AuditResult:
 def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = True) -> AuditResult:
     """One audit run (module docstring). Raises on failure, leaving the state's open_run
     in place for the next run to retry."""
-    from stfpm.distributed import score
+    from stfpm.scoring import score
 
     echo = logger.info if verbose else logger.debug
     _apply_s3(cfg.s3)

@@ -1,7 +1,7 @@
 """model.json, typed: the `ModelCard` (input spec, map spec, `Calibration`, weights), and the
 one parser every reader goes through (`parse_card`: names the file, the key and the fix for
 whatever is wrong; `model_version` must be the hash of the weights' sha256s, as it names
-output folders). The weight files themselves are stfpm.artifact's."""
+output folders). The weight files themselves are stfpm.model.artifact's."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from stfpm.errors import UserError
-from stfpm.ood import InDistribution
-from stfpm.score_scale import ScoreScale
+from stfpm.model.ood import InDistribution
+from stfpm.model.score_scale import ScoreScale
+from stfpm.nn.map_options import COMBINES, LAYER_NORMS
 
 SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
@@ -24,8 +25,6 @@ MODEL_JSON = "model.json"
 WEIGHT_FILES = {"STFPM": {"teacher": "teacher.safetensors", "student": "student.safetensors"},
                 "PatchCore": {"teacher": "teacher.safetensors", "memory": "bank.safetensors"}}
 MODEL_KINDS = {kind: tuple(sorted(parts.values())) for kind, parts in WEIGHT_FILES.items()}
-LAYER_NORMS = ("none", "median", "holdout", "views")  # how layer maps may be normalised (MapSpec, stfpm.nn.anomaly_map)
-COMBINES = ("product", "sum")  # how the normalised layer maps are combined
 RETRAIN = "retrain the model with `stfpm train`, or restore model.json from where the model came from"
 
 
@@ -83,9 +82,9 @@ class MapSpec:
 @dataclass(frozen=True)
 class Calibration:
     """What training fitted on good images it did not train on: the decision threshold on the
-    raw score, the calibration scores' range, the normalised score's scale (stfpm.score_scale;
+    raw score, the calibration scores' range, the normalised score's scale (stfpm.model.score_scale;
     None in cards from before it: derived from the range) and the in-distribution check
-    (stfpm.ood; None in cards from before it: no check). Stored under model.json's
+    (stfpm.model.ood; None in cards from before it: no check). Stored under model.json's
     "threshold" key, the threshold itself as "value". `details` keeps how it was made
     (quantile, image count, data) and any key this version does not know; a new typed field
     is a new attribute."""
@@ -132,9 +131,9 @@ class ModelCard:
     training: dict | None = None
     metrics: dict | None = None
     versions: dict | None = None
-    export: dict | None = None   # set in exported models (stfpm.export)
+    export: dict | None = None   # set in exported models (stfpm.model.export)
     patchcore: dict | None = None  # PatchCore's bank: taps, bank_size, patches_per_image, how it was built
-    validation: dict | None = None  # label-free proxy AUROC of each map variant (stfpm.proxy)
+    validation: dict | None = None  # label-free proxy AUROC of each map variant (stfpm.training.proxy)
     student: str | None = None  # the STFPM student's backbone when it is not the teacher's (stfpm.nn.build_student)
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)

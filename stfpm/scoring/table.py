@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from stfpm.score_scale import ScoreScale
+from stfpm.model.score_scale import ScoreScale
 from stfpm.storage import filesystem_for, join_uri, read_bytes
 
 SCORES, MAPS, OVERLAYS, SUCCESS = "scores", "maps", "overlays", "_SUCCESS"
@@ -26,12 +26,12 @@ model_version  string               model.json's model_version (a hash of the we
 raw_score      double               max of the anomaly map (null on error)
 score          double               normalised, in [0, 1]: 0.5 at the threshold, strictly increasing in
                                     raw_score (same rank order); r = raw / threshold gives
-                                    0.5 * r ** (1 / log_scale) below, 1 - 0.5 / r above (stfpm.score_scale)
+                                    0.5 * r ** (1 / log_scale) below, 1 - 0.5 / r above (stfpm.model.score_scale)
 is_anomaly     bool                 raw_score >= threshold
 threshold      double               the threshold used (stored or overridden)
 ood            bool                 the input is unlike the model's training images: its score is not to be
                                     trusted (wrong model, changed camera); null: the model has no check
-ood_score      double               in-distribution distance / its limit (> 1 is ood; stfpm.ood)
+ood_score      double               in-distribution distance / its limit (> 1 is ood; stfpm.model.ood)
 width, height  int32                the input's size in pixels (from the header on error rows, if known)
 map_uri        string               8-bit PNG anomaly map at width x height (see map scaling)
 overlay_uri    string               overlay PNG (--overlays, anomalous inputs only)

@@ -1,6 +1,6 @@
 """Training a PatchCore model: one feature pass over the good training images builds the
 memory bank, then the threshold is calibrated on the held-out good images exactly as for
-STFPM (`stfpm.calibration.calibrate_and_save`). There is no student and no epoch.
+STFPM (`stfpm.training.calibration.calibrate_and_save`). There is no student and no epoch.
 
 Memory stays bounded whatever the number of images: features are computed a batch at a time
 and only `bank_pool / n_images` random patches of each image are kept (at most `bank_pool`
@@ -14,13 +14,13 @@ import time
 import numpy as np
 import paddle
 
-from stfpm.card import InputSpec, MapSpec, ModelCard
+from stfpm.model.card import InputSpec, MapSpec, ModelCard
 from stfpm.nn import backbone_spec
 from stfpm.nn.patchcore import SMOOTH_SIGMA, PatchCore, greedy_coreset, subsample_patches
 from stfpm.runtime import configure_threads
-from stfpm.calibration import UNCALIBRATED, calibrate_and_save
-from stfpm.train import TrainConfig, TrainResult, fingerprint, load_images, split_dataset
-from stfpm.weights import apply_state, load_teacher_state
+from stfpm.training.calibration import UNCALIBRATED, calibrate_and_save
+from stfpm.training.config import TrainConfig, TrainResult, fingerprint, load_images, split_dataset
+from stfpm.model.weights import apply_state, load_teacher_state
 
 
 def build_bank(network: PatchCore, paths: list[str], cfg: TrainConfig, batch_size: int = 16) -> tuple[np.ndarray, dict]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from stfpm.data import DEFECT_KINDS, add_defect, normalize_batch
 from stfpm.metrics import auroc
-from stfpm.card import COMBINES, LAYER_NORMS
+from stfpm.nn.map_options import COMBINES, LAYER_NORMS
 
 # every map anomaly_map can form, as model.json "map" entries
 MAP_VARIANTS = tuple({"layer_norm": norm, "combine": combine} for norm, combine in product(LAYER_NORMS, COMBINES)
@@ -53,7 +53,7 @@ def run_once(layer_forward):
 
 
 def proxy_auroc(predictor, good: np.ndarray, defective: np.ndarray) -> float:
-    """Image AUROC of `predictor` (stfpm.inference.Predictor) on RGB uint8 good images
+    """Image AUROC of `predictor` (stfpm.model.inference.Predictor) on RGB uint8 good images
     against `with_synthetic_defects` of them."""
     scores = [predictor.forward(normalize_batch(batch, predictor.mean, predictor.std))[0].reshape(len(batch), -1).max(1)
               for batch in (good, defective)]
@@ -65,7 +65,7 @@ def map_variant_proxies(card, layer_forward, good: np.ndarray) -> dict[str, floa
     the map's layer_scale), e.g. {"median/product": 0.91, ...}."""
     import dataclasses
 
-    from stfpm.inference import Predictor
+    from stfpm.model.inference import Predictor
 
     forward, defective = run_once(layer_forward), with_synthetic_defects(good)
     return {variant_name(v): proxy_auroc(Predictor(dataclasses.replace(card, map=dataclasses.replace(card.map, **v)),

@@ -15,9 +15,9 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 
-from stfpm.audit_config import AuditConfig, iso, utc_now
-from stfpm.distributed.sources import CATEGORY
-from stfpm.distributed.table import INPUT_ERROR, TRANSIENT_ERROR, winning_rows
+from stfpm.audit.config import AuditConfig, iso, utc_now
+from stfpm.scoring.sources import CATEGORY
+from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, winning_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ALERT, EXIT_ERRORS = 0, 1, 2, 3, 4
 HISTOGRAM_BINS = 20

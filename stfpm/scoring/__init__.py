@@ -1,10 +1,10 @@
-"""Ray parts of stfpm: batch scoring on Ray Data (`score`, see stfpm.distributed.scoring).
+"""Batch scoring on Ray Data: `score` (stfpm.scoring.run) and the score table's reader (`read_scores`).
 
 Names are loaded on first use, so importing a Ray-free module of this package (sources,
 table, plan) does not import Ray."""
 import importlib
 
-_EXPORTS = {"TABLE_DOC": "table", "map_to_raw": "table", "read_scores": "table", "score": "scoring"}
+_EXPORTS = {"TABLE_DOC": "table", "map_to_raw": "table", "read_scores": "table", "score": "run"}
 
 __all__ = sorted(_EXPORTS)
 

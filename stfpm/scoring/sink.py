@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stfpm.distributed.table import INPUT_ERROR, TRANSIENT_ERROR, read_index, set_columns, winning_rows
+from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, read_index, set_columns, winning_rows
 from stfpm.storage import filesystem_for, is_s3, join_uri, write_bytes
 
 ROWS_PER_FILE = 4096
