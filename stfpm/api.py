@@ -93,14 +93,27 @@ class STFPMModel:
     def threshold(self) -> float:
         return self.predictor.threshold
 
-    def predict(self, input: Any, batch_size: int = 1, threshold: float | None = None) -> Iterator[AnomalyResult]:
-        """Yield one result per image; each batch of `batch_size` images is ONE forward pass."""
+    def predict(self, input: Any, batch_size: int = 1, threshold: float | None = None,
+                errors: list[str] | None = None) -> Iterator[AnomalyResult]:
+        """Yield one result per image; each batch of `batch_size` images is ONE forward pass.
+        With an `errors` list, an input that cannot be read or decoded (a corrupt or unreadable
+        file) is appended to it as "<input>: <why>" and skipped, instead of ending the iteration."""
+        from stfpm.storage import printable_path
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         batch, index = [], 0
         for input_path, source in _expand(input):
-            name = input_path or "<array>"
-            batch.append((input_path, self.predictor.prepare(_load(source), name, keep_image=True)))
+            name = printable_path(input_path) if input_path else "<array>"
+            try:
+                prepared = self.predictor.prepare(_load(source), name, keep_image=True)
+            except (ValueError, OSError) as e:  # ImageDecodeError and StorageError are among them
+                if errors is None:
+                    raise
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                errors.append(reason if name in reason else f"{name}: {reason}")
+                continue
+            batch.append((input_path, prepared))
             if len(batch) == batch_size:
                 yield from self._run(batch, index, threshold)
                 index += len(batch)

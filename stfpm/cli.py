@@ -157,6 +157,7 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
     """Score images; save an overlay PNG and a JSON per input and print a table. Inputs that
     name no image are reported at the end (exit 2); the others are scored first."""
     from stfpm.api import check_inputs, create_model
+    from stfpm.storage import printable_path
 
     inputs, problems = check_inputs(inputs)
     if not inputs:
@@ -165,11 +166,14 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
     typer.echo(f"{'image':<48} {'score':>10} {'norm':>6}  decision")
     n = n_anomalous = n_ood = 0
     used: set[str] = set()
-    for res in model.predict(inputs, batch_size=batch_size, threshold=threshold):
+    for res in model.predict(inputs, batch_size=batch_size, threshold=threshold, errors=problems):
         stem = _unique_stem(res["input_path"], n, used)
-        res.save_to_img(out / f"{stem}.png")
-        res.save_to_json(out / f"{stem}.json")
-        name = res["input_path"] or f"image_{n:06d}"
+        name = printable_path(res["input_path"]) if res["input_path"] else f"image_{n:06d}"
+        try:  # a name too long for the output folder: reported with the others, the rest goes on
+            res.save_to_img(out / f"{stem}.png")
+            res.save_to_json(out / f"{stem}.json")
+        except OSError as e:
+            problems.append(f"{name}: its results could not be written to {out}: {e.strerror or e}")
         name = name if len(name) <= 48 else "..." + name[-45:]
         typer.echo(f"{name:<48} {res['score']:>10.4g} {res['norm_score']:>6.3f}  "
                    f"{'ANOMALY' if res['is_anomaly'] else 'ok'}{'  OOD' if res['ood'] else ''}")

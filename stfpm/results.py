@@ -14,6 +14,7 @@ import numpy as np
 from stfpm.model.card import Calibration
 from stfpm.model.heatmap import overlay, to_heat
 from stfpm.model.inference import Prediction
+from stfpm.storage import printable_path
 
 SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold", "ood", "ood_score")
 
@@ -49,6 +50,8 @@ class AnomalyResult(dict):
     def json(self) -> dict:
         amap, pred = self["anomaly_map"], self["pred"]
         res = {k: self[k] for k in SUMMARY_KEYS}
+        if res["input_path"]:  # JSON is UTF-8: a file name that is not has its odd bytes written \xNN
+            res["input_path"] = printable_path(res["input_path"])
         res["anomaly_map"] = {"shape": list(amap.shape), "dtype": "float32", "min": float(amap.min()),
                               "max": float(amap.max()), "mean": float(amap.mean())}
         res["pred"] = {"shape": list(pred.shape), "dtype": "uint8",
@@ -88,8 +91,12 @@ class AnomalyResult(dict):
         if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
             path = self._target(save_path, ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(path), self.img["res"]):
-            raise OSError(f"could not write image {path}")
+        # encoded here and written by Python: cv2.imwrite crashes the process (SIGSEGV) on a
+        # path whose name is not UTF-8, as a file found in a folder may have
+        encoded, data = cv2.imencode(path.suffix.lower(), self.img["res"])
+        if not encoded:
+            raise OSError(f"could not encode image {path}")
+        path.write_bytes(data.tobytes())
         return path
 
     def __repr__(self) -> str:

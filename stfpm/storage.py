@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import urllib.request
@@ -55,6 +56,27 @@ def join_uri(base: str, *parts: str) -> str:
             raise UserError(f"{part!r} cannot be a file or folder name under {base} "
                             "(empty, '.', '..' or a backslash); nothing is written outside the output")
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def printable_path(path: str) -> str:
+    """A local path as valid UTF-8 text for tables, manifests and messages: bytes of a file
+    name that are not UTF-8 (os gives them as surrogates) are written \\xNN. `readable_path`
+    turns it back, so such a file is scored like any other instead of failing the run."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def readable_path(path: str) -> str:
+    """The file `printable_path` made `path` from: itself when it exists, else with its \\xNN
+    escapes turned back into the file name's bytes (when that file exists)."""
+    if "\\x" not in path or os.path.lexists(path):
+        return path
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), path.encode("utf-8"))
+    original = os.fsdecode(raw)
+    return original if os.path.lexists(original) else path
 
 
 S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")

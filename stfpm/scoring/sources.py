@@ -40,7 +40,7 @@ import yaml
 from stfpm.model.artifact import verify_weights
 from stfpm.model.card import MODEL_JSON, ModelDirError, parse_card
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, read_bytes
+from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, printable_path, read_bytes, readable_path
 
 MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path")
 MODEL_CACHE = os.path.join(tempfile.gettempdir(), "stfpm-models")  # s3:// model directories, fetched
@@ -61,12 +61,12 @@ def _uri(fs: pafs.FileSystem, path: str) -> str:
 def _resolve(entry: str, base: str) -> str:
     """A manifest or registry entry, relative ones taken relative to the folder `base`."""
     if entry.startswith(("/", "file://")):  # normalised: "d/../d/a.png" is "d/a.png"
-        return filesystem_for(entry)[1]
+        return printable_path(filesystem_for(entry)[1])
     if "://" in entry:  # s3:// keys are taken literally; other schemes fail when read
         return entry
     if is_s3(base):
         return join_uri(base, entry)
-    return filesystem_for(posixpath.join(base, entry))[1]
+    return printable_path(filesystem_for(posixpath.join(base, entry))[1])
 
 
 def _folder(uri: str) -> str:
@@ -119,9 +119,9 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
 def allowed(uri: str, roots: list[str] | None) -> bool:
     """Whether a local input lies under one of `roots` once symlinks are resolved (always
     for S3 objects, whose access the bucket policy governs, and when `roots` is None)."""
-    if roots is None or is_s3(uri) or is_http(uri):
+    if roots is None or "://" in uri:  # S3, http(s), and schemes the read stage refuses
         return True
-    real = os.path.realpath(filesystem_for(uri)[1])
+    real = os.path.realpath(readable_path(filesystem_for(uri)[1]))
     return any(real == r or real.startswith(r.rstrip("/") + "/")
                for r in (os.path.realpath(filesystem_for(root)[1]) for root in roots))
 
@@ -199,13 +199,16 @@ def _list_local(root: str):
 
 
 def stat_local(path: str) -> Listed:
-    """A local file as listed: through symlinks, or the link itself when it leads nowhere."""
+    """A local file as listed: through symlinks, or the link itself when it leads nowhere.
+    A name that is not UTF-8 is listed as its storage.printable_path."""
+    real = readable_path(path)
     try:
-        st = os.stat(path)
+        st = os.stat(real)
     except OSError:  # a dangling symlink or a symlink loop: lstat still works
-        st = os.lstat(path)
+        st = os.lstat(real)
     modified = max(st.st_mtime_ns, st.st_ctime_ns)
-    return Listed(path, st.st_size, datetime.fromtimestamp(modified / 1e9, timezone.utc), f"{st.st_size}-{modified}")
+    return Listed(printable_path(path), st.st_size, datetime.fromtimestamp(modified / 1e9, timezone.utc),
+                  f"{st.st_size}-{modified}")
 
 
 def _s3_listed(uri: str, info: pafs.FileInfo) -> Listed:
@@ -239,7 +242,7 @@ def read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
         if len(uris) != len(table):
             raise ValueError(f"{uri}: the {column!r} column has empty entries")
         return uris, extra
-    text = read_bytes(uri).decode("utf-8")
+    text = read_bytes(uri).decode("utf-8", "surrogateescape")  # a non-UTF-8 file name in it is listed escaped
     lines = (line.strip() for line in text.splitlines())
     return [_resolve(line, base) for line in lines if line and not line.startswith("#")], {}
 
