@@ -1,6 +1,7 @@
 """The nightly audit's configuration (AUDIT.yaml): dataclasses, loading and checking it."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -30,6 +31,8 @@ KINDS = {
     "> 0": (lambda v: _number(v) and v > 0, "a number > 0"),
     "hours": (lambda v: _number(v) and 0 < v <= 168, "a number of hours above 0, at most 168 (S3's limit)"),
     "number or null": (lambda v: v is None or _number(v), "a number, or left out"),
+    "threshold or null": (lambda v: v is None or (_number(v) and math.isfinite(v) and v >= 0),
+                          "a finite number >= 0, or left out"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "text": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     "text or null": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a non-empty string, or left out"),
@@ -110,7 +113,7 @@ class ScoringConfig:
 
     def __post_init__(self):
         _check(self, {"batch_size": "positive int", "actors": "actors or null", "gpus_per_actor": ">= 0",
-                      "cpus_per_actor": "> 0", "threshold": "number or null", "wait_for_actors_s": "> 0",
+                      "cpus_per_actor": "> 0", "threshold": "threshold or null", "wait_for_actors_s": "> 0",
                       "extensions": "extensions or null", "allow_roots": "folders or null"})
 
 

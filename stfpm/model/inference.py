@@ -20,7 +20,7 @@ import numpy as np
 import paddle
 
 from stfpm.model.artifact import LoadedModel
-from stfpm.model.card import ModelCard
+from stfpm.model.card import ModelCard, check_threshold
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
 from stfpm.model.export import LayerForward
 from stfpm.nn import anomaly_map
@@ -60,7 +60,7 @@ class Predictor:
         self.size = card.input.size
         self.mean, self.std = card.input.mean, card.input.std
         self.calibration = card.calibration
-        self.threshold = card.calibration.threshold if threshold is None else float(threshold)
+        self.threshold = card.calibration.threshold if threshold is None else check_threshold(threshold)
         self.smooth_sigma = card.map.smooth_sigma
         self.tiling = card.input.tiling  # None, or the tiles every image is cut into (stfpm.data.tiling)
         bank = card.patchcore  # PatchCore: its (patches x bank) distances bound the images per forward
@@ -172,7 +172,7 @@ class Predictor:
                   threshold: float | None = None) -> list[Prediction]:
         """Each image's map (`image_maps`) and in-distribution score -> Predictions: score (max
         of the map), normalised score, decision, and map and mask resized to each (h, w)."""
-        thr = self.threshold if threshold is None else float(threshold)
+        thr = self.threshold if threshold is None else check_threshold(threshold)
         scores = np.array([float(m.max()) for m in maps], np.float64)
         norm = self.calibration.normalize(scores, thr)
         out = []

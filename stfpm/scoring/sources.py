@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from stfpm.model.artifact import verify_weights
-from stfpm.model.card import MODEL_JSON, ModelDirError, parse_card
+from stfpm.model.card import MODEL_JSON, RETRAIN, ModelDirError, check_threshold, parse_card
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, printable_path, read_bytes, readable_path
 
@@ -272,6 +272,24 @@ def path_level(uri: str, root: str, i: int) -> str | None:
 
 # ---------------------------------------------------------------------------------- models
 
+def check_model_loads(local: str, uri: str) -> None:
+    """Build the network and load the weights once on the driver (a second or so once Paddle
+    is imported): weights whose hashes match but that are a pickle, the wrong tensors or for
+    an unknown backbone fail the run here, by name, and not every row as a "transient" error."""
+    from stfpm.model.artifact import load_model
+    from stfpm.model.export import is_exported
+
+    if is_exported(local):  # a Paddle program: its files' hashes were checked (verify_weights)
+        return
+    try:
+        load_model(local)
+    except ModelDirError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the loader trips on, the model is unusable
+        raise ModelDirError(f"{uri}: the model cannot be loaded ({type(e).__name__}: {str(e)[:300]}); "
+                            f"{RETRAIN}") from None
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model as the driver knows it: where it is and what model.json says, without
@@ -299,10 +317,12 @@ class ModelRef:
         except FileNotFoundError:
             raise ModelDirError(f"{uri} is not a model directory: it has no {MODEL_JSON} "
                                 "(train one with `stfpm train`)") from None
-        verify_weights(fetch_to_cache(uri, MODEL_CACHE), card)
+        local = fetch_to_cache(uri, MODEL_CACHE)
+        verify_weights(local, card)
+        check_model_loads(local, uri)
         cal = card.calibration
         return cls(name=name, uri=uri, version=card.model_version, input_size=card.input.size,
-                   threshold=cal.threshold if threshold is None else float(threshold),
+                   threshold=cal.threshold if threshold is None else check_threshold(threshold),
                    log_scale=cal.scale.log_scale, tile_size=card.input.tile_size,
                    tile_overlap=card.input.tile_overlap)
 

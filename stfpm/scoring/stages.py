@@ -137,7 +137,8 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
                 except (ValueError, cv2.error) as e:  # ImageDecodeError is a ValueError;
                     # anything else is a bug in this code and fails the task loudly
                     error = f"decode: {getattr(e, 'reason', None) or f'{type(e).__name__}: {e}'}"
-                    kind = INPUT_ERROR
+                    # OpenCV out of memory is the machine's state, not the file's: retried
+                    kind = TRANSIENT_ERROR if "Insufficient memory" in str(e) else INPUT_ERROR
                     height, width = _header_size(data)
                 except MemoryError:
                     error, kind = "decode: out of memory", TRANSIENT_ERROR
