@@ -338,10 +338,6 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
                      tile_overlap=inp.doc.get("tile_overlap", 0))
     if not spec.size <= MAX_INPUT_SIZE:  # 100,000 made every row a decode "Insufficient memory" input error
         f.fail("input.size", f"is {spec.size}; at most {MAX_INPUT_SIZE} pixels (tile large images: input.tile_size)")
-    if (isinstance(spec.tile_size, int) and isinstance(spec.tile_overlap, int) and not isinstance(spec.tile_overlap, bool)
-            and spec.tile_overlap > spec.tile_size // 2):
-        f.fail("input.tile_overlap", f"is {spec.tile_overlap} of a {spec.tile_size}-pixel tile; at most half a tile "
-               "(tile 16, overlap 15 cut a 128-px image into 12,769 tiles)")
     if spec.tile_size is None and spec.tile_overlap != 0:
         f.fail("input.tile_overlap", f"is {spec.tile_overlap!r} without an input.tile_size")
     try:
