@@ -37,6 +37,8 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):  # click's Exit is a RuntimeError: a command's own exit code stands
+            raise
         except USER_ERRORS as e:
             if os.environ.get("STFPM_DEBUG"):
                 raise
