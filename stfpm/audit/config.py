@@ -11,7 +11,7 @@ import yaml
 
 from stfpm.scoring.table import table_schema
 from stfpm.errors import UserError
-from stfpm.storage import filesystem_for, is_s3, read_bytes
+from stfpm.storage import filesystem_for, is_s3, read_bytes, refuse_credentials
 
 
 def _number(v) -> bool:
@@ -28,6 +28,7 @@ KINDS = {
     "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
     "positive int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
     ">= 0": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "minutes": (lambda v: _number(v) and 0 <= v <= 7 * 24 * 60, "a number >= 0 and at most 10080 (a week)"),
     "> 0": (lambda v: _number(v) and v > 0, "a number > 0"),
     "hours": (lambda v: _number(v) and 0 < v <= 168, "a number of hours above 0, at most 168 (S3's limit)"),
     "number or null": (lambda v: v is None or _number(v), "a number, or left out"),
@@ -135,11 +136,13 @@ class AuditConfig:
 
     def __post_init__(self):
         _check(self, {"output": "text", "models": "text", "source": "text or null", "manifests": "text or null",
-                      "root": "text or null", "partitions": "names or null", "settle_minutes": ">= 0",
+                      "root": "text or null", "partitions": "names or null", "settle_minutes": "minutes",
                       "first_run_since": "time or null", "ray_address": "text or null", "s3": "s3"})
         for name, nested in (("alert", AlertConfig), ("report", ReportConfig), ("scoring", ScoringConfig)):
             if not isinstance(getattr(self, name), nested):
                 raise UserError(f"{name} must be a mapping of its settings, got {getattr(self, name)!r}")
+        for name in ("output", "models", "source", "manifests", "root"):  # before anything is written or logged
+            refuse_credentials(getattr(self, name) or "", name)
         self.source = self.source.rstrip("/") if self.source else self.source
         self.manifests = self.manifests.rstrip("/") if self.manifests else self.manifests
         if (self.source is None) == (self.manifests is None):
@@ -147,6 +150,8 @@ class AuditConfig:
         reserved = set(table_schema([]).names) | {"size_bytes", "arrived_at"}
         if clash := reserved.intersection(self.partitions or []):
             raise UserError(f"partitions {sorted(clash)} are columns of the score table; choose other names")
+        if self.partitions and len(set(self.partitions)) != len(self.partitions):
+            raise UserError(f"partitions {self.partitions} name a level twice; each name once")
         if isinstance(self.first_run_since, datetime):  # YAML reads an unquoted time as one
             self.first_run_since = iso(parse_time(self.first_run_since.isoformat()))
         self.output = self.output.rstrip("/")
@@ -157,6 +162,9 @@ class AuditConfig:
             value = getattr(self, name)
             if value and not is_s3(value) and not os.path.exists(filesystem_for(value)[1]):
                 raise UserError(f"{name}: {value} does not exist")
+        if not is_s3(self.output) and os.path.exists(filesystem_for(self.output)[1]) \
+                and not os.path.isdir(filesystem_for(self.output)[1]):
+            raise UserError(f"output: {self.output} is a file; the audit writes a folder there")
 
     @property
     def input(self) -> str:

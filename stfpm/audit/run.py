@@ -50,6 +50,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -77,6 +81,9 @@ STATE = "_audit_state.json"
 RUNS = "runs"
 HISTORY = 100
 RETRY = "retry.parquet"   # runs/<run_id>/: the run's inputs whose row is a transient error
+LOCK = "_audit.lock"      # held while a run is going: a second audit of the same output exits EXIT_LOCKED
+LOCK_STALE_HOURS = 12     # a lock older than this (its audit was killed on another machine) is taken over
+EXIT_LOCKED = 5
 SEEN = "seen.parquet"     # runs/<run_id>/: the ledger, (image_uri, input_version) of every item taken so far
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".parquet")
 
@@ -90,7 +97,8 @@ def in_window(t: datetime, since: datetime | None, until: datetime) -> bool:
 def list_items(cfg: AuditConfig) -> list[Listed]:
     """What the audit lists each night: the images of `source`, or the manifest files of `manifests`."""
     if cfg.source is not None:
-        return list_files(cfg.source, cfg.scoring.extensions or IMAGE_EXTENSIONS, exclude=cfg.output)
+        return list_files(cfg.source, cfg.scoring.extensions or IMAGE_EXTENSIONS, exclude=cfg.output,
+                          roots=cfg.scoring.allow_roots)
     return list_files(cfg.manifests, MANIFEST_EXTENSIONS, exclude=cfg.output)
 
 
@@ -188,6 +196,79 @@ def write_state(output: str, state: dict) -> None:
 
 # -------------------------------------------------------------------------------- the run
 
+class AuditLocked(RuntimeError):
+    """Another audit of the same output is running: nothing was done, the state is untouched."""
+
+
+def acquire_lock(output: str) -> str:
+    """Take OUTPUT/_audit.lock, or raise AuditLocked naming who holds it. A lock whose process
+    is gone (same machine) or that is older than LOCK_STALE_HOURS is taken over. Locally the
+    file is created exclusively; on S3 (no exclusive create) the lock is written, read back
+    after a moment and must still be ours. Returns the token `release_lock` needs."""
+    uri = join_uri(output, LOCK)
+    token = uuid.uuid4().hex
+    mine = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "started_at": iso(utc_now())}
+    held = _read_lock(uri)
+    if held and not _stale(held):
+        raise AuditLocked(f"another audit of {output} is running (pid {held.get('pid')} on {held.get('host')}, "
+                          f"since {held.get('started_at')}; lock {uri}); nothing was done")
+    data = json.dumps(mine).encode()
+    if is_s3(uri):
+        write_bytes(uri, data)
+        time.sleep(1.0)
+    else:
+        path = filesystem_for(uri)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if held:  # stale: replaced; a race with another taker is settled by O_EXCL below
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            held = _read_lock(uri) or {}
+            raise AuditLocked(f"another audit of {output} is running (pid {held.get('pid')} on "
+                              f"{held.get('host')}; lock {uri}); nothing was done") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    now_held = _read_lock(uri) or {}
+    if now_held.get("token") != token:
+        raise AuditLocked(f"another audit of {output} took the lock {uri} at the same time; nothing was done")
+    return token
+
+
+def release_lock(output: str, token: str) -> None:
+    uri = join_uri(output, LOCK)
+    if (_read_lock(uri) or {}).get("token") == token:
+        _delete(uri)
+
+
+def _read_lock(uri: str) -> dict | None:
+    try:
+        held = json.loads(read_bytes(uri))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {"started_at": None}  # unreadable or half-written: stale only by age, which it has none of
+    return held if isinstance(held, dict) else {"started_at": None}
+
+
+def _stale(held: dict) -> bool:
+    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    try:
+        started = parse_time(held["started_at"])
+    except (KeyError, TypeError, ValueError):
+        return True
+    return utc_now() - started > timedelta(hours=LOCK_STALE_HOURS)
+
+
 @dataclass
 class AuditResult:
     exit_code: int
@@ -198,11 +279,23 @@ class AuditResult:
 
 def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = True) -> AuditResult:
     """One audit run (module docstring). Raises on failure, leaving the state's open_run
-    in place for the next run to retry."""
+    in place for the next run to retry; AuditLocked, touching nothing, while another audit
+    of the same output runs."""
+    from stfpm.scoring.sources import resolve_models
+
+    _apply_s3(cfg.s3)
+    resolve_models(cfg.models, cfg.scoring.threshold)  # a broken model exits 2 before anything is written
+    token = acquire_lock(cfg.output)
+    try:
+        return _run_audit(cfg, now, verbose)
+    finally:
+        release_lock(cfg.output, token)
+
+
+def _run_audit(cfg: AuditConfig, now: datetime | None, verbose: bool) -> AuditResult:
     from stfpm.scoring import score
 
     echo = logger.info if verbose else logger.debug
-    _apply_s3(cfg.s3)
     now = now or utc_now()
     state = read_state(cfg.output)
     if state["input"] not in (None, cfg.input):
@@ -254,7 +347,7 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
                             actors=s.actors, gpus_per_actor=s.gpus_per_actor, cpus_per_actor=s.cpus_per_actor,
                             threshold=s.threshold, overlays=cfg.report.overlays, run_id=run_id,
                             ray_address=cfg.ray_address, wait_for_actors_s=s.wait_for_actors_s,
-                            allow_roots=s.allow_roots, verbose=verbose)
+                            allow_roots=s.allow_roots or _source_root(cfg), verbose=verbose)
         table = read_run_table(run_dir)
         summary = summarize(table, inputs, cfg, run_id=run_id, since=since, until=until,
                             attempts=open_run["attempts"], scoring=scoring, retried=len(retried))
@@ -282,6 +375,12 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
          f"{summary['totals']['anomalous']} anomalous, {summary['totals']['ood']} ood, "
          f"{summary['totals']['error']} errors); report: {report}")
     return AuditResult(summary["exit_code"], run_id, summary, report)
+
+
+def _source_root(cfg: AuditConfig) -> list[str] | None:
+    """A local folder source is where its inputs may be read from, unless scoring.allow_roots
+    says more: a file symlink out of it becomes an error row, as in `stfpm score`."""
+    return [cfg.source] if cfg.source is not None and not is_s3(cfg.source) else None
 
 
 def read_seen(output: str, last: dict | None) -> tuple[set[tuple[str, str]], datetime | None]:
