@@ -44,6 +44,11 @@ def _user_errors(fn):
                 raise
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # storage or network down: one line, exit 1 (STFPM_DEBUG=1 shows the traceback)
+            if os.environ.get("STFPM_DEBUG"):
+                raise
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
     return wrapper
 
 
@@ -266,7 +271,8 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
           s3_region: Optional[str] = typer.Option(None, help="Default: AWS_REGION"),
           allow_root: Optional[list[str]] = typer.Option(None, "--allow-root", help="Read local inputs only from "
                                                          "under this folder (repeatable; symlinks resolved); "
-                                                         "default: any file the workers can read"),
+                                                         "default: a folder SOURCE itself (symlinks out of it "
+                                                         "are not followed), else any file the workers can read"),
           fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Each actor also reads, decodes "
                                                "and writes maps; default: fused on the local Ray score starts "
                                                "itself (no GPUs), else decoding and maps in CPU tasks any node "

@@ -62,7 +62,7 @@ from stfpm.scoring.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_im
 from stfpm.scoring.table import MAPS, SCORES, SUCCESS, latest_rows, read_index
 from stfpm.scoring.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
-from stfpm.storage import filesystem_for, join_uri, s3_settings, write_bytes
+from stfpm.storage import check_output, filesystem_for, join_uri, s3_settings, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,9 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         fused: each actor also reads, decodes and writes maps (stages.FusedScoreActor) instead of
         separate CPU tasks doing so. None for both: `choose_layout` (on a local Ray of its own,
         fused actors, one per CPU; else separate stages and one actor).
-    allow_roots: folders local inputs must lie in (symlinks resolved); default: anywhere the
-        workers can read. Table files are written every rows_per_file rows or flush_s seconds.
+    allow_roots: folders local inputs must lie in (symlinks resolved); default: a folder
+        source itself (symlinks out of it are not followed), else anywhere the workers can read.
+        Table files are written every rows_per_file rows or flush_s seconds.
     verbose: report on stderr. progress (default: verbose): rows done, images/s and ETA while
         the pipeline runs (stfpm.scoring.progress): a bar when stderr is a terminal, else
         a line every 30 s.
@@ -140,6 +141,7 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
     started = time.perf_counter()
     if actors is not None:
         parse_actors(actors)  # a bad pool size fails before any listing
+    check_output(output)  # a missing bucket fails now, not after every image is scored
     plan = plan_run(model, source, output, partitions, extensions, threshold, run_id, allow_roots=allow_roots)
     _delete(join_uri(plan.output, SUCCESS))
     echo(f"{plan.n_listed} inputs listed in {plan.timings['list_s']:.1f}s; {plan.n_skipped} already scored "

@@ -25,6 +25,7 @@ model of its `category` column.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import tempfile
@@ -40,8 +41,11 @@ import yaml
 from stfpm.model.artifact import verify_weights
 from stfpm.model.card import MODEL_JSON, RETRAIN, ModelDirError, check_threshold, parse_card
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, printable_path, read_bytes, readable_path
+from stfpm.errors import UserError
+from stfpm.storage import (errors_name, filesystem_for, is_http, is_s3, join_uri, printable_path, read_bytes, readable_path,
+                           redact)
 
+logger = logging.getLogger(__name__)
 MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path")
 MODEL_CACHE = os.path.join(tempfile.gettempdir(), "stfpm-models")  # s3:// model directories, fetched
 CATEGORY = "category"
@@ -63,7 +67,7 @@ def _resolve(entry: str, base: str) -> str:
     if entry.startswith(("/", "file://")):  # normalised: "d/../d/a.png" is "d/a.png"
         return printable_path(filesystem_for(entry)[1])
     if "://" in entry:  # s3:// keys are taken literally; other schemes fail when read
-        return entry
+        return redact(entry)  # credentials in a URL are never stored (the read refuses the entry)
     if is_s3(base):
         return join_uri(base, entry)
     return printable_path(filesystem_for(posixpath.join(base, entry))[1])
@@ -84,12 +88,16 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
     `exclude` is a URI prefix to skip (the output of the run). With `allow_roots`, a local
     input whose real path (symlinks resolved) is not under one of these folders is refused."""
     fs, root = filesystem_for(source)
-    info = fs.get_file_info(root.rstrip("/"))
+    with errors_name(source):  # wrong credentials: one line naming the source
+        info = fs.get_file_info(root.rstrip("/"))
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{source}: no such directory, prefix, manifest or image")
     extra: dict[str, list] = {}
     if info.type == pafs.FileType.Directory:
-        listed, root_uri = list_files(source, extensions, exclude), _uri(fs, root.rstrip("/"))
+        with errors_name(source):
+            listed, root_uri = list_files(source, extensions, exclude, allow_roots), _uri(fs, root.rstrip("/"))
+        if allow_roots is None and not is_s3(source):  # symlinks out of a folder source: opt-in (allow_roots)
+            allow_roots = [root]
     elif info.path.lower().endswith(tuple(extensions)):
         listed = list_files(source, extensions)
         root_uri = _folder(listed[0].uri) if listed else _folder(source)
@@ -156,11 +164,13 @@ class Listed(NamedTuple):
     version: str            # what changes when the content does: "<size>-<arrived, ns>"
 
 
-def list_files(uri: str, extensions, exclude: str | None = None) -> list[Listed]:
+def list_files(uri: str, extensions, exclude: str | None = None, roots: list[str] | None = None) -> list[Listed]:
     """Every file under a folder or s3:// prefix (or the one file `uri` names) whose name ends
     with one of `extensions` (case-insensitive), sorted by URI. Names starting with "." at
     any level below `uri` and anything under `exclude` (a run's own output) are skipped;
-    local folder symlinks are followed, each real folder once. Entries that are not regular
+    local folder symlinks are followed, each real folder once, when they lead to a folder
+    under `uri` or under one of `roots` (`ln -s / SRC/x` listed the whole machine; the
+    others are logged, not followed). Entries that are not regular
     files (a FIFO, a dangling symlink, a symlink loop) are listed too, so that they get an
     error row; nothing is opened here.
 
@@ -168,34 +178,46 @@ def list_files(uri: str, extensions, exclude: str | None = None) -> list[Listed]
     old mtime kept (`rsync -a`, `cp -p`)."""
     extensions = tuple(e.lower() for e in extensions)
     skip = filesystem_for(exclude)[1].rstrip("/") + "/" if exclude else None
-    found = _list_s3(uri) if is_s3(uri) else _list_local(filesystem_for(uri)[1].rstrip("/"))
+    found = _list_s3(uri) if is_s3(uri) else _list_local(filesystem_for(uri)[1].rstrip("/"), roots)
     return sorted(item for item, rel in found
                   if item.uri.lower().endswith(extensions)
                   and not any(part.startswith(".") for part in rel.split("/"))
                   and not (skip and (item.uri.removeprefix("s3://") + "/").startswith(skip)))
 
 
-def _list_local(root: str):
+def _list_local(root: str, roots: list[str] | None = None):
     """(Listed, path relative to root) of the files under root."""
     if not os.path.isdir(root):
         if not os.path.lexists(root):
             raise FileNotFoundError(f"{root}: no such folder or file")
         yield stat_local(root), os.path.basename(root)
         return
-    seen = set()
+    seen, inside = set(), [os.path.realpath(filesystem_for(r)[1]) for r in (roots or [root])]
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a symlink back up the tree, or a second link to one folder
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _link_inside(os.path.join(folder, d), inside))
         for name in files:
             path = os.path.join(folder, name)
             try:
                 yield stat_local(path), os.path.relpath(path, root)
             except FileNotFoundError:  # removed while listing
                 continue
+
+
+def _link_inside(path: str, roots: list[str]) -> bool:
+    """A folder to descend into: not a symlink, or one leading under one of `roots`."""
+    if not os.path.islink(path):
+        return True
+    real = os.path.realpath(path)
+    if any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots):
+        return True
+    logger.warning(f"not following {printable_path(path)} -> {printable_path(real)}: a folder symlink out of the "
+                   "source (allow it with --allow-root / scoring.allow_roots)")
+    return False
 
 
 def stat_local(path: str) -> Listed:
@@ -338,12 +360,12 @@ def resolve_models(model: str, threshold: float | None = None) -> dict[str | Non
     try:
         doc = yaml.safe_load(read_bytes(model))
     except yaml.YAMLError as e:
-        raise ValueError(f"{model}: not valid YAML ({e})") from None
+        raise UserError(f"{model}: not valid YAML ({str(e).splitlines()[0]})") from None
     entries = doc.get("models", doc) if isinstance(doc, dict) else None
     if not isinstance(entries, dict) or not entries or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
-        raise ValueError(f"{model}: a registry maps category names to model directories, e.g.\n"
-                         "models:\n  bottle: s3://models/bottle\n  cable: models/cable")
+        raise UserError(f"{model}: a registry maps category names to model directories, e.g. "
+                        "{models: {bottle: s3://models/bottle, cable: models/cable}}")
     base = _folder(model)
     return {category: ModelRef.read(category, _resolve(uri, base), threshold)
             for category, uri in entries.items()}

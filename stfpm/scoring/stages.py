@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 from stfpm.data.images import prepare_input, sniff_image
 from stfpm.data.tiling import tiling_of
 from stfpm.scoring.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
-from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, readable_path, write_bytes
+from stfpm.storage import filesystem_for, has_credentials, is_http, is_s3, join_uri, readable_path, write_bytes
 
 MAX_BYTES = 256 << 20
 
@@ -47,6 +47,8 @@ def _read(uri: str, max_bytes: int, cache: dict) -> bytes:
     if is_http(uri):
         raise InputError("scoring reads local files and s3:// objects, not http(s):// URLs; "
                          "copy the images to a folder or bucket")
+    if has_credentials(uri):
+        raise InputError("credentials in a URL are not accepted; the AWS chain (environment, profile, role) is used")
     if "://" in uri and not is_s3(uri):  # a manifest line such as ftp://...: local paths are absolute
         raise InputError(f"unsupported URL scheme {uri.split('://', 1)[0]!r}: scoring reads local files "
                          "and s3:// objects")
