@@ -519,3 +519,35 @@ def test_wrong_s3_credentials_and_a_missing_output_bucket_are_one_line_before_sc
         assert result.exit_code == 2 and len(lines) == 1, result.output
         assert "check the credentials" in lines[0] and f"s3://{s3_env}" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------ item 16: multi-frame images
+
+def test_a_multi_frame_image_is_scored_with_a_note(tmp_path):
+    """Item 16: multi-page TIFFs and animated PNGs scored their first frame with no note."""
+    import cv2
+    import pyarrow as pa
+
+    from stfpm.scoring.stages import load_images
+
+    frames = [np.full((48, 48, 3), 40 * i, np.uint8) for i in range(3)]
+    assert cv2.imwritemulti(str(tmp_path / "pages.tiff"), frames)
+    cv2.imwrite(str(tmp_path / "one.tiff"), frames[0])
+    uris = [str(tmp_path / "pages.tiff"), str(tmp_path / "one.tiff")]
+    try:
+        from PIL import Image
+    except ImportError:
+        Image = None
+    if Image is not None:
+        pictures = [Image.fromarray(f) for f in frames]
+        pictures[0].save(tmp_path / "moving.png", save_all=True, append_images=pictures[1:])
+        uris.append(str(tmp_path / "moving.png"))
+    none = pa.array([None] * len(uris), pa.string())
+    batch = pa.table({"image_uri": uris, "status": none, "error": none, "error_kind": none,
+                      "_size": pa.array([32] * len(uris), pa.int32())})
+    rows = load_images(batch, 10**8, 1 << 20).select(["status", "error"]).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * len(uris)
+    assert rows[0]["error"] == "frames: a multi-page TIFF; only the first page was scored"
+    assert rows[1]["error"] is None
+    if Image is not None:
+        assert rows[2]["error"] == "frames: an animated PNG of 3 frames; only the first was scored"

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from stfpm.data.images import prepare_input, sniff_image
+from stfpm.data.images import frames_note, prepare_input, sniff_image
 from stfpm.data.tiling import tiling_of
 from stfpm.scoring.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
 from stfpm.storage import filesystem_for, has_credentials, is_http, is_s3, join_uri, readable_path, write_bytes
@@ -117,7 +117,7 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
     tiles = zip(batch["_tile"].to_pylist(), batch["_tile_overlap"].to_pylist()) if tiled else itertools.repeat((None, 0))
     for row, (tile, overlap) in zip(batch.select(["image_uri", "status", "error", "error_kind", "_size"]).to_pylist(),
                                     tiles):
-        height = width = image = kept = None
+        height = width = image = kept = note = None
         error, kind = row["error"], row["error_kind"]
         if row["status"] != "error":
             data = None
@@ -134,6 +134,7 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
                     tiling = tiling_of(tile, overlap)
                     prepared = prepare_input(data, row["_size"], row["image_uri"], max_pixels, keep_images, tiling)
                     height, width, image = prepared.height, prepared.width, prepared.pixels.tobytes()
+                    note = frames_note(data)  # on an ok row, as overlay notes are
                     if keep_images:
                         kept = _pack(prepared.image)
                 except (ValueError, cv2.error) as e:  # ImageDecodeError is a ValueError;
@@ -147,7 +148,7 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
             t_read += t1 - t0
             t_decode += time.perf_counter() - t1
         status.append("error" if error else "ok")
-        errors.append(error)
+        errors.append(error or note)
         kinds.append(kind)
         heights.append(height)
         widths.append(width)

@@ -37,7 +37,8 @@ map_uri        string               8-bit PNG anomaly map at width x height (see
 overlay_uri    string               overlay PNG (--overlays, anomalous inputs only)
 status         string               "ok" or "error"
 error          string               why the row failed ("read: ...", "decode: ...", "model: ..."),
-                                    or on an ok row why its overlay is missing ("overlay: ...")
+                                    or on an ok row why its overlay is missing ("overlay: ...") or that
+                                    only the first of its frames was scored ("frames: ...")
 error_kind     string               on error rows: "input" (the file itself is bad: not retried until
                                     its input_version changes) or "transient" (model, IO: retried)
 device         string               where the forward ran: "cpu", "gpu:N", with the GPU Ray assigned
