@@ -551,3 +551,38 @@ def test_a_multi_frame_image_is_scored_with_a_note(tmp_path):
     assert rows[1]["error"] is None
     if Image is not None:
         assert rows[2]["error"] == "frames: an animated PNG of 3 frames; only the first was scored"
+
+
+# ------------------------------------------------------------ item 15: memory under large images
+
+def test_overlays_of_large_images_carry_a_bounded_picture(model, tmp_path):
+    """Item 15: with overlays on, every row carried its full decoded image to the maps stage
+    (three 100-MP images took ~3 GiB per worker). Now at most OVERLAY_MAX_PIXELS travel, and
+    the overlay is drawn at that size; the map stays at the input's size."""
+    import cv2
+
+    from stfpm.scoring.plan import plan_run
+    from stfpm.scoring.stages import OVERLAY_MAX_PIXELS, ScoreActor, load_images, write_maps
+    from test_scoring import encode, texture
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.png").write_bytes(encode(texture(rng, 1800, 3000)))  # 5.4 MP
+    (tmp_path / "in" / "small.png").write_bytes(encode(texture(rng, 64, 96)))
+    plan = plan_run(str(model), str(tmp_path / "in"), str(tmp_path / "out"))
+    decoded = load_images(plan.pending, 10**8, 1 << 28, keep_images=True)
+    sizes = dict(zip([Path(u).name for u in decoded["image_uri"].to_pylist()],
+                     [len(b) for b in decoded["_decoded"].to_pylist()]))
+    assert sizes["big.png"] <= 8 + 3 * OVERLAY_MAX_PIXELS < 8 + 3 * 1800 * 3000
+    assert sizes["small.png"] == 8 + 3 * 64 * 96
+    rows = write_maps(ScoreActor({"": str(model)}, None, str(tmp_path / "cache"))(decoded), str(tmp_path / "out"))
+    for row in rows.to_pylist():
+        assert row["status"] == "ok" and row["is_anomaly"] and row["overlay_uri"], row
+        drawn = cv2.imread(row["overlay_uri"])
+        heat = cv2.imread(row["map_uri"], cv2.IMREAD_GRAYSCALE)
+        assert heat.shape == (row["height"], row["width"])
+        assert drawn.shape[0] * drawn.shape[1] <= OVERLAY_MAX_PIXELS
+        if row["width"] == 96:
+            assert drawn.shape[:2] == (64, 96)
+        else:
+            assert abs(drawn.shape[1] / drawn.shape[0] - 3000 / 1800) < 0.01

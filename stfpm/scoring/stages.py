@@ -24,6 +24,7 @@ from stfpm.scoring.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, dr
 from stfpm.storage import filesystem_for, has_credentials, is_http, is_s3, join_uri, readable_path, write_bytes
 
 MAX_BYTES = 256 << 20
+OVERLAY_MAX_PIXELS = 4_000_000  # overlays are drawn at the input's size up to this, scaled down above it
 
 
 def _input_fs(uri: str, cache: dict) -> tuple[pafs.FileSystem, str]:
@@ -135,8 +136,8 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
                     prepared = prepare_input(data, row["_size"], row["image_uri"], max_pixels, keep_images, tiling)
                     height, width, image = prepared.height, prepared.width, prepared.pixels.tobytes()
                     note = frames_note(data)  # on an ok row, as overlay notes are
-                    if keep_images:
-                        kept = _pack(prepared.image)
+                    if keep_images:  # bounded: three 100-MP images took ~3 GiB per worker
+                        kept = _pack(_bounded(prepared.image, *_overlay_size(height, width)))
                 except (ValueError, cv2.error) as e:  # ImageDecodeError is a ValueError;
                     # anything else is a bug in this code and fails the task loudly
                     error = f"decode: {getattr(e, 'reason', None) or f'{type(e).__name__}: {e}'}"
@@ -161,6 +162,21 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
                        width=(widths, pa.int32()), _image=(images, pa.binary()),
                        _t_read=([t_read / n] * len(batch), pa.float64()),
                        _t_decode=([t_decode / n] * len(batch), pa.float64()), **columns)
+
+
+def _overlay_size(height: int, width: int) -> tuple[int, int]:
+    """(h, w) of an input's overlay: its own size, scaled down to at most OVERLAY_MAX_PIXELS."""
+    if height * width <= OVERLAY_MAX_PIXELS:
+        return height, width
+    scale = (OVERLAY_MAX_PIXELS / (height * width)) ** 0.5
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def _bounded(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`image` no larger than (height, width): a smaller one (a JPEG decoded at reduced scale) is kept."""
+    if image.shape[0] * image.shape[1] <= height * width:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def _pack(image: np.ndarray) -> bytes:
@@ -289,7 +305,9 @@ def write_maps(batch: pa.Table, output: str) -> pa.Table:
         write_bytes(map_uris[i], encode_png(heat))
         if images[i] is not None and row["is_anomaly"]:
             try:
-                drawn = overlay(_unpack(images[i]), heat, True, row["score"], row["raw_score"])
+                oh, ow = _overlay_size(h, w)
+                small = heat if (oh, ow) == heat.shape else cv2.resize(heat, (ow, oh), interpolation=cv2.INTER_AREA)
+                drawn = overlay(_unpack(images[i]), small, True, row["score"], row["raw_score"])
                 overlay_uris[i] = join_uri(output, OVERLAYS, key)
                 write_bytes(overlay_uris[i], encode_png(drawn))
             except Exception as e:  # noqa: BLE001 - the score stands; the optional picture failed
