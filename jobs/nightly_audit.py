@@ -3,7 +3,7 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/nightly_audit.py --config cluster/audit.example.yaml
 
-Scores the images that arrived since the last successful run and writes the score table,
+Scores the images no finished run has taken yet (a ledger) and writes the score table,
 the maps, audit.json and report.html under OUTPUT/runs/<run_id>/ (stfpm/audit.py says how).
 Runs the same on a laptop (`python jobs/nightly_audit.py --config ...` starts a local Ray).
 

@@ -287,7 +287,7 @@ def test_thresholds_are_validated(model, tmp_path, capsys):
         path = tmp_path / "audit.yaml"
         path.write_text(yaml.safe_dump({"source": str(tmp_path / "in"), "output": str(tmp_path / "o"),
                                         "models": str(model), "scoring": {"threshold": value}}))
-        with pytest.raises(ValueError, match="scoring.threshold must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="scoring.threshold must be a number, finite and >= 0"):
             load_config(str(path))
 
     def with_ood_limit(limit):

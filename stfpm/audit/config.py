@@ -33,7 +33,7 @@ KINDS = {
     "hours": (lambda v: _number(v) and 0 < v <= 168, "a number of hours above 0, at most 168 (S3's limit)"),
     "number or null": (lambda v: v is None or _number(v), "a number, or left out"),
     "threshold or null": (lambda v: v is None or (_number(v) and math.isfinite(v) and v >= 0),
-                          "a finite number >= 0, or left out"),
+                          "a number, finite and >= 0, or left out"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "text": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     "text or null": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a non-empty string, or left out"),
@@ -127,7 +127,7 @@ class AuditConfig:
     root: str | None = None             # manifests: the folder partitions are counted from
     partitions: list | None = None      # folder levels under source/root, e.g. [category, line]
     settle_minutes: float = 15
-    first_run_since: str | None = None  # first run only: ignore inputs that arrived before
+    first_run_since: str | None = None  # inputs that arrived before it are never taken
     ray_address: str | None = None      # default: the job's cluster, else a local Ray
     s3: dict = field(default_factory=dict)   # endpoint, region (credentials: the AWS chain)
     alert: AlertConfig = field(default_factory=AlertConfig)

@@ -1,4 +1,4 @@
-"""The nightly audit: score the images that arrived since the last successful run, then
+"""The nightly audit: score the images no finished run has taken yet, then
 summarise them (JSON) and show them (a static HTML report).
 
 Layout under OUTPUT (a local folder or s3://bucket/prefix):
