@@ -427,6 +427,25 @@ def test_a_second_audit_of_the_same_output_touches_nothing(model, tmp_path, caps
     release_lock(str(out), token)
     assert not (out / "_audit.lock").exists()
 
+    # two takers at the same moment: exactly one gets the lock
+    import threading
+
+    outcomes, start = [], threading.Barrier(2)
+
+    def take():
+        start.wait()
+        try:
+            outcomes.append(acquire_lock(str(out)))
+        except audit.AuditLocked:
+            outcomes.append(None)
+
+    takers = [threading.Thread(target=take) for _ in range(2)]
+    for t in takers:
+        t.start()
+    for t in takers:
+        t.join()
+    assert sorted(outcomes, key=bool)[0] is None and sum(bool(o) for o in outcomes) == 1, outcomes
+
 
 def test_audit_config_gaps_exit_2_in_one_line_before_anything_is_written(model, tmp_path, capsys):
     """Item 13: a broken registry YAML, an output that is a file, settle_minutes .inf or 1e12,
