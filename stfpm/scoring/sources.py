@@ -112,7 +112,8 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
     columns = {"image_uri": uris, "input_version": [f.version for f in listed], "size_bytes": [f.size for f in listed]}
     for i, name in enumerate(partitions):
         columns[name] = extra[name] if name in extra else [path_level(uri, root_uri, i) for uri in uris]
-    columns["_input_error"] = [None if allowed(uri, allow_roots) else
+    inside = real_folders(allow_roots)  # resolved once, not per input
+    columns["_input_error"] = [None if allowed(uri, inside) else
                                "read: outside the folders inputs may be read from (allow_roots)" for uri in uris]
     first = {}
     for i, uri in enumerate(uris):
@@ -124,14 +125,19 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
     return table.sort_by("image_uri")
 
 
-def allowed(uri: str, roots: list[str] | None) -> bool:
-    """Whether a local input lies under one of `roots` once symlinks are resolved (always
-    for S3 objects, whose access the bucket policy governs, and when `roots` is None)."""
-    if roots is None or "://" in uri:  # S3, http(s), and schemes the read stage refuses
+def real_folders(roots: list[str] | None) -> list[str] | None:
+    """Local folders with their symlinks resolved (None stays None: anywhere)."""
+    return None if roots is None else [os.path.realpath(filesystem_for(root)[1]) for root in roots]
+
+
+def allowed(uri: str, real_roots: list[str] | None) -> bool:
+    """Whether a local input lies under one of `real_roots` (`real_folders`) once symlinks are
+    resolved (always for S3 objects, whose access the bucket policy governs, and when
+    `real_roots` is None)."""
+    if real_roots is None or "://" in uri:  # S3, http(s), and schemes the read stage refuses
         return True
     real = os.path.realpath(readable_path(filesystem_for(uri)[1]))
-    return any(real == r or real.startswith(r.rstrip("/") + "/")
-               for r in (os.path.realpath(filesystem_for(root)[1]) for root in roots))
+    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in real_roots)
 
 
 def stat_entries(uris: list[str]) -> list[Listed]:
@@ -192,7 +198,7 @@ def _list_local(root: str, roots: list[str] | None = None):
             raise FileNotFoundError(f"{root}: no such folder or file")
         yield stat_local(root), os.path.basename(root)
         return
-    seen, inside = set(), [os.path.realpath(filesystem_for(r)[1]) for r in (roots or [root])]
+    seen, inside = set(), real_folders(roots or [root])
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a symlink back up the tree, or a second link to one folder
