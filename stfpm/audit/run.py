@@ -390,7 +390,12 @@ def read_seen(output: str, last: dict | None) -> tuple[set[tuple[str, str]], dat
         return set(), None
     if not last.get("seen"):
         return set(), parse_time(last["until"])
-    table = pq.read_table(pa.BufferReader(read_bytes(join_uri(output, RUNS, last["seen"], SEEN))))
+    try:
+        table = pq.read_table(pa.BufferReader(read_bytes(join_uri(output, RUNS, last["seen"], SEEN))))
+    except FileNotFoundError:  # removed by hand: the last cut-off then stands in for it, as before the ledger
+        logger.warning(f"warning: the ledger {join_uri(output, RUNS, last['seen'], SEEN)} is missing; "
+                       f"taking what arrived after {last['until']}")
+        return set(), parse_time(last["until"])
     return set(zip(table["image_uri"].to_pylist(), table["input_version"].to_pylist())), None
 
 
