@@ -213,7 +213,9 @@ def step(name: str, work: Path, n: int) -> dict:
         totals = scoring_run.merge_stats([])
         base, c0 = current_rss_mb(), cpu_s()
         if hasattr(scoring_run, "finish_run"):
-            summary = scoring_run.finish_run(plan, totals, None, started=time.perf_counter())
+            written = [str(p) for p in sorted((out / "scores").rglob("part-*.parquet"))
+                       if int(p.stem.split("-")[-1]) >= 10 * n]  # the files of this run's rows
+            summary = scoring_run.finish_run(plan, totals, None, time.perf_counter(), written)
         else:  # the code before issue 23
             removed = scoring_run.remove_superseded(str(out / "scores"))
             index = scoring_run.read_index(str(out / "scores"))
