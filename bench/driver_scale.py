@@ -149,6 +149,7 @@ def prepare(work: Path, n: int) -> None:
     pq.write_table(pa.table({"image_uri": [uri(i) for i in idx], "input_version": versions}), d / "manifest.parquet")
     write_table(d / "plan" / "scores", 0, n // 2, ref.version, ref.threshold, "r-old")
     write_table(d / "plan" / "scores", n, n - n // 2, ref.version, ref.threshold, "r-older")
+    (d / "plan" / "_SUCCESS").write_text("{}")  # the last run finished
     # feed: N local paths that do not exist (each row fails fast in the actor: the driver is measured)
     pq.write_table(pa.table({"image_uri": [f"/nonexistent/bench/{i:09d}.png" for i in idx],
                              "input_version": versions}), d / "feed.parquet")

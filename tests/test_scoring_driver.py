@@ -73,6 +73,7 @@ def test_compaction_looks_at_the_runs_files_and_those_of_its_inputs_only(model, 
         [True, True, False, False])), scores, first.run_id, first.schema)["file"]
     failed = _rows(first, ["error"] * 4, ["transient"] * 4, threshold)
     retried = sorted(write_table_file(failed.slice(i, 1), scores, first.run_id, first.schema)["file"] for i in (2, 3))
+    (out / "_SUCCESS").write_text("{}")  # that run finished
     again = plan_run(str(model), str(tmp_path / "data"), str(out))
     assert again.pending["image_uri"].to_pylist() == [str(p) for p in data[2:]]
     assert again.table_files == retried  # the file of the settled inputs is not looked at
@@ -83,10 +84,12 @@ def test_compaction_looks_at_the_runs_files_and_those_of_its_inputs_only(model, 
     assert Path(settled).stat().st_mtime_ns == before and not any(Path(f).exists() for f in retried)
     index = read_index(scores)
     assert len(index) == 4 and index["status"].to_pylist() == ["ok"] * 4
-    # a run killed before its compaction left two rows of one input: the next plan finds their file
+    # a run killed before its compaction (no _SUCCESS) left two rows of one input: the next
+    # run compacts the whole table
     write_table_file(_rows(first, ["ok"] * 4, [None] * 4, threshold).slice(0, 1), scores, "killed", first.schema)
+    (out / "_SUCCESS").unlink()
     later = plan_run(str(model), str(tmp_path / "data"), str(out))
-    assert len(later.pending) == 0 and settled in later.table_files
+    assert len(later.pending) == 0 and later.table_files is None
     assert remove_superseded(scores, later.table_files) == 1 and len(read_index(scores)) == 4
 
 
@@ -134,3 +137,25 @@ def test_a_copied_model_directory_and_a_new_threshold(model, tmp_path):
     back = score(str(model), str(data), out, batch_size=2, verbose=False)  # the model's own threshold again
     assert back["counts"]["scored"] == 4 and (read_scores(out).threshold == first["models"]["model"]["threshold"]).all()
     assert not (tmp_path / "out" / "_pending").exists() or not any((tmp_path / "out" / "_pending").iterdir())
+
+
+def test_s3_prefixes_are_listed_concurrently_and_completely(s3_env):
+    """Item 5: the first levels are listed with a delimiter and the prefixes below them at
+    once; the same objects as the one sequential pass, files at every level included."""
+    import boto3
+
+    from stfpm.scoring import sources
+    from stfpm.storage import filesystem_for
+
+    s3 = boto3.client("s3")
+    keys = [f"in/cam{c}/day{d}/{i}.png" for c in range(3) for d in range(4) for i in range(5)]
+    keys += ["in/top.png", "in/cam0/mid.png", "in/cam1/day0/deep/x/y.png", "other/no.png"]
+    for key in keys:
+        s3.put_object(Bucket=s3_env, Key=key, Body=b"x")
+    fs, root = filesystem_for(f"s3://{s3_env}/in")
+    every = sorted(i.path for i in sources.s3_files(fs, root, workers=1))
+    assert every == sorted(f"{s3_env}/{k}" for k in keys if k.startswith("in/"))
+    for workers, levels in ((4, 1), (16, 2), (2, 3)):
+        assert sorted(i.path for i in sources.s3_files(fs, root, workers=workers, levels=levels)) == every
+    listed = sources.list_files(f"s3://{s3_env}/in/", (".png",))
+    assert [f.uri for f in listed] == [f"s3://{p}" for p in every]

@@ -9,10 +9,12 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.scoring.sources import CATEGORY, ModelRef, is_registry, list_inputs, resolve_models
-from stfpm.scoring.table import INPUT_ERROR, SCORES, TRANSIENT_ERROR, codes, drop_columns, read_index, table_schema
+from stfpm.scoring.table import INDEX_SCHEMA, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns, table_schema
 from stfpm.storage import filesystem_for, is_s3, join_uri
 
 
@@ -32,7 +34,8 @@ class Plan:
     n_listed: int
     n_skipped: int
     timings: dict = field(default_factory=dict)
-    table_files: list[str] = field(default_factory=list)  # files compact_run must look at besides the run's own
+    table_files: list[str] | None = field(default_factory=list)  # files the end of the run compacts besides
+    # its own (None: the whole table)
 
     @property
     def schema(self) -> pa.Schema:
@@ -71,9 +74,11 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     per_input = lambda values, kind: pa.array(values, kind).take(which)  # noqa: E731
     inputs = inputs.append_column("model_version", per_input([r.version for r in refs], pa.string()))
     inputs = inputs.append_column("_row", pa.array(np.arange(n), pa.int64()))
-    index = read_index(join_uri(output, SCORES), columns=["image_uri", "input_version", "model_version", "status",
-                                                          "error_kind", "threshold"])
-    pending = _not_settled(inputs, index, {r.version: r.threshold for r in refs}).sort_by("_row")
+    scores = join_uri(output, SCORES)
+    done = settled(scores, {r.version: r.threshold for r in refs})
+    keys = inputs.select(["image_uri", "input_version", "model_version", "_row"])
+    rows = _not_settled(keys, done)["_row"].combine_chunks()
+    pending = inputs.take(rows.take(pc.sort_indices(rows)))  # in image_uri order, as listed
     which = which.take(pending["_row"])
     per_input = lambda values, kind: pa.array(values, kind).take(which)  # noqa: E731
     known = ", ".join(sorted(str(k) for k in models))
@@ -89,7 +94,7 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     errors = pc.coalesce(refused, unknown)
     kinds = pc.if_else(pc.is_valid(refused), INPUT_ERROR,
                        pc.if_else(no_model, TRANSIENT_ERROR, pa.scalar(None, pa.string())))
-    table_files = _files_to_compact(index, pending["image_uri"])
+    table_files = _files_to_compact(scores, join_uri(output, SUCCESS), pending["image_uri"])
     pending = drop_columns(pending, "_input_error", "_row", "model_version")
     columns = {"model_name": per_input([r.name for r in refs], pa.string()),
                "model_version": per_input([r.version for r in refs], pa.string()),
@@ -107,16 +112,31 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
                 timings={"list_s": t_list, "plan_s": time.perf_counter() - t0})
 
 
-def _not_settled(inputs: pa.Table, index: pa.Table, thresholds: dict[str, float]) -> pa.Table:
-    """The rows of `inputs` that no row of `index` settles (plan_run), by two left anti-joins:
+def settled(scores_uri: str, thresholds: dict[str, float]) -> pa.Table:
+    """(image_uri, input_version, model_version) of the rows of the table that settle their
+    input (plan_run): ok rows scored with the threshold this run uses for their model
+    version, and error rows of kind "input". The filter runs in the scan: only these rows'
+    three columns are held."""
+    empty = pa.table({c: pa.array([], pa.string()) for c in ("image_uri", "input_version", "model_version")})
+    fs, path = filesystem_for(scores_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return empty
+    version, threshold = pads.field("model_version"), pads.field("threshold")
+    same = None
+    for v, t in thresholds.items():
+        term = (version == v) & (threshold == t)
+        same = term if same is None else same | term
+    ok = pads.field("status") == "ok"
+    settles = (ok & same if same is not None else pads.scalar(False)) | (pads.field("error_kind") == INPUT_ERROR)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
+    return dataset.to_table(columns=empty.column_names, filter=settles)
+
+
+def _not_settled(inputs: pa.Table, done: pa.Table) -> pa.Table:
+    """The rows of `inputs` that no row of `done` (settled) settles, by two left anti-joins:
     on (image_uri, input_version, model_version), and on (image_uri, model_version) against
-    the rows without input_version. An input without a model (null model_version) is never
-    settled: nulls never match in a join."""
-    run_threshold = pa.array(list(thresholds.values()), pa.float64()).take(
-        pc.index_in(index["model_version"], value_set=pa.array(list(thresholds), pa.string())))
-    ok = pc.and_kleene(pc.equal(index["status"], "ok"), pc.equal(index["threshold"], run_threshold))
-    settled = pc.fill_null(pc.or_kleene(ok, pc.equal(index["error_kind"], INPUT_ERROR)), False)
-    done = index.filter(settled).select(["image_uri", "input_version", "model_version"])
+    the rows without input_version (written before it existed: they settle any content). An
+    input without a model (null model_version) is never settled: nulls never match in a join."""
     keys = ["image_uri", "input_version", "model_version"]
     pending = inputs.join(done, keys=keys, join_type="left anti", use_threads=False) if len(done) else inputs
     any_version = done.filter(pc.is_null(done["input_version"])).select(["image_uri", "model_version"])
@@ -126,19 +146,19 @@ def _not_settled(inputs: pa.Table, index: pa.Table, thresholds: dict[str, float]
     return pending
 
 
-def _files_to_compact(index: pa.Table, pending_uris: pa.ChunkedArray) -> list[str]:
-    """The table files compaction must look at besides the run's own (sink.remove_superseded):
-    those holding a row of an input this run scores, and those left with superseded rows by a
-    run killed before its compaction (an input with two rows of one model version, or a row
-    without a model version beside others)."""
-    if not len(index):
+def _files_to_compact(scores_uri: str, success_uri: str, pending_uris: pa.ChunkedArray) -> list[str] | None:
+    """The table files the end of the run must compact besides its own (sink.remove_superseded):
+    those holding a row of an input this run scores. None (the whole table) when the last run
+    did not finish (no _SUCCESS: it is deleted when a run starts, written when it ends), as it
+    may have left superseded rows anywhere."""
+    fs, path = filesystem_for(scores_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
-    touched = pc.is_in(index["image_uri"], value_set=pending_uris.combine_chunks())
-    uri = codes(index["image_uri"])
-    version = codes(index["model_version"])
-    _, group, count = np.unique(uri * (int(version.max(initial=0)) + 1) + version, return_inverse=True,
-                                return_counts=True)
-    per_uri = np.bincount(uri)
-    stale = (count[group] > 1) | (index["model_version"].is_null().to_numpy(zero_copy_only=False) & (per_uri[uri] > 1))
-    files = index["file"].filter(pc.or_(touched, pa.array(stale)))
-    return sorted(pc.unique(files.cast(pa.string())).to_pylist())
+    if filesystem_for(success_uri)[0].get_file_info(filesystem_for(success_uri)[1]).type != pafs.FileType.File:
+        return None
+    if not len(pending_uris):
+        return []
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
+    found = dataset.to_table(columns=["__fragment_index"],
+                             filter=pads.field("image_uri").isin(pending_uris.combine_chunks()))
+    return sorted(dataset.files[i] for i in pc.unique(found["__fragment_index"]).to_pylist())

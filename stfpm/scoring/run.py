@@ -203,7 +203,7 @@ def finish_run(plan: Plan, totals: dict, layout: dict | None, started: float, wr
     a few of its columns; _SUCCESS. Returns the summary."""
     t0 = time.perf_counter()
     scores = join_uri(plan.output, SCORES)
-    removed = remove_superseded(scores, sorted(set(plan.table_files) | set(written)))
+    removed = remove_superseded(scores, None if plan.table_files is None else sorted({*plan.table_files, *written}))
     counts = table_counts(scores, [ref.version for ref in plan.models.values()])
     plan.timings["compact_s"] = time.perf_counter() - t0
     plan.timings["total_s"] = time.perf_counter() - started
