@@ -220,12 +220,18 @@ def table_counts(scores_uri: str, versions: list[str]) -> dict:
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return {"table_rows": 0, "table_ok": 0, "table_error": 0, "latest_rows": 0, "latest_ok": 0, "latest_error": 0}
     dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
-    status = dataset.to_table(columns=["status"])["status"]
-    found = pads.field("model_version")
-    current = dataset.to_table(columns=["image_uri", "input_version", "status", "scored_at"],
-                               filter=found.is_null() | found.isin(sorted(set(versions))))
-    latest = current["status"].take(pa.array(winning_rows(current, ["image_uri"]), pa.int64()))
+    rows = dataset.to_table(columns=["status", "model_version"])
+    status, found = rows["status"], rows["model_version"]
     count = lambda column, value: int(pc.sum(pc.equal(column, value)).as_py() or 0)  # noqa: E731
+    if len(set(versions)) == 1 and not found.null_count:
+        # one model and no row without one: the table, just compacted, holds one row per
+        # (image_uri, model_version), so the latest view is the rows of that version
+        latest = status.filter(pc.equal(found, versions[0]))
+    else:
+        field = pads.field("model_version")
+        current = dataset.to_table(columns=["image_uri", "input_version", "status", "scored_at"],
+                                   filter=field.is_null() | field.isin(sorted(set(versions))))
+        latest = current["status"].take(pa.array(winning_rows(current, ["image_uri"]), pa.int64()))
     return {"table_rows": len(status), "table_ok": count(status, "ok"), "table_error": count(status, "error"),
             "latest_rows": len(latest), "latest_ok": count(latest, "ok"), "latest_error": count(latest, "error")}
 
