@@ -62,15 +62,17 @@ def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def _pipeline_rows(plan, status: list[str], kinds: list[str | None]) -> pa.Table:
-    """plan.pending as the stages would leave it: the given status and error kind per row."""
+    """plan.pending as the stages would leave it: the given status and error kind per row,
+    scored with the plan's threshold (a row of another threshold is not "already scored")."""
     from stfpm.scoring.table import set_columns
 
     n = len(plan.pending)
+    threshold = next(iter(plan.models.values())).threshold
     return set_columns(plan.pending, status=(status, pa.string()),
                        error=([None if s == "ok" else "x: y" for s in status], pa.string()),
                        error_kind=(kinds, pa.string()), raw_score=([1.0] * n, pa.float64()),
                        score=([0.5] * n, pa.float64()), is_anomaly=([False] * n, pa.bool_()),
-                       threshold=([1.0] * n, pa.float64()), ood=([None] * n, pa.bool_()),
+                       threshold=([threshold] * n, pa.float64()), ood=([None] * n, pa.bool_()),
                        ood_score=([None] * n, pa.float64()), device=(["cpu"] * n, pa.string()),
                        width=([64] * n, pa.int32()), height=([64] * n, pa.int32()),
                        map_uri=([None] * n, pa.string()), overlay_uri=([None] * n, pa.string()))

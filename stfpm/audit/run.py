@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -125,6 +126,7 @@ def input_rows(cfg: AuditConfig, items: list[Listed]) -> pa.Table:
             filesystem_for(cfg.root)[1] if cfg.root else None)
         for manifest in sorted(items, key=lambda m: m.arrived):
             uris, extra = read_manifest(manifest.uri)
+            uris, extra = uris.to_pylist(), {k: v.to_pylist() for k, v in extra.items()}
             for j, uri in enumerate(uris):
                 values = {}
                 for i, p in enumerate(partitions):
@@ -426,16 +428,19 @@ def read_retries(output: str, last: dict | None, arrived: pa.Table) -> pa.Table:
         table = pq.read_table(pa.BufferReader(read_bytes(join_uri(output, RUNS, last["run_id"], RETRY))))
     except FileNotFoundError:
         return schema.empty_table()
-    again = set(arrived["image_uri"].to_pylist())
-    table = table.filter(pa.array([u not in again for u in table["image_uri"].to_pylist()], pa.bool_()))
+    table = table.filter(pc.invert(pc.is_in(table["image_uri"], value_set=arrived["image_uri"].combine_chunks())))
     return pa.table([table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
                      for f in schema], schema=schema)
 
 
 def write_retries(run_dir: str, inputs: pa.Table, table: pa.Table) -> None:
     """RETRY: the rows of `inputs` whose standing row in the run's table is a transient error."""
-    transient = {r["image_uri"] for r in one_row_per_input(table) if r.get("error_kind") == TRANSIENT_ERROR}
-    retry = inputs.filter(pa.array([u in transient for u in inputs["image_uri"].to_pylist()], pa.bool_()))
+    rows = one_row_per_input(table)
+    if len(rows) and "error_kind" in rows.column_names:
+        transient = rows.filter(pc.fill_null(pc.equal(rows["error_kind"], TRANSIENT_ERROR), False))["image_uri"]
+        retry = inputs.filter(pc.is_in(inputs["image_uri"], value_set=transient.combine_chunks()))
+    else:
+        retry = inputs.slice(0, 0)
     sink = pa.BufferOutputStream()
     pq.write_table(retry, sink)
     write_bytes(join_uri(run_dir, RETRY), sink.getvalue().to_pybytes())

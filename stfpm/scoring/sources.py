@@ -24,7 +24,6 @@ model of its `category` column.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
@@ -33,7 +32,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
@@ -50,11 +51,6 @@ MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path")
 MODEL_CACHE = os.path.join(tempfile.gettempdir(), "stfpm-models")  # s3:// model directories, fetched
 CATEGORY = "category"
 REGISTRY_SUFFIXES = (".yaml", ".yml")
-
-
-def image_id(uri: str) -> str:
-    """A stable id for an input: the first 32 hex digits of sha256(image_uri)."""
-    return hashlib.sha256(uri.encode()).hexdigest()[:32]
 
 
 def _uri(fs: pafs.FileSystem, path: str) -> str:
@@ -86,43 +82,59 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
     size_bytes (null when unknown), one string column per partition name, and
     `_input_error`: why the input is refused before reading (null when it is not).
     `exclude` is a URI prefix to skip (the output of the run). With `allow_roots`, a local
-    input whose real path (symlinks resolved) is not under one of these folders is refused."""
+    input whose real path (symlinks resolved) is not under one of these folders is refused.
+    A manifest goes from its file to Arrow arrays without a Python object per entry (only
+    entries without an input_version are looked up, one by one)."""
     fs, root = filesystem_for(source)
     with errors_name(source):  # wrong credentials: one line naming the source
         info = fs.get_file_info(root.rstrip("/"))
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{source}: no such directory, prefix, manifest or image")
-    extra: dict[str, list] = {}
-    if info.type == pafs.FileType.Directory:
-        with errors_name(source):
-            listed, root_uri = list_files(source, extensions, exclude, allow_roots), _uri(fs, root.rstrip("/"))
-        if allow_roots is None and not is_s3(source):  # symlinks out of a folder source: opt-in (allow_roots)
-            allow_roots = [root]
-    elif info.path.lower().endswith(tuple(extensions)):
-        listed = list_files(source, extensions)
-        root_uri = _folder(listed[0].uri) if listed else _folder(source)
+    extra: dict[str, pa.Array] = {}
+    if info.type == pafs.FileType.Directory or info.path.lower().endswith(tuple(extensions)):
+        if info.type == pafs.FileType.Directory:
+            with errors_name(source):
+                listed, root_uri = list_files(source, extensions, exclude, allow_roots), _uri(fs, root.rstrip("/"))
+            if allow_roots is None and not is_s3(source):  # symlinks out of a folder source: opt-in (allow_roots)
+                allow_roots = [root]
+        else:
+            listed = list_files(source, extensions)
+            root_uri = _folder(listed[0].uri) if listed else _folder(source)
+        uris = pa.array([f.uri for f in listed], pa.string())
+        versions = pa.array([f.version for f in listed], pa.string())
+        sizes = pa.array([f.size for f in listed], pa.int64())
     else:
         uris, extra = read_manifest(source)
-        given = extra.pop("input_version", None) or [None] * len(uris)  # e.g. the audit's, from its listing
-        unknown = [i for i, v in enumerate(given) if v is None]
-        found = dict(zip(unknown, stat_entries([uris[i] for i in unknown])))
-        listed = [found.get(i) or Listed(u, None, None, given[i]) for i, u in enumerate(uris)]
-        root_uri = _common_folder(uris)
-    uris = [f.uri for f in listed]
-    columns = {"image_uri": uris, "input_version": [f.version for f in listed], "size_bytes": [f.size for f in listed]}
+        versions = extra.pop("input_version", None)  # e.g. the audit's, from its listing
+        versions = pa.nulls(len(uris), pa.string()) if versions is None else versions
+        sizes = pa.nulls(len(uris), pa.int64())
+        unknown = pc.indices_nonzero(versions.is_null())
+        if len(unknown):
+            found = stat_entries(uris.take(unknown).to_pylist())
+            position = pc.index_in(pa.array(np.arange(len(uris)), pa.int64()), value_set=unknown.cast(pa.int64()))
+            versions = pc.coalesce(versions, pa.array([f.version for f in found], pa.string()).take(position))
+            sizes = pc.coalesce(sizes, pa.array([f.size for f in found], pa.int64()).take(position))
+        root_uri = common_folder(uris)
+    columns = {"image_uri": uris, "input_version": versions, "size_bytes": sizes}
     for i, name in enumerate(partitions):
-        columns[name] = extra[name] if name in extra else [path_level(uri, root_uri, i) for uri in uris]
+        columns[name] = extra[name] if name in extra else path_levels(uris, root_uri, i)
     inside = real_folders(allow_roots)  # resolved once, not per input
-    columns["_input_error"] = [None if allowed(uri, inside) else
-                               "read: outside the folders inputs may be read from (allow_roots)" for uri in uris]
-    first = {}
-    for i, uri in enumerate(uris):
-        first.setdefault(uri, i)
-    table = pa.table({k: pa.array(v, pa.int64() if k == "size_bytes" else pa.string())
-                      for k, v in columns.items()})
-    if len(first) != len(uris):
-        table = table.take(pa.array(sorted(first.values()), pa.int64()))
-    return table.sort_by("image_uri")
+    columns["_input_error"] = pa.nulls(len(uris), pa.string()) if inside is None else pa.array(
+        [None if allowed(uri, inside) else "read: outside the folders inputs may be read from (allow_roots)"
+         for uri in uris.to_pylist()], pa.string())
+    return distinct_sorted(pa.table(columns), "image_uri")
+
+
+def distinct_sorted(table: pa.Table, key: str) -> pa.Table:
+    """`table` sorted by `key`, keeping the first row of each value (a stable sort)."""
+    table = table.take(pc.sort_indices(table, [(key, "ascending")]))
+    if len(table) > 1:
+        column = table[key].combine_chunks()
+        changed = pc.not_equal(column.slice(1), column.slice(0, len(table) - 1)).fill_null(True)
+        keep = pa.concat_arrays([pa.array([True]), changed])
+        if not pc.all(keep).as_py():
+            table = table.filter(keep)
+    return table
 
 
 def real_folders(roots: list[str] | None) -> list[str] | None:
@@ -252,40 +264,106 @@ def _list_s3(uri: str):
         return
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{uri}: no such object or prefix")
-    for item in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if item.type == pafs.FileType.File:
-            yield _s3_listed(f"s3://{item.path}", item), item.path[len(root) + 1:]
+    for item in s3_files(fs, root):
+        yield _s3_listed(f"s3://{item.path}", item), item.path[len(root) + 1:]
 
 
-def read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
+S3_LISTERS = 16       # prefixes listed at once
+S3_FAN_OUT_LEVELS = 2  # levels listed with a delimiter to find prefixes to list in parallel
+
+
+def s3_files(fs: pafs.FileSystem, root: str, workers: int | None = None,
+             levels: int = S3_FAN_OUT_LEVELS) -> list[pafs.FileInfo]:
+    """Every object under the prefix `root`. One recursive listing is one request after the
+    other (a page of 1,000 keys each); instead the first `levels` levels are listed with a
+    delimiter to find the prefixes under them (cameras, days, ...), and those are listed
+    recursively, `workers` at a time. workers=1: the one sequential listing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or S3_LISTERS
+    if workers <= 1:
+        return [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    files: list[pafs.FileInfo] = []
+    frontier = [root]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in range(levels):
+            below = []
+            for listing in pool.map(lambda p: fs.get_file_info(pafs.FileSelector(p, recursive=False)), frontier):
+                for item in listing:
+                    if item.type == pafs.FileType.File:
+                        files.append(item)
+                    elif item.type == pafs.FileType.Directory:
+                        below.append(item.path)
+            frontier = below
+            if len(frontier) >= workers or not frontier:
+                break
+        recursive = lambda p: fs.get_file_info(pafs.FileSelector(p, recursive=True))  # noqa: E731
+        for listing in pool.map(recursive, frontier):
+            files.extend(i for i in listing if i.type == pafs.FileType.File)
+    return files
+
+
+def read_manifest(uri: str) -> tuple[pa.Array, dict[str, pa.Array]]:
+    """A manifest's entries (URIs resolved: relative ones against its folder, local paths
+    normalised) and, for a Parquet manifest, its other columns as strings, as Arrow arrays."""
     base = _folder(uri)
     if uri.lower().endswith(".parquet"):
         table = pq.read_table(pa.BufferReader(read_bytes(uri)))
         column = next((c for c in MANIFEST_URI_COLUMNS if c in table.column_names), None)
         if column is None:
             raise ValueError(f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_URI_COLUMNS}")
-        uris = [_resolve(str(u), base) for u in table[column].to_pylist() if u]
-        extra = {c: [None if v is None else str(v) for v in table[c].to_pylist()]
-                 for c in table.column_names if c not in (column, "image_uri", "size_bytes", "arrived_at")}
-        if len(uris) != len(table):
+        entries = table[column].combine_chunks().cast(pa.string())
+        if entries.null_count or pc.any(pc.equal(entries, "")).as_py():
             raise ValueError(f"{uri}: the {column!r} column has empty entries")
-        return uris, extra
+        extra = {c: table[c].combine_chunks().cast(pa.string())
+                 for c in table.column_names if c not in (column, "image_uri", "size_bytes", "arrived_at")}
+        return resolve_entries(entries, base), extra
     text = read_bytes(uri).decode("utf-8", "surrogateescape")  # a non-UTF-8 file name in it is listed escaped
     lines = (line.strip() for line in text.splitlines())
-    return [_resolve(line, base) for line in lines if line and not line.startswith("#")], {}
+    entries = pa.array([printable_path(line) for line in lines if line and not line.startswith("#")], pa.string())
+    return resolve_entries(entries, base), {}
 
 
-def _common_folder(uris: list[str]) -> str:
-    folders = [u.rsplit("/", 1)[0].split("/") for u in uris]
-    if not folders:
+_CLEAN_PATH = r"^/(?:[^/]+/)*[^/]+$"    # absolute, no empty level, no trailing /
+_DOT_LEVEL = r"(^|/)\.\.?(/|$)"          # a "." or ".." level
+
+
+def resolve_entries(entries: pa.Array, base: str) -> pa.Array:
+    """_resolve of every entry: URLs (s3://...) and clean absolute paths stay as they are,
+    only the others (relative, file://, "." or ".." levels, a URL with "@") go through Python."""
+    literal = pc.and_(pc.and_(pc.match_substring(entries, "://"), pc.invert(pc.starts_with(entries, "file://"))),
+                      pc.invert(pc.match_substring(entries, "@")))  # a URL with credentials is redacted by _resolve
+    clean = pc.and_(pc.match_substring_regex(entries, _CLEAN_PATH),
+                    pc.invert(pc.match_substring_regex(entries, _DOT_LEVEL)))
+    rest = pc.indices_nonzero(pc.invert(pc.or_(literal, clean)))
+    if not len(rest):
+        return entries
+    resolved = pa.array([_resolve(e, base) for e in entries.take(rest).to_pylist()], pa.string())
+    position = pc.index_in(pa.array(np.arange(len(entries)), pa.int64()), value_set=rest.cast(pa.int64()))
+    return pc.if_else(pc.is_null(position), entries, resolved.take(position))
+
+
+def common_folder(uris: pa.Array) -> str:
+    """The longest folder every URI lies in, from the first and last URI in sorted order
+    (whatever all URIs share, those two share)."""
+    if not len(uris):
         return ""
-    common = folders[0]
-    for parts in folders[1:]:
-        n = 0
-        while n < min(len(common), len(parts)) and common[n] == parts[n]:
-            n += 1
-        common = common[:n]
-    return "/".join(common)
+    bounds = pc.min_max(uris)
+    first, last = bounds["min"].as_py(), bounds["max"].as_py()
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    common = first[:n] if first != last else first
+    return common.rsplit("/", 1)[0] if "/" in common else ("" if first != last else common)
+
+
+def path_levels(uris: pa.Array, root: str, i: int) -> pa.Array:
+    """path_level of every URI, with Arrow string kernels."""
+    prefix = root.rstrip("/") + "/"
+    found = pc.extract_regex(pc.utf8_slice_codeunits(uris, len(prefix)), r"^(?:[^/]*/){%d}(?P<level>[^/]*)/" % i)
+    level = pc.if_else(pc.is_valid(found), found.field("level"), pa.scalar(None, pa.string()))
+    level = pc.replace_substring_regex(level, r"^[^=]*=", "", max_replacements=1)
+    return pc.if_else(pc.starts_with(uris, prefix), level, pa.scalar(None, pa.string()))
 
 
 def path_level(uri: str, root: str, i: int) -> str | None:

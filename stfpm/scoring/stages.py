@@ -20,7 +20,8 @@ import pyarrow.fs as pafs
 
 from stfpm.data.images import frames_note, prepare_input, sniff_image
 from stfpm.data.tiling import tiling_of
-from stfpm.scoring.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
+from stfpm.scoring.table import (INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns,
+                                 with_image_ids)
 from stfpm.storage import filesystem_for, has_credentials, is_http, is_s3, join_uri, readable_path, write_bytes
 
 MAX_BYTES = 256 << 20
@@ -111,6 +112,7 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
     decoded image (`_decoded`, raw pixels) so the maps stage does not read and decode the
     file again. A file that cannot be read or decoded makes its row an error row; no file can
     fail the batch."""
+    batch = with_image_ids(batch)
     status, errors, kinds, heights, widths, images, decoded = [], [], [], [], [], [], []
     t_read = t_decode = 0.0
     cache: dict = {}
