@@ -27,7 +27,9 @@ class TrainConfig:
     the student's settings (epochs, optimizer, augment, layer_norm) do not apply; its own are
     `bank_fraction` and `bank_pool` (stfpm.nn.patchcore.PATCHCORE_RECIPE)."""
 
-    backbone: str = "resnet18"
+    # The default teacher works offline: its ImageNet weights ship in a pip package (a core
+    # dependency), where resnet18's must be downloaded; its recipe (LITE_RECIPE) is the measured one.
+    backbone: str = "efficientnet_lite0"
     model: str = "stfpm"
     epochs: int | None = None
     batch_size: int | None = None
