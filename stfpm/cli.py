@@ -162,16 +162,14 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
     if not inputs:
         raise UserError("no input names an image: " + "; ".join(problems))
     model = create_model(model_dir=model_dir)
-    typer.echo(f"{'image':<48} {'score':>10} {'norm':>6}  decision")
+    typer.echo(f"{'image':<48} {'raw_score':>10} {'norm_score':>10}  decision")  # the score table's names
     n = n_anomalous = n_ood = 0
-    used: set[str] = set()
     for res in model.predict(inputs, batch_size=batch_size, threshold=threshold):
-        stem = _unique_stem(res["input_path"], n, used)
-        res.save_to_img(out / f"{stem}.png")
-        res.save_to_json(out / f"{stem}.json")
+        res.save_to_img(out / f"{res.name}.png")  # <folder>_<stem>, unique in the call (stfpm.results.OutputNames)
+        res.save_to_json(out / f"{res.name}.json")
         name = res["input_path"] or f"image_{n:06d}"
         name = name if len(name) <= 48 else "..." + name[-45:]
-        typer.echo(f"{name:<48} {res['score']:>10.4g} {res['norm_score']:>6.3f}  "
+        typer.echo(f"{name:<48} {res['raw_score']:>10.4g} {res['norm_score']:>10.3f}  "
                    f"{'ANOMALY' if res['is_anomaly'] else 'ok'}{'  OOD' if res['ood'] else ''}")
         n += 1
         n_anomalous += res["is_anomaly"]
@@ -185,21 +183,6 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
         for problem in problems:
             typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-
-
-def _unique_stem(input_path: str | None, index: int, used: set[str]) -> str:
-    """Output name per input: <folder>_<stem> (test/good/000.png -> good_000, test/crack/000.png
-    -> crack_000), with _1, _2... when two inputs still share a name; image_<index> for arrays."""
-    if input_path is None:
-        stem = f"image_{index:06d}"
-    else:
-        path = Path(input_path)
-        stem = f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
-    base, k = stem, 1
-    while stem in used:
-        stem, k = f"{base}_{k}", k + 1
-    used.add(stem)
-    return stem
 
 
 @app.command()

@@ -53,6 +53,10 @@ class TrainConfig:
     tile_overlap: int = 0
     student: str | None = None  # the student's backbone; default the teacher's (stfpm.nn.build_student)
 
+    def __post_init__(self):
+        if isinstance(self.model, str):
+            self.model = self.model.lower()  # model names are case-insensitive: --model PatchCore
+
     @property
     def tiling(self):
         from stfpm.data.tiling import tiling_of
