@@ -37,6 +37,8 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:  # a RuntimeError to click: a command's own exit code, already explained
+            raise
         except USER_ERRORS as e:
             if os.environ.get("STFPM_DEBUG"):
                 raise
@@ -70,6 +72,8 @@ def check_dataset(data: Path = typer.Argument(..., help="Dataset root (MVTec cat
 
     result = run_check(data, out)
     typer.echo(json.dumps(result["attributes"], indent=2, default=str)[:2000])
+    for warning in result["warnings"]:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"Check dataset passed ! Report: {out / 'check_dataset_result.json'}")
 
 
@@ -312,8 +316,10 @@ def _threshold_note(calibration, metrics: dict) -> str:
 
 
 def _headline(metrics: dict) -> dict:
+    """The metrics to print, at 6 significant digits (0.6056, not 0.6056000000000001); the
+    JSON files keep full precision."""
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold")
-    return {k: metrics.get(k) for k in keys}
+    return {k: float(f"{metrics[k]:.6g}") if isinstance(metrics.get(k), float) else metrics.get(k) for k in keys}
 
 
 if __name__ == "__main__":  # pragma: no cover
