@@ -44,16 +44,19 @@ def test_the_readme_first_hour_path_runs_as_printed(tmp_path, private_ray_tmpdir
     env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}", "STFPM_CACHE_DIR": str(cache),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
-    outputs = []
+    outputs, errors = [], []
     for command in commands:
         done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=1200)
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         outputs.append(done.stdout)
+        errors.append(done.stderr)
 
     card = json.loads((work / "models" / "parts" / "model.json").read_text())
     assert card["model_name"] == "PatchCore" and card["backbone"] not in ZOO  # nothing to download
     assert not cache.exists() or not any(cache.rglob("*.pdparams"))
     assert "32 images" in outputs[verbs.index("predict")]
+    said = errors[verbs.index("train")]  # training says what it does before it is done
+    assert said.index("building the efficientnet_lite0 memory bank") < said.index("calibrating the threshold"), said
     success = json.loads((work / "out" / "scores" / "_SUCCESS").read_text())
     assert success["counts"]["scored"] == 32 and success["layout"]["fused"]
     table = outputs[-1]
