@@ -6,9 +6,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from stfpm.results import AnomalyResult
+from stfpm.results import AnomalyResult, OutputNames
 
 MODEL_NAMES = ("STFPM", "PatchCore")
+
+
+def canonical_model_name(name: str) -> str:
+    """"STFPM" or "PatchCore" for any spelling of either ("stfpm", "patchcore", "PATCHCORE"):
+    model names are case-insensitive everywhere (create_model, `--model`)."""
+    for known in MODEL_NAMES:
+        if isinstance(name, str) and name.lower() == known.lower():
+            return known
+    raise ValueError(f"unknown model_name {name!r}; supported: {', '.join(MODEL_NAMES)} (any case)")
 
 
 def _is_url(text: str) -> bool:
@@ -79,15 +88,15 @@ def _load(source: Any) -> bytes | np.ndarray:
 class STFPMModel:
     """A loaded model (our model directory or an exported inference model) with predict()."""
 
-    def __init__(self, model_dir: str | Path, model_name: str = "STFPM"):
+    def __init__(self, model_dir: str | Path, model_name: str | None = None):
         from stfpm.model.inference import Predictor
 
         self.model_dir = str(model_dir)
         self.predictor = Predictor.open(model_dir)
-        found = self.predictor.card.model_name
-        if found != model_name:
+        self.model_name = found = self.predictor.card.model_name  # the directory says what it holds
+        if model_name is not None and canonical_model_name(model_name) != found:
             raise ValueError(f"model_dir {self.model_dir!r} holds a {found} model, not {model_name}: "
-                             f"pass model_name={found!r}")
+                             f"pass model_name={found!r}, or leave model_name out")
 
     @property
     def threshold(self) -> float:
@@ -102,7 +111,7 @@ class STFPMModel:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        batch, index = [], 0
+        batch, index, names = [], 0, OutputNames()
         for input_path, source in _expand(input):
             name = printable_path(input_path) if input_path else "<array>"
             try:
@@ -115,24 +124,26 @@ class STFPMModel:
                 continue
             batch.append((input_path, prepared))
             if len(batch) == batch_size:
-                yield from self._run(batch, index, threshold)
+                yield from self._run(batch, index, threshold, names)
                 index += len(batch)
                 batch = []
         if batch:
-            yield from self._run(batch, index, threshold)
+            yield from self._run(batch, index, threshold, names)
 
-    def _run(self, batch, index, threshold):
+    def _run(self, batch, index, threshold, names):
         p = self.predictor
         for i, ((input_path, prepared), pred) in enumerate(zip(batch, p.run([b for _, b in batch], threshold))):
-            yield AnomalyResult(input_path, prepared.image, pred, p.calibration, index + i)
+            yield AnomalyResult(input_path, prepared.image, pred, p.calibration, index + i,
+                                names(input_path, index + i))
 
 
-def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None) -> STFPMModel:
+def create_model(model_name: str | None = None, model_dir: str | Path | None = None) -> STFPMModel:
     """PaddleX's entry point. `model_dir` is a directory written by `stfpm train` (or by
-    `stfpm export`); there are no built-in downloadable models, so it is required.
-    `model_name` is the kind of model it holds: "STFPM" or "PatchCore" (`--model patchcore`)."""
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"unknown model_name {model_name!r}; supported: {', '.join(MODEL_NAMES)}")
+    `stfpm export`); there are no built-in downloadable models, so it is required. The
+    directory's model.json says which kind it holds (STFPM or PatchCore), so `model_name` is
+    optional: when given (any case) it must match, else a one-line error names both."""
+    if model_name is not None:
+        canonical_model_name(model_name)
     if model_dir is None:
         raise ValueError("create_model needs model_dir: train a model with "
                          "`stfpm train DATA --out MODEL_DIR` and pass model_dir=MODEL_DIR")

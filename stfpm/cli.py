@@ -77,6 +77,8 @@ def check_dataset(data: Path = typer.Argument(..., help="Dataset root (MVTec cat
 
     result = run_check(data, out)
     typer.echo(json.dumps(result["attributes"], indent=2, default=str)[:2000])
+    for warning in result["warnings"]:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"Check dataset passed ! Report: {out / 'check_dataset_result.json'}")
 
 
@@ -170,19 +172,17 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
     if not inputs:
         raise UserError("no input names an image: " + "; ".join(problems))
     model = create_model(model_dir=model_dir)
-    typer.echo(f"{'image':<48} {'score':>10} {'norm':>6}  decision")
+    typer.echo(f"{'image':<48} {'raw_score':>10} {'norm_score':>10}  decision")  # the score table's names
     n = n_anomalous = n_ood = 0
-    used: set[str] = set()
     for res in model.predict(inputs, batch_size=batch_size, threshold=threshold, errors=problems):
-        stem = _unique_stem(res["input_path"], n, used)
         name = printable_path(res["input_path"]) if res["input_path"] else f"image_{n:06d}"
         try:  # a name too long for the output folder: reported with the others, the rest goes on
-            res.save_to_img(out / f"{stem}.png")
-            res.save_to_json(out / f"{stem}.json")
+            res.save_to_img(out / f"{res.name}.png")  # <folder>_<stem>, unique in the call (stfpm.results.OutputNames)
+            res.save_to_json(out / f"{res.name}.json")
         except OSError as e:
             problems.append(f"{name}: its results could not be written to {out}: {e.strerror or e}")
         name = name if len(name) <= 48 else "..." + name[-45:]
-        typer.echo(f"{name:<48} {res['score']:>10.4g} {res['norm_score']:>6.3f}  "
+        typer.echo(f"{name:<48} {res['raw_score']:>10.4g} {res['norm_score']:>10.3f}  "
                    f"{'ANOMALY' if res['is_anomaly'] else 'ok'}{'  OOD' if res['ood'] else ''}")
         n += 1
         n_anomalous += res["is_anomaly"]
@@ -196,21 +196,6 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
         for problem in problems:
             typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-
-
-def _unique_stem(input_path: str | None, index: int, used: set[str]) -> str:
-    """Output name per input: <folder>_<stem> (test/good/000.png -> good_000, test/crack/000.png
-    -> crack_000), with _1, _2... when two inputs still share a name; image_<index> for arrays."""
-    if input_path is None:
-        stem = f"image_{index:06d}"
-    else:
-        path = Path(input_path)
-        stem = f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
-    base, k = stem, 1
-    while stem in used:
-        stem, k = f"{base}_{k}", k + 1
-    used.add(stem)
-    return stem
 
 
 @app.command()
@@ -341,8 +326,10 @@ def _threshold_note(calibration, metrics: dict) -> str:
 
 
 def _headline(metrics: dict) -> dict:
+    """The metrics to print, at 6 significant digits (0.6056, not 0.6056000000000001); the
+    JSON files keep full precision."""
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold")
-    return {k: metrics.get(k) for k in keys}
+    return {k: float(f"{metrics[k]:.6g}") if isinstance(metrics.get(k), float) else metrics.get(k) for k in keys}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -134,7 +134,8 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         an image. partitions: names for the directory levels under it (e.g. category, line).
     actors: pool size, N or "MIN..MAX" (autoscaling); gpus_per_actor > 0 puts each actor on a
         GPU Ray assigns. A new local Ray is started unless Ray is initialised in this process,
-        ray_address is given or RAY_ADDRESS is set (inside `ray job submit`: the job's cluster).
+        ray_address is given or RAY_ADDRESS is set (inside `ray job submit`: the job's cluster);
+        "local" in either starts one too.
         fused: each actor also reads, decodes and writes maps (stages.FusedScoreActor) instead of
         separate CPU tasks doing so. None for both: `choose_layout` (on a local Ray of its own,
         fused actors, one per CPU; else separate stages and one actor).
@@ -159,9 +160,10 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         t0 = time.perf_counter()
         if not ray.is_initialized():
             env = s3_settings()  # S3 endpoint and region (never credentials) for workers on a cluster
-            # No address anywhere (not given, no RAY_ADDRESS as a Ray job has): a new local Ray
-            # of this run's own, never one that another `ray start` on the machine advertises.
-            own_local_ray = ray_address is None and not os.environ.get("RAY_ADDRESS")
+            # No address anywhere (not given, no RAY_ADDRESS as a Ray job has), or "local" given
+            # (--ray-address local, RAY_ADDRESS=local): a new local Ray of this run's own, never one
+            # that another `ray start` on the machine advertises, with the one-machine layout.
+            own_local_ray = (ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local"
             init_ray(address="local" if own_local_ray else ray_address, runtime_env={"env_vars": env} if env else None,
                      pin_workers=False, include_dashboard=False, log_to_driver=verbose)
             started_ray = True

@@ -25,9 +25,10 @@ input_version  string               "<size>-<modified, ns>" of the file as liste
 <partitions>   string               one per --partitions name (null where a file has no such level)
 model_name     string               registry category, or the model directory's name
 model_version  string               model.json's model_version (a hash of the weights)
-raw_score      double               max of the anomaly map (null on error)
+raw_score      double               max of the anomaly map (null on error); predict's and the Python
+                                    API's `score` (and `raw_score`)
 score          double               normalised, in [0, 1]: 0.5 at the threshold, strictly increasing in
-                                    raw_score (same rank order); r = raw / threshold gives
+                                    raw_score (same rank order; predict's `norm_score`); r = raw / threshold gives
                                     0.5 * r ** (1 / log_scale) below, 1 - 0.5 / r above (stfpm.model.score_scale)
 is_anomaly     bool                 raw_score >= threshold
 threshold      double               the threshold used (stored or overridden)
