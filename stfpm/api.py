@@ -79,11 +79,11 @@ def _load(source: Any) -> bytes | np.ndarray:
 class STFPMModel:
     """A loaded model (our model directory or an exported inference model) with predict()."""
 
-    def __init__(self, model_dir: str | Path, model_name: str = "STFPM"):
+    def __init__(self, model_dir: str | Path, model_name: str = "STFPM", engine: str = "auto"):
         from stfpm.model.inference import Predictor
 
         self.model_dir = str(model_dir)
-        self.predictor = Predictor.open(model_dir)
+        self.predictor = Predictor.open(model_dir, engine=engine)
         found = self.predictor.card.model_name
         if found != model_name:
             raise ValueError(f"model_dir {self.model_dir!r} holds a {found} model, not {model_name}: "
@@ -114,13 +114,15 @@ class STFPMModel:
             yield AnomalyResult(input_path, prepared.image, pred, p.calibration, index + i)
 
 
-def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None) -> STFPMModel:
+def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None, engine: str = "auto") -> STFPMModel:
     """PaddleX's entry point. `model_dir` is a directory written by `stfpm train` (or by
     `stfpm export`); there are no built-in downloadable models, so it is required.
-    `model_name` is the kind of model it holds: "STFPM" or "PatchCore" (`--model patchcore`)."""
+    `model_name` is the kind of model it holds: "STFPM" or "PatchCore" (`--model patchcore`).
+    `engine`: what runs the forward (`stfpm.model.inference.ENGINES`); "auto" picks the
+    fastest exact one installed (an export: its format's engine)."""
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model_name {model_name!r}; supported: {', '.join(MODEL_NAMES)}")
     if model_dir is None:
         raise ValueError("create_model needs model_dir: train a model with "
                          "`stfpm train DATA --out MODEL_DIR` and pass model_dir=MODEL_DIR")
-    return STFPMModel(model_dir, model_name)
+    return STFPMModel(model_dir, model_name, engine)

@@ -7,26 +7,35 @@ its own image's size, scored (max of the map), normalised (0.5 at the threshold,
 and thresholded into a 0/255 mask; the forward's feature profile gives the in-distribution
 check (`stfpm.model.ood`: `ood`, `ood_score`).
 
-The forward runs on one of two engines that give the same maps (within 1e-6): on CPU the
+The forward runs on one of several engines that give the same maps (within 1e-5): on CPU the
 network compiled into Paddle Inference with oneDNN (`stfpm.model.export.compile_network`, 3.6-5x
-faster than the dynamic graph); on GPU, or where Paddle lacks oneDNN, the dynamic graph.
+faster than the dynamic graph) or converted in memory to ONNX and run by ONNX Runtime; on GPU,
+or where Paddle lacks oneDNN, the dynamic graph. An exported model runs on its format's engine:
+a Paddle program on Paddle Inference, an ONNX graph on ONNX Runtime, an OpenVINO IR on
+OpenVINO; the last two without Paddle (this module imports it only for a model directory).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
-import paddle
 
 from stfpm.model.artifact import LoadedModel
 from stfpm.model.card import ModelCard
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
-from stfpm.model.export import LayerForward
-from stfpm.nn import anomaly_map
-from stfpm.nn.patchcore import images_per_forward, smooth_map
+from stfpm.model.engines import LayerForward
+from stfpm.nn.maps import anomaly_map, images_per_forward, smooth_map
 
-ENGINES = ("auto", "onednn", "dygraph")
+ENGINES = ("auto", "onednn", "dygraph", "onnxruntime", "openvino")
+
+
+def cpu_default() -> str:
+    """The CPU engine of a model directory under "auto": Paddle Inference with oneDNN."""
+    return "onednn"
+
+
 TILES_PER_FORWARD = 64  # bounds a forward's memory however many tiles a batch of large images has
 
 
@@ -69,22 +78,39 @@ class Predictor:
     @classmethod
     def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto",
                    threads: int | None = None) -> "Predictor":
-        """`engine`: "onednn" (Paddle Inference on CPU), "dygraph", or "auto": oneDNN unless the
-        process runs on a GPU or Paddle was built without oneDNN. `threads`: CPU intra-op
-        threads (default `stfpm.runtime.cpu_threads()`)."""
+        """`engine`: "onednn" (Paddle Inference on CPU), "onnxruntime" or "openvino" (the network
+        converted to ONNX in memory, then run by that engine on CPU), "dygraph", or "auto":
+        on CPU `cpu_default()`, on a GPU (or oneDNN without Paddle's oneDNN) the dynamic graph.
+        `threads`: CPU intra-op threads (default `stfpm.runtime.cpu_threads()`)."""
+        import paddle
+
         from stfpm.runtime import configure_threads
 
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
         threads = configure_threads(threads)
         network = model.network
+        size = model.card.input.size
         if engine == "auto":
-            on_gpu = paddle.device.get_device().startswith("gpu")
-            engine = "dygraph" if on_gpu or not paddle.base.core.is_compiled_with_mkldnn() else "onednn"
+            engine = cpu_default() if not paddle.device.get_device().startswith("gpu") else "dygraph"
+            if engine == "onednn" and not paddle.base.core.is_compiled_with_mkldnn():
+                engine = "dygraph"
         if engine == "onednn":
             from stfpm.model.export import compile_network
 
-            return cls(model.card, compile_network(network, model.card.input.size, threads), threshold)
+            return cls(model.card, compile_network(network, size, threads), threshold)
+        if engine in ("onnxruntime", "openvino"):
+            from stfpm.model.engines import open_onnx, open_openvino
+            from stfpm.model.export import network_onnx
+
+            graph = network_onnx(network, size)
+            if engine == "onnxruntime":
+                return cls(model.card, open_onnx(graph, threads), threshold)
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="stfpm-onnx-") as tmp:  # OpenVINO reads the graph from a file
+                (Path(tmp) / "model.onnx").write_bytes(graph)
+                return cls(model.card, open_openvino(Path(tmp) / "model.onnx", threads), threshold)
         network.eval()
 
         def layer_forward(batch: np.ndarray) -> tuple[list, np.ndarray]:
@@ -95,16 +121,20 @@ class Predictor:
         return cls(model.card, layer_forward, threshold)
 
     @classmethod
-    def open(cls, model_dir, threshold: float | None = None, threads: int | None = None) -> "Predictor":
-        """A model directory from `stfpm train`, or an exported one from `stfpm export`."""
+    def open(cls, model_dir, threshold: float | None = None, threads: int | None = None,
+             engine: str = "auto") -> "Predictor":
+        """A model directory from `stfpm train`, or an exported one from `stfpm export` (run on
+        its format's engine, or on `engine` where the format allows: `load_exported`)."""
         from stfpm.model.export import is_exported, load_exported
 
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
         if is_exported(model_dir):
-            card, forward = load_exported(model_dir, threads)
+            card, forward = load_exported(model_dir, threads, engine)
             return cls(card, forward, threshold)
         from stfpm.model.artifact import load_model
 
-        return cls.from_model(load_model(model_dir), threshold, threads=threads)
+        return cls.from_model(load_model(model_dir), threshold, engine, threads)
 
     @property
     def model_version(self) -> str:
