@@ -211,10 +211,11 @@ def _unique_stem(input_path: str | None, index: int, used: set[str]) -> str:
 @app.command()
 @_user_errors
 def export(model_dir: Path = typer.Argument(..., help="Model directory from `stfpm train`"),
-           out: Path = typer.Option(..., help="Folder for the Paddle inference model"),
+           out: Path = typer.Option(..., help="Folder for the exported model"),
            format: str = typer.Option("paddle", "--format", help="paddle (inference.json/.pdiparams), onnx "
                                       "(model.onnx: ONNX Runtime, no Paddle needed) or openvino (model.xml/.bin)")):
-    """Export a Paddle static inference model (inference.json/.pdiparams + inference.yml)."""
+    """Export an inference model (Paddle program, ONNX or OpenVINO IR) with inference.yml and
+    model.json."""
     from stfpm.model.export import export_model
 
     export_model(model_dir, out, format)

@@ -88,6 +88,25 @@ def test_a_model_directory_runs_on_every_cpu_engine(models):
             assert max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(reference, got)) <= 1e-4 * scale
 
 
+def test_the_cpu_default_is_onnx_runtime_and_paddle_stays_selectable(models, monkeypatch):
+    """With the onnx extra installed a model directory runs on ONNX Runtime (bench/engines.py);
+    STFPM_ENGINE (how scoring actors are told) and engine= still pick Paddle Inference."""
+    from stfpm import create_model
+    from stfpm.errors import UserError
+    from stfpm.model.inference import Predictor
+
+    monkeypatch.delenv("STFPM_ENGINE", raising=False)
+    assert Predictor.open(models / "stfpm").engine == "onnxruntime"
+    assert create_model(model_dir=models / "stfpm", engine="onednn").predictor.engine == "onednn"
+    monkeypatch.setenv("STFPM_ENGINE", "onednn")
+    assert Predictor.open(models / "stfpm").engine == "onednn"
+    monkeypatch.setenv("STFPM_ENGINE", "tensorrt")
+    with pytest.raises(UserError, match="STFPM_ENGINE is 'tensorrt'"):
+        Predictor.open(models / "stfpm")
+    code, text = invoke("predict", models / "stfpm", models / "data" / "test", "--engine", "cuda")
+    assert code == 2 and "--engine is 'cuda'" in text
+
+
 def test_export_refuses_an_unknown_format_and_a_replaced_file(models, tmp_path):
     from stfpm.model.card import ModelDirError
     from stfpm.model.inference import Predictor

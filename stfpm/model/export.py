@@ -211,8 +211,9 @@ def export_format(model_dir: str | Path) -> str:
     return fmt
 
 
-def load_exported(model_dir: str | Path, threads: int | None = None, engine: str = "auto") -> tuple[ModelCard, LayerForward]:
-    """(card, layer forward) for an exported model on `threads` CPU threads (default
+def load_exported(model_dir: str | Path, threads: int | None = None,
+                  engine: str = "auto") -> tuple[ModelCard, LayerForward, str]:
+    """(card, layer forward, engine) for an exported model on `threads` CPU threads (default
     `stfpm.runtime.cpu_threads()`): a Paddle program by Paddle Inference, an ONNX graph by ONNX
     Runtime (`engine` "openvino": by OpenVINO, which reads ONNX too), an IR by OpenVINO."""
     d = Path(model_dir)
@@ -233,7 +234,7 @@ def load_exported(model_dir: str | Path, threads: int | None = None, engine: str
     if engine not in runs:
         raise ModelDirError(f"exported model {d} ({fmt}) runs on {' or '.join(runs)}, not on {engine}")
     if engine == "onednn":
-        return card, open_program(d, threads, has_profile)
+        return card, open_program(d, threads, has_profile), engine
     if engine == "onnxruntime":
-        return card, open_onnx(d / ONNX_FILE, threads, has_profile)
-    return card, open_openvino(d / FILES[fmt][0], threads, has_profile)
+        return card, open_onnx(d / ONNX_FILE, threads, has_profile), engine
+    return card, open_openvino(d / FILES[fmt][0], threads, has_profile), engine
