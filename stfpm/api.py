@@ -88,11 +88,11 @@ def _load(source: Any) -> bytes | np.ndarray:
 class STFPMModel:
     """A loaded model (our model directory or an exported inference model) with predict()."""
 
-    def __init__(self, model_dir: str | Path, model_name: str | None = None):
+    def __init__(self, model_dir: str | Path, model_name: str | None = None, engine: str = "auto"):
         from stfpm.model.inference import Predictor
 
         self.model_dir = str(model_dir)
-        self.predictor = Predictor.open(model_dir)
+        self.predictor = Predictor.open(model_dir, engine=engine)
         self.model_name = found = self.predictor.card.model_name  # the directory says what it holds
         if model_name is not None and canonical_model_name(model_name) != found:
             raise ValueError(f"model_dir {self.model_dir!r} holds a {found} model, not {model_name}: "
@@ -137,14 +137,16 @@ class STFPMModel:
                                 names(input_path, index + i))
 
 
-def create_model(model_name: str | None = None, model_dir: str | Path | None = None) -> STFPMModel:
+def create_model(model_name: str | None = None, model_dir: str | Path | None = None, engine: str = "auto") -> STFPMModel:
     """PaddleX's entry point. `model_dir` is a directory written by `stfpm train` (or by
     `stfpm export`); there are no built-in downloadable models, so it is required. The
     directory's model.json says which kind it holds (STFPM or PatchCore), so `model_name` is
-    optional: when given (any case) it must match, else a one-line error names both."""
+    optional: when given (any case) it must match, else a one-line error names both.
+    `engine`: what runs the forward (`stfpm.model.inference.ENGINES`); "auto" picks the
+    fastest exact one installed (an export: its format's engine)."""
     if model_name is not None:
         canonical_model_name(model_name)
     if model_dir is None:
         raise ValueError("create_model needs model_dir: train a model with "
                          "`stfpm train DATA --out MODEL_DIR` and pass model_dir=MODEL_DIR")
-    return STFPMModel(model_dir, model_name)
+    return STFPMModel(model_dir, model_name, engine)

@@ -162,16 +162,21 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
             inputs: list[str] = typer.Argument(..., help="Images, folders, http(s):// or s3:// URLs"),
             out: Path = typer.Option(Path("output/predict"), help="Folder for overlays and JSON"),
             batch_size: int = typer.Option(8, help="Images per forward pass"),
-            threshold: Optional[float] = typer.Option(None, help="Override the stored threshold")):
+            threshold: Optional[float] = typer.Option(None, help="Override the stored threshold"),
+            engine: str = typer.Option("auto", help="What runs the forward on CPU: auto (the fastest exact one "
+                                       "installed), onednn (Paddle Inference), onnxruntime, openvino, dygraph")):
     """Score images; save an overlay PNG and a JSON per input and print a table. Inputs that
     name no image are reported at the end (exit 2); the others are scored first."""
     from stfpm.api import check_inputs, create_model
+    from stfpm.model.inference import ENGINES
     from stfpm.storage import printable_path
 
+    if engine not in ENGINES:
+        raise UserError(f"--engine is {engine!r}; expected one of {', '.join(ENGINES)}")
     inputs, problems = check_inputs(inputs)
     if not inputs:
         raise UserError("no input names an image: " + "; ".join(problems))
-    model = create_model(model_dir=model_dir)
+    model = create_model(model_dir=model_dir, engine=engine)
     typer.echo(f"{'image':<48} {'raw_score':>10} {'norm_score':>10}  decision")  # the score table's names
     n = n_anomalous = n_ood = 0
     for res in model.predict(inputs, batch_size=batch_size, threshold=threshold, errors=problems):
@@ -201,11 +206,14 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
 @app.command()
 @_user_errors
 def export(model_dir: Path = typer.Argument(..., help="Model directory from `stfpm train`"),
-           out: Path = typer.Option(..., help="Folder for the Paddle inference model")):
-    """Export a Paddle static inference model (inference.json/.pdiparams + inference.yml)."""
+           out: Path = typer.Option(..., help="Folder for the exported model"),
+           format: str = typer.Option("paddle", "--format", help="paddle (inference.json/.pdiparams), onnx "
+                                      "(model.onnx: ONNX Runtime, no Paddle needed) or openvino (model.xml/.bin)")):
+    """Export an inference model (Paddle program, ONNX or OpenVINO IR) with inference.yml and
+    model.json."""
     from stfpm.model.export import export_model
 
-    export_model(model_dir, out)
+    export_model(model_dir, out, format)
     typer.echo(f"exported to {out}; load it with create_model(model_dir={str(out)!r})")
 
 

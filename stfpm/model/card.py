@@ -62,7 +62,7 @@ class InputSpec:
 @dataclass(frozen=True)
 class MapSpec:
     """How the per-layer maps become the anomaly map (stfpm.nn.anomaly_map), then how it is
-    smoothed (PatchCore's Gaussian, stfpm.nn.patchcore.smooth_map; 0: not smoothed). Cards from
+    smoothed (PatchCore's Gaussian, stfpm.nn.maps.smooth_map; 0: not smoothed). Cards from
     before an option existed get the paper's map. `layer_scale`: each layer map's mean over the
     held-out good images (training records it; layer_norm "holdout" divides by it).
     `view_scale`: the median over the held-out good images of the image score under the

@@ -7,6 +7,7 @@ makes its rows error rows; no input can fail a batch.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import itertools
 import os
 import resource
@@ -200,17 +201,20 @@ class ScoreActor:
 
     def __init__(self, models: dict[str, str], threshold: float | None, cache_dir: str,
                  threads: int | None = None):
-        import paddle
-
         from stfpm.model.inference import Predictor
-        from stfpm.runtime import ray_paddle_device
 
         self._open = Predictor.open
         self.models, self.threshold, self.cache_dir, self.threads = models, threshold, cache_dir, threads
         self.predictors: dict[str, object] = {}
         self.failed: dict[str, str] = {}
-        device, self.device = ray_paddle_device()
-        paddle.set_device(device)
+        self.device = "cpu"
+        if importlib.util.find_spec("paddle") is not None:  # without it, ONNX/OpenVINO exports still score
+            import paddle
+
+            from stfpm.runtime import ray_paddle_device
+
+            device, self.device = ray_paddle_device()
+            paddle.set_device(device)
 
     def _predictor(self, key: str):
         if key not in self.predictors and key not in self.failed:

@@ -14,7 +14,8 @@ import numpy as np
 
 from stfpm.model.artifact import LoadedModel, save_model
 from stfpm.model.card import Calibration, InputSpec, MapSpec, ModelCard, write_card
-from stfpm.nn import STFPM, backbone_spec, view_scale
+from stfpm.nn import STFPM, backbone_spec
+from stfpm.nn.maps import view_scale
 from stfpm.model.ood import InDistribution
 from stfpm.model.score_scale import ScoreScale
 from stfpm.storage import is_s3, upload_dir

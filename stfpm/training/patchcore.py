@@ -17,7 +17,8 @@ import paddle
 
 from stfpm.model.card import InputSpec, MapSpec, ModelCard
 from stfpm.nn import backbone_spec
-from stfpm.nn.patchcore import SMOOTH_SIGMA, PatchCore, greedy_coreset, subsample_patches
+from stfpm.nn.maps import SMOOTH_SIGMA
+from stfpm.nn.patchcore import PatchCore, greedy_coreset, subsample_patches
 from stfpm.runtime import configure_threads
 from stfpm.training.calibration import UNCALIBRATED, calibrate_and_save
 from stfpm.training.config import TrainConfig, TrainResult, fingerprint, load_images, split_dataset
