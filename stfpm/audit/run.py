@@ -55,6 +55,7 @@ from stfpm.audit.config import (AlertConfig, AuditConfig, ReportConfig, ScoringC
                                 utc_now)
 from stfpm.audit.report import render_report
 from stfpm.audit.summary import one_row_per_input, summarize
+from stfpm.audit.trend import collect_trend
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.scoring.plan import new_run_id
 from stfpm.scoring.sources import list_files, path_level, read_manifest
@@ -116,6 +117,18 @@ def list_arrivals(cfg: AuditConfig, since: datetime | None, until: datetime) -> 
     schema = inputs_schema(partitions)
     ordered = [rows[u] for u in sorted(rows)]
     return pa.Table.from_pylist(ordered, schema=schema) if ordered else schema.empty_table()
+
+
+def settling_inputs(cfg: AuditConfig, until: datetime, now: datetime) -> dict:
+    """The inputs inside the settle window (until, now]: left to a later run, reported so a
+    night that scored nothing says what waits. A run started after `taken_after` (the latest
+    arrival + settle_minutes) takes every one of them."""
+    waiting = list_arrivals(cfg, until, now)
+    arrived = waiting["arrived_at"].to_pylist()
+    return {"count": len(waiting), "settle_minutes": cfg.settle_minutes,
+            "earliest_arrival": iso(min(arrived)) if arrived else None,
+            "latest_arrival": iso(max(arrived)) if arrived else None,
+            "taken_after": iso(max(arrived) + timedelta(minutes=cfg.settle_minutes)) if arrived else None}
 
 
 def inputs_schema(partitions: list[str]) -> pa.Schema:
@@ -196,7 +209,9 @@ def run_audit(cfg: AuditConfig, now: datetime | None = None, verbose: bool = Tru
                             allow_roots=s.allow_roots, verbose=verbose)
         table = read_run_table(run_dir)
         summary = summarize(table, inputs, cfg, run_id=run_id, since=since, until=until,
-                            attempts=open_run["attempts"], scoring=scoring, retried=len(retried))
+                            attempts=open_run["attempts"], scoring=scoring, retried=len(retried),
+                            waiting=settling_inputs(cfg, until, now))
+        summary["trend"] = collect_trend(cfg.output, state["runs"], summary)
         write_retries(run_dir, inputs, table)
         write_bytes(join_uri(run_dir, "audit.json"), json.dumps(summary, indent=2, default=str).encode())
         report = join_uri(run_dir, "report.html")
