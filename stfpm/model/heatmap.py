@@ -69,10 +69,11 @@ def _outline(picture: np.ndarray, heat: np.ndarray) -> None:
     cv2.drawContours(picture, contours, -1, (0, 0, 255), thickness)
 
 
-def caption_strip(width: int, text: str, colour=(255, 255, 255)) -> np.ndarray:
+def caption_strip(width: int, text: str, colour=(255, 255, 255), size_for: int | None = None) -> np.ndarray:
     """A black (rows, width, 3) strip holding `text`, sized to stay legible: the font scales
-    with the width but shrinks only as far as it must to fit."""
-    scale = max(0.5, width / 500)
+    with the width (or with `size_for`, a picture's width in a wider strip) but shrinks only
+    as far as it must to fit."""
+    scale = max(0.5, (size_for or width) / 500)
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     if tw > width - 6:
         scale = max(0.3, scale * (width - 6) / tw)
@@ -122,7 +123,7 @@ def panel(image: np.ndarray, heat: np.ndarray, is_anomaly: bool, norm_score: flo
     height = max(c.shape[0] for c in columns)
     columns = [np.vstack([np.zeros((height - c.shape[0], c.shape[1], 3), np.uint8), c]) for c in columns]
     body = np.hstack(columns)
-    return np.vstack([caption_strip(body.shape[1], *decision_caption(is_anomaly, norm_score, score)), body])
+    return np.vstack([caption_strip(body.shape[1], *decision_caption(is_anomaly, norm_score, score), size_for=w), body])
 
 
 def render(view: str, image: np.ndarray, heat: np.ndarray, is_anomaly: bool, norm_score: float,
