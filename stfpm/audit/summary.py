@@ -112,7 +112,7 @@ def category_why(c: dict, alert) -> list[dict]:
     """The reasons behind a category's alert or its absence, one per check: {"check":
     "anomaly_rate" | "ood_rate" | "min_images", "outcome": "alert" | "ok" | "not checked",
     "text": a sentence with the figures and the level compared}. A rate above its level that
-    raised no alert because too few images scored says so."""
+    raised no alert because too few images scored says so (and "above_level": true)."""
     ok, why = c["ok"], []
     checks = (("anomaly_rate", c["anomaly_rate"], c["alert_level"], "anomaly rate", "alert.anomaly_rate"),
               ("ood_rate", c.get("ood_rate"), alert.ood_rate, "share of inputs unlike the training images (ood)",
@@ -122,7 +122,7 @@ def category_why(c: dict, alert) -> list[dict]:
                  for _, value, level, label, _key in checks if value is not None and value > level]
         text = (f"only {ok} image(s) scored ok, fewer than alert.min_images ({alert.min_images}): no alert is raised"
                 + (f", although {' and '.join(above)}" if above else ""))
-        why.append({"check": "min_images", "outcome": "not checked", "text": text})
+        why.append({"check": "min_images", "outcome": "not checked", "text": text, "above_level": bool(above)})
         return why
     for check, value, level, label, key in checks:
         if value is None:
@@ -146,7 +146,7 @@ def run_why(summary: dict, cfg: AuditConfig) -> list[str]:
     t, window, why = summary["totals"], summary["window"], []
     alerts = summary["alerts"]
     quiet = [name for name, c in summary["categories"].items()
-             if any(w["check"] == "min_images" and "although" in w["text"] for w in c["why"])]
+             if any(w["check"] == "min_images" and w["above_level"] for w in c["why"])]
     if alerts:
         why.append(f"exit {summary['exit_code']} (alert): {len(alerts)} categor{'y' if len(alerts) == 1 else 'ies'} "
                    f"above an alert level: " + "; ".join(
