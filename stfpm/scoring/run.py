@@ -120,6 +120,18 @@ def check_cpus_left_for_decoding(actors: int, cpus_per_actor: float, cluster_cpu
                          f"{max(0.25, (cluster_cpus - 1) / max(actors, 1)):g}")
 
 
+def fused_actor_reservation(actors: int, cpus_per_actor: float, threads_per_actor: int | None,
+                            cluster_cpus: float) -> tuple[float, int]:
+    """(CPUs each fused actor reserves from Ray, its Paddle threads) on a local Ray of its own.
+    The pipeline's input is read by Ray Data tasks (list the pending files, read them, cut
+    them into batch-sized blocks) that each need a CPU of Ray's: actors holding every CPU
+    would leave them none and the run would wait forever (seen: `stfpm score` hung at its
+    first batch). So the actors reserve all but one CPU between them and keep the threads
+    they were given: the cores they compute on are the same, the read tasks are short."""
+    threads = threads_per_actor or max(1, int(cpus_per_actor))
+    return max(0.0, cluster_cpus - 1) / max(actors, 1), threads
+
+
 def score(model: str, source: str, output: str, *, partitions: list[str] | None = None,
           extensions=IMAGE_EXTENSIONS, batch_size: int = 32, actors: int | str | tuple[int, int] | None = None,
           gpus_per_actor: float = 0, cpus_per_actor: float = 1, threads_per_actor: int | None = None,
@@ -178,12 +190,15 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
                  f"{cpus_per_actor:g} CPU" + ("" if fused else ", decoding and maps in separate CPU tasks"))
             if own_local_ray and not fused:
                 check_cpus_left_for_decoding(high, cpus_per_actor, cluster_cpus)
+            actor_cpus, actor_threads = cpus_per_actor, threads_per_actor
+            if fused and own_local_ray and gpus_per_actor == 0 and high * cpus_per_actor > cluster_cpus - 1:
+                actor_cpus, actor_threads = fused_actor_reservation(high, cpus_per_actor, threads_per_actor, cluster_cpus)
             t0 = time.perf_counter()
             shown = verbose if progress is None else progress
             meter = ScoringProgress(len(plan.pending)) if shown else None
             ds, writer = build_pipeline(plan, batch_size=batch_size, actors=(low, high),
-                                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-                                        threads_per_actor=threads_per_actor, threshold=threshold,
+                                        gpus_per_actor=gpus_per_actor, cpus_per_actor=actor_cpus,
+                                        threads_per_actor=actor_threads, threshold=threshold,
                                         overlays=overlays, max_pixels=max_pixels, max_bytes=max_bytes,
                                         wait_for_actors_s=wait_for_actors_s, rows_per_file=rows_per_file,
                                         flush_s=flush_s, fused=fused)
