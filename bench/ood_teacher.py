@@ -1,7 +1,7 @@
 """The in-distribution check on the dev sets without training: it reads only the frozen
 teacher's feature profile (stfpm.nn.feature_profile), so the pretrained teacher is all it
-needs. Per set: statistics fitted on (up to 200 of) the training split, limit from (up to 80
-of) the held-out split as in training (stfpm.model.ood.InDistribution.fit), then the share of each
+needs. Per set: statistics fitted on the training split, level and limit from the held-out
+split (20%), all of both as training takes them (stfpm.model.ood.InDistribution.fit), then the share of each
 set's test images flagged, for each profile the check can read (stfpm.model.ood.PROFILES:
 the channel means it read before issue 25, the share of cells unlike training it reads now).
 
@@ -47,7 +47,7 @@ def main() -> None:
     for name in (s for s in SETS if (args.data / s).is_dir()):
         ds = load_dataset(str(args.data / name))
         kept, held = split_holdout(ds.train, 0.2, 0)
-        sets[name] = {"train": profiles([s.image for s in kept][:200]), "holdout": profiles([s.image for s in held][:80]),
+        sets[name] = {"train": profiles([s.image for s in kept]), "holdout": profiles([s.image for s in held]),
                       "good": profiles([s.image for s in ds.test if s.label == 0]),
                       "defective": profiles([s.image for s in ds.test if s.label == 1][:args.defective or None])}
     for profile in PROFILES:
