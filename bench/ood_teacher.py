@@ -3,7 +3,8 @@ teacher's feature profile (stfpm.nn.feature_profile), so the pretrained teacher 
 needs. Per set: statistics fitted on the training split, level and limit from the held-out
 split (20%), all of both as training takes them (stfpm.model.ood.InDistribution.fit), then the share of each
 set's test images flagged, for each profile the check can read (stfpm.model.ood.PROFILES:
-the channel means it read before issue 25, the share of cells unlike training it reads now).
+the channel means it read before issue 25, the share of cells unlike training, and that
+share or the cells' per-channel median far from training, which training writes now).
 
     python bench/ood_teacher.py --image-size 128
 """
