@@ -129,7 +129,8 @@ def test_ood_flags_images_unlike_training(trained, synth_data):
     shared dev data is there), whatever their anomaly score."""
     meta = json.loads((trained[0] / "model.json").read_text())
     ood = meta["threshold"]["ood"]
-    assert (ood["profile"], ood["cells"], len(ood["mean"]), np.shape(ood["std"])) == ("cell_share", 64, 112, (112, 112))
+    assert (ood["profile"], ood["cells"], len(ood["mean"]), np.shape(ood["std"])) == ("cell_median", 64, 112, (112, 112))
+    assert len(ood["median_mean"]) == len(ood["median_std"]) == 112 and ood["median_limit"] > 0
     model = create_model(model_dir=trained[0])
     own = list(model.predict(str(synth_data / "test" / "good"), batch_size=8))
     assert own and not any(r["ood"] for r in own) and max(r["ood_score"] for r in own) < 1

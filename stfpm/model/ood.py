@@ -6,7 +6,7 @@ forward already returns a small feature profile per image (`stfpm.nn.feature_pro
 channel means of the teacher's tapped feature maps, then its deepest map averaged over an
 8 x 8 grid of cells). The check asks how much of the image is unlike the training images:
 
-- "cell_share" (training writes it since issue 25): training stores the mean and the
+- "cell_share" (issue 25; cards written before the guard below): training stores the mean and the
   whitening matrix (Cholesky factor of the shrunk inverse covariance) of the training split's
   cells and a cell's normal level, the 0.999 quantile of the held-out good images' cell
   distances (Mahalanobis, per channel); an image's distance is the share of its cells above
@@ -14,6 +14,11 @@ channel means of the teacher's tapped feature maps, then its deepest map average
   changed camera nearly all of them, so real defects are not taken for "wrong model"
   (bench/RESULTS.md). The limit is half the image (or more, when held-out good images come
   near it): `ood_score` = share / limit.
+- "cell_median" (what training writes): cell_share, or an image-level guard for another
+  category whose cells one by one pass for training cells (screw's plate vs magnetic tile or
+  solar cells): the mean squared z-score of the image's per-channel median over its cells, a
+  spatial median a defect on less than half the image barely moves, against GUARD_MARGIN x the
+  largest held-out one. `ood_score` is the larger of the two ratios.
 - "channel_mean" (cards written before it): the image's channel means against the training
   split's, distance the mean squared z-score, limit MARGIN x the largest held-out distance.
   A large defect moves the means, so it flagged up to half of bottle's defects.
@@ -33,9 +38,12 @@ CELL_LEVEL_QUANTILE = 0.999  # a cell is unlike training above this quantile of 
 SHARE_LIMIT = 0.5            # ood when more than this share of the image's cells is unlike training
 SHARE_CAP = 0.95             # the limit never rises above this, however spread the held-out images are
 SHRINK = 0.1                 # the cells' covariance is shrunk this far towards its mean variance (well-conditioned)
+GUARD_MARGIN = 8.0           # cell_median: the median guard's limit, x the largest held-out distance (bench/RESULTS.md)
 PROFILES = {"channel_mean": "channel means of the teacher's tapped features",
-            "cell_share": "share of the 8x8 cells of the teacher's deepest tap unlike the training images' cells"}
-PROFILE = "cell_share"             # what training fits
+            "cell_share": "share of the 8x8 cells of the teacher's deepest tap unlike the training images' cells",
+            "cell_median": "cell_share, or the per-channel median over the 8x8 cells of the teacher's deepest tap "
+                           "far from the training images'"}
+PROFILE = "cell_median"            # what training fits
 LEGACY_PROFILE = "channel_mean"    # what a card without a profile name holds
 
 
@@ -59,6 +67,9 @@ class InDistribution:
     profile: str = LEGACY_PROFILE  # PROFILES
     cells: int = 0      # cell_share: cells per image (the profile's last cells * D values)
     level: float = 0.0  # cell_share: a cell's distance above which it is unlike training
+    median_mean: np.ndarray | None = None  # cell_median: (D,) training images' per-channel median over cells,
+    median_std: np.ndarray | None = None   # (D,) their spread (floored),
+    median_limit: float = float("inf")     # and the median distance at which ood_score = 1
 
     @classmethod
     def fit(cls, train_profiles: np.ndarray, holdout_profiles: np.ndarray, channels: int, cells: int,
@@ -72,29 +83,47 @@ class InDistribution:
             check = cls(train.mean(axis=0), _spread(train), 1.0)
             held = check.distance(holdout_profiles)
             return cls(check.mean, check.std, float(margin * held.max()) if len(held) else float("inf"))
-        train = _cells(train_profiles, channels, cells).reshape(-1, channels)
+        train_cells = _cells(train_profiles, channels, cells)
+        train = train_cells.reshape(-1, channels)
         check = cls(train.mean(axis=0), _whitening(train), 1.0, profile, cells)
         held = check.cell_distances(holdout_profiles)
         level = float(np.quantile(held, CELL_LEVEL_QUANTILE)) if held.size else float("inf")
         shares = (held > level).mean(axis=1) if held.size else np.zeros(0)
         limit = min(SHARE_CAP, max(SHARE_LIMIT, margin * float(shares.max(initial=0.0))))
-        return cls(check.mean, check.std, limit, profile, cells, level)
+        if profile == "cell_share":
+            return cls(check.mean, check.std, limit, profile, cells, level)
+        medians = np.median(train_cells, axis=1)
+        guard = cls(medians.mean(axis=0), _spread(medians), 1.0)
+        held_median = guard._median_distance(holdout_profiles, cells)
+        median_limit = GUARD_MARGIN * float(held_median.max()) if len(held_median) else float("inf")
+        return cls(check.mean, check.std, limit, profile, cells, level, guard.mean, guard.std, median_limit)
 
     @classmethod
     def from_dict(cls, stored: dict) -> InDistribution:
         """What `to_dict` wrote (model.json's `threshold.ood`), or a card's from before profile names."""
         profile = profile_of(stored)
+        guard = {}
+        if profile == "cell_median":
+            guard = {"median_mean": np.asarray(stored["median_mean"], np.float64),
+                     "median_std": np.asarray(stored["median_std"], np.float64),
+                     "median_limit": float(stored["median_limit"])}
         return cls(np.asarray(stored["mean"], np.float64), np.asarray(stored["std"], np.float64),
-                   float(stored["limit"]), profile, int(stored.get("cells", 0)), float(stored.get("level", 0.0)))
+                   float(stored["limit"]), profile, int(stored.get("cells", 0)), float(stored.get("level", 0.0)),
+                   **guard)
 
     def to_dict(self) -> dict:
         if self.profile == LEGACY_PROFILE:
             return {"profile": PROFILES[LEGACY_PROFILE], "distance": "mean squared z-score",
                     "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std], "limit": self.limit}
-        return {"profile": self.profile, "profile_doc": PROFILES[self.profile],
-                "distance": "share of cells whose Mahalanobis distance per channel is above level",
-                "cells": self.cells, "level": self.level, "mean": [float(v) for v in self.mean],
-                "std": [[float(v) for v in row] for row in self.std], "limit": self.limit}
+        stored = {"profile": self.profile, "profile_doc": PROFILES[self.profile],
+                  "distance": "share of cells whose Mahalanobis distance per channel is above level",
+                  "cells": self.cells, "level": self.level, "mean": [float(v) for v in self.mean],
+                  "std": [[float(v) for v in row] for row in self.std], "limit": self.limit}
+        if self.profile == "cell_median":
+            stored.update({"median_distance": "mean squared z-score of the per-channel median over the cells",
+                           "median_mean": [float(v) for v in self.median_mean],
+                           "median_std": [float(v) for v in self.median_std], "median_limit": self.median_limit})
+        return stored
 
     def cell_distances(self, profiles: np.ndarray) -> np.ndarray:
         """cell_share: (N, cells) squared Mahalanobis distance per channel of each cell of each image."""
@@ -109,9 +138,22 @@ class InDistribution:
             return np.mean(z * z, axis=1)
         return (self.cell_distances(profiles) > self.level).mean(axis=1)
 
+    def _median_distance(self, profiles: np.ndarray, cells: int) -> np.ndarray:
+        """(N,) mean squared z-score of each image's per-channel median over its cells (the
+        `mean`/`std` of this instance are the medians' statistics)."""
+        if len(profiles) == 0:
+            return np.zeros(0)
+        medians = np.median(_cells(profiles, len(self.mean), cells), axis=1)
+        return np.mean(((medians - self.mean) / self.std) ** 2, axis=1)
+
     def score(self, profiles: np.ndarray) -> np.ndarray:
-        """(N, width) profiles -> (N,) ood scores; above 1 is out of distribution."""
-        return self.distance(profiles) / self.limit
+        """(N, width) profiles -> (N,) ood scores; above 1 is out of distribution. cell_median:
+        the larger of the cell share's and the median guard's, each over its limit."""
+        score = self.distance(profiles) / self.limit
+        if self.profile == "cell_median":
+            guard = InDistribution(self.median_mean, self.median_std, 1.0)
+            score = np.maximum(score, guard._median_distance(profiles, self.cells) / self.median_limit)
+        return score
 
 
 def _spread(values: np.ndarray) -> np.ndarray:
