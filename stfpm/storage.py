@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 import sys
 import tempfile
 import urllib.request
@@ -55,6 +56,25 @@ def join_uri(base: str, *parts: str) -> str:
             raise UserError(f"{part!r} cannot be a file or folder name under {base} "
                             "(empty, '.', '..' or a backslash); nothing is written outside the output")
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def resolve_entry(entry: str, base: str) -> str:
+    """A manifest or registry entry, relative ones taken relative to the folder `base`."""
+    if entry.startswith(("/", "file://")):  # normalised: "d/../d/a.png" is "d/a.png"
+        return filesystem_for(entry)[1]
+    if "://" in entry:  # s3:// keys are taken literally; other schemes fail when read
+        return entry
+    if is_s3(base):
+        return join_uri(base, entry)
+    return filesystem_for(posixpath.join(base, entry))[1]
+
+
+def parent_uri(uri: str) -> str:
+    """The folder (or prefix) holding `uri`; "." for a bare name."""
+    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+
+
+MODEL_CACHE = os.path.join(tempfile.gettempdir(), "stfpm-models")  # s3:// model directories, fetched (fetch_to_cache)
 
 
 S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")

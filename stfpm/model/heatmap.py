@@ -19,6 +19,14 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def heat_at(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The 8-bit map (`to_heat`, at the model's scale) at the input's (height, width): what the
+    score table's maps/ PNGs and the scoring service's `map_png` hold."""
+    if (height, width) == heat.shape:
+        return heat
+    return cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, is_anomaly: bool, norm_score: float, score: float) -> np.ndarray:
     """The input with a colour map of `heat` (the 8-bit normalised map, `to_heat`;
     red = above the threshold), the contours of its above-threshold region (heat >= 128) and

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -35,17 +34,15 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import yaml
 
 from stfpm.model.artifact import verify_weights
 from stfpm.model.card import MODEL_JSON, ModelDirError, parse_card
+from stfpm.model.registry import is_registry, read_registry
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, read_bytes
+from stfpm.storage import MODEL_CACHE, filesystem_for, is_http, is_s3, join_uri, parent_uri, read_bytes, resolve_entry
 
 MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path")
-MODEL_CACHE = os.path.join(tempfile.gettempdir(), "stfpm-models")  # s3:// model directories, fetched
 CATEGORY = "category"
-REGISTRY_SUFFIXES = (".yaml", ".yml")
 
 
 def image_id(uri: str) -> str:
@@ -56,21 +53,6 @@ def image_id(uri: str) -> str:
 def _uri(fs: pafs.FileSystem, path: str) -> str:
     """A filesystem path back to a URI: s3://bucket/key for S3, the absolute path locally."""
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
-
-
-def _resolve(entry: str, base: str) -> str:
-    """A manifest or registry entry, relative ones taken relative to the folder `base`."""
-    if entry.startswith(("/", "file://")):  # normalised: "d/../d/a.png" is "d/a.png"
-        return filesystem_for(entry)[1]
-    if "://" in entry:  # s3:// keys are taken literally; other schemes fail when read
-        return entry
-    if is_s3(base):
-        return join_uri(base, entry)
-    return filesystem_for(posixpath.join(base, entry))[1]
-
-
-def _folder(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -92,7 +74,7 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
         listed, root_uri = list_files(source, extensions, exclude), _uri(fs, root.rstrip("/"))
     elif info.path.lower().endswith(tuple(extensions)):
         listed = list_files(source, extensions)
-        root_uri = _folder(listed[0].uri) if listed else _folder(source)
+        root_uri = parent_uri(listed[0].uri) if listed else parent_uri(source)
     else:
         uris, extra = read_manifest(source)
         given = extra.pop("input_version", None) or [None] * len(uris)  # e.g. the audit's, from its listing
@@ -227,13 +209,13 @@ def _list_s3(uri: str):
 
 
 def read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
-    base = _folder(uri)
+    base = parent_uri(uri)
     if uri.lower().endswith(".parquet"):
         table = pq.read_table(pa.BufferReader(read_bytes(uri)))
         column = next((c for c in MANIFEST_URI_COLUMNS if c in table.column_names), None)
         if column is None:
             raise ValueError(f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_URI_COLUMNS}")
-        uris = [_resolve(str(u), base) for u in table[column].to_pylist() if u]
+        uris = [resolve_entry(str(u), base) for u in table[column].to_pylist() if u]
         extra = {c: [None if v is None else str(v) for v in table[c].to_pylist()]
                  for c in table.column_names if c not in (column, "image_uri", "size_bytes", "arrived_at")}
         if len(uris) != len(table):
@@ -241,7 +223,7 @@ def read_manifest(uri: str) -> tuple[list[str], dict[str, list]]:
         return uris, extra
     text = read_bytes(uri).decode("utf-8")
     lines = (line.strip() for line in text.splitlines())
-    return [_resolve(line, base) for line in lines if line and not line.startswith("#")], {}
+    return [resolve_entry(line, base) for line in lines if line and not line.startswith("#")], {}
 
 
 def _common_folder(uris: list[str]) -> str:
@@ -304,23 +286,8 @@ class ModelRef:
                    tile_overlap=card.input.tile_overlap)
 
 
-def is_registry(model: str) -> bool:
-    return model.lower().endswith(REGISTRY_SUFFIXES)
-
-
 def resolve_models(model: str, threshold: float | None = None) -> dict[str | None, ModelRef]:
     """{category: ModelRef} for a registry YAML, {None: ModelRef} for one model directory."""
     if not is_registry(model):
         return {None: ModelRef.read(posixpath.basename(model.rstrip("/")), model, threshold)}
-    try:
-        doc = yaml.safe_load(read_bytes(model))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{model}: not valid YAML ({e})") from None
-    entries = doc.get("models", doc) if isinstance(doc, dict) else None
-    if not isinstance(entries, dict) or not entries or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
-        raise ValueError(f"{model}: a registry maps category names to model directories, e.g.\n"
-                         "models:\n  bottle: s3://models/bottle\n  cable: models/cable")
-    base = _folder(model)
-    return {category: ModelRef.read(category, _resolve(uri, base), threshold)
-            for category, uri in entries.items()}
+    return {category: ModelRef.read(category, uri, threshold) for category, uri in read_registry(model).items()}
