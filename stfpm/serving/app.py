@@ -167,7 +167,12 @@ def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, ray_ad
     serve.start(http_options={"host": host, "port": port})
     # no access-log line per request: at line rates it costs more than the request (Serve's
     # metrics and our counters count them)
-    serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
+    except RuntimeError as e:  # a replica that could not start (e.g. its node cannot read the model)
+        serve.shutdown()
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise RuntimeError(f"the service did not start: {lines[-1] if lines else e}") from None
     if on_ready:
         on_ready(models)
     if not blocking:

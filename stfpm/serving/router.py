@@ -129,9 +129,9 @@ class Router:
 
     async def _form(self, request: Request) -> tuple[bytes, dict]:
         try:
-            form = await request.form(max_files=1, max_fields=10)
+            form = await request.form(max_files=2, max_fields=10)
         except Exception as e:  # noqa: BLE001 - starlette/multipart's own errors for a malformed form
-            raise BadRequest(400, f"malformed multipart form: {e}") from None
+            raise BadRequest(400, f"malformed multipart form (it takes exactly one file field, the image): {e}") from None
         files = [v for v in form.values() if hasattr(v, "read")]
         if len(files) != 1:
             raise BadRequest(400, f"a multipart request needs exactly one file field (the image), got {len(files)}")
