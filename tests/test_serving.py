@@ -255,3 +255,37 @@ def test_options_for_serve_run_and_the_cluster(workspace):
         ServeOptions.from_args({"model": "m", "max_batch_size": "many"})
     assert json.loads(json.dumps(dataclasses.asdict(ServeOptions.from_args({"model": "m"})))) == dataclasses.asdict(
         ServeOptions(model="m"))
+
+
+def test_stfpm_serve_serves_until_interrupted(workspace):
+    """The command itself, as a line PC's operator runs it: its own local Ray, the registry
+    served on 127.0.0.1 until SIGINT, then Serve and Ray shut down and the command exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    proc = subprocess.Popen([sys.executable, "-m", "stfpm.cli", "serve", str(workspace / "models" / "registry.yaml"),
+                             "--port", str(port), "--max-batch-size", "4"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, health = time.time() + 600, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(3)
+        assert health is not None and health.json()["categories"] == ["bottle", "tile"], proc.poll()
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/tile/predict", content=image_paths(workspace)[0].read_bytes(),
+                            timeout=120)
+        assert answer.status_code == 200 and answer.json()["category"] == "tile"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "serving 2 model(s) at http://127.0.0.1" in output and "tile: STFPM" in output
