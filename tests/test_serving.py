@@ -264,28 +264,33 @@ def test_stfpm_serve_serves_until_interrupted(workspace):
     import signal
     import subprocess
     import sys
+    import threading
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
     proc = subprocess.Popen([sys.executable, "-m", "stfpm.cli", "serve", str(workspace / "models" / "registry.yaml"),
                              "--port", str(port), "--max-batch-size", "4"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read_output():
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     try:
-        deadline, health = time.time() + 600, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-                if health.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(3)
-        assert health is not None and health.json()["categories"] == ["bottle", "tile"], proc.poll()
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not any("serving 2 model(s)" in x for x in lines):
+            time.sleep(2)
+        assert any(f"serving 2 model(s) at http://127.0.0.1:{port}" in x for x in lines), "".join(lines)[-3000:]
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=60).json()["categories"] == ["bottle", "tile"]
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/tile/predict", content=image_paths(workspace)[0].read_bytes(),
                             timeout=120)
         assert answer.status_code == 200 and answer.json()["category"] == "tile"
     finally:
         proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output[-3000:]
-    assert "serving 2 model(s) at http://127.0.0.1" in output and "tile: STFPM" in output
+        proc.wait(timeout=300)
+        reader.join(timeout=60)
+    assert proc.returncode == 0, "".join(lines)[-3000:]
+    assert any(x.startswith("tile: STFPM") for x in lines)

@@ -160,30 +160,35 @@ def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, ray_ad
     models = check_models(uris)
     app = build(options, uris, models)
     own_ray = not ray.is_initialized()
-    if own_ray:
-        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        init_ray(address=address, pin_workers=False, include_dashboard=False if address == "local" else None,
-                 log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    # no access-log line per request: at line rates it costs more than the request (Serve's
-    # metrics and our counters count them)
     try:
-        serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
-    except RuntimeError as e:  # a replica that could not start (e.g. its node cannot read the model)
-        serve.shutdown()
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise RuntimeError(f"the service did not start: {lines[-1] if lines else e}") from None
-    if on_ready:
-        on_ready(models)
-    if not blocking:
-        return models
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        stop.wait()
-    finally:
+        if own_ray:
+            address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+            init_ray(address=address, pin_workers=False, include_dashboard=False if address == "local" else None,
+                     log_to_driver=False)
+        if blocking:  # after ray.init, which sets its own: SIGTERM (a service manager's stop) is Ctrl-C
+            signal.signal(signal.SIGTERM, _interrupt)
+        serve.start(http_options={"host": host, "port": port})
+        # no access-log line per request: at line rates it costs more than the request (Serve's
+        # metrics and our counters count them)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
+        except RuntimeError as e:  # a replica that could not start (e.g. its node cannot read the model)
+            serve.shutdown()
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise RuntimeError(f"the service did not start: {lines[-1] if lines else e}") from None
+        if on_ready:
+            on_ready(models)
+        if not blocking:
+            return models
+        threading.Event().wait()  # until interrupted
+    except KeyboardInterrupt:
+        pass
+    if blocking:
         serve.shutdown()
         if own_ray:
             ray.shutdown()
     return models
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
