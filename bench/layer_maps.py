@@ -26,8 +26,7 @@ from stfpm.model.artifact import load_model  # noqa: E402
 from stfpm.data import load_dataset  # noqa: E402
 from stfpm.data.images import normalize_batch  # noqa: E402
 from stfpm.model.inference import Predictor  # noqa: E402
-from stfpm.nn.patchcore import smooth_map  # noqa: E402
-from stfpm.nn.stfpm import _image_medians, anomaly_map  # noqa: E402
+from stfpm.nn.maps import _image_medians, anomaly_map, smooth_map  # noqa: E402
 
 LAYER_SETS = {"views 0+1+2": ((0, 1, 2), 1.0), "views 1+2": ((1, 2), 1.0), "views 2": ((2,), 1.0),
               "views 0^0.5+1+2": ((0, 1, 2), 0.5), "views 0^0.25+1+2": ((0, 1, 2), 0.25)}

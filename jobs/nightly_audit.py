@@ -3,7 +3,7 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/nightly_audit.py --config cluster/audit.example.yaml
 
-Scores the images that arrived since the last successful run and writes the score table,
+Scores the images no finished run has taken yet (a ledger) and writes the score table,
 the maps, audit.json and report.html under OUTPUT/runs/<run_id>/ (stfpm/audit.py says how).
 Runs the same on a laptop (`python jobs/nightly_audit.py --config ...` starts a local Ray).
 
@@ -15,6 +15,7 @@ Exit codes:
     1  failed; the state is not advanced, so the next run retries this one
     2  invalid arguments, configuration or model directory (one line naming it); nothing
        was scored
+    5  another audit of the same output is running (OUTPUT/_audit.lock); nothing was done
 """
 from __future__ import annotations
 
@@ -34,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="Only write runs/RUN_ID/report.html again (fresh presigned links)")
     args = parser.parse_args(argv)
 
-    from stfpm.audit.run import load_config, rerender_report, run_audit
+    from stfpm.audit.run import EXIT_LOCKED, AuditLocked, load_config, rerender_report, run_audit
     from stfpm.audit.summary import EXIT_FAILED, EXIT_USAGE
     from stfpm.errors import UserError
 
     try:
         cfg = load_config(args.config)
-    except (ValueError, FileNotFoundError) as e:  # stfpm.errors.UserError is a ValueError
+    except (ValueError, OSError) as e:  # stfpm.errors.UserError is a ValueError; OSError: a folder, unreadable
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             print(rerender_report(cfg, args.rerender))
             return 0
         result = run_audit(cfg)
+    except AuditLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     except UserError as e:  # e.g. a model directory that fails its checks: one line, state left open
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,11 +7,12 @@ _noise.install_warning_filters()  # before Paddle is imported: its import-time w
 __version__ = "0.1.0"
 
 
-def create_model(model_name: str = "STFPM", model_dir=None):
-    """PaddleX-style entry point; see stfpm.api.create_model."""
+def create_model(model_name: str | None = None, model_dir=None, engine: str = "auto"):
+    """PaddleX-style entry point (model_name optional: the directory says it); see
+    stfpm.api.create_model."""
     from stfpm.api import create_model as _create
 
-    return _create(model_name, model_dir)
+    return _create(model_name, model_dir, engine)
 
 
 def load_model(path):

@@ -6,9 +6,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from stfpm.results import AnomalyResult
+from stfpm.results import AnomalyResult, OutputNames
 
 MODEL_NAMES = ("STFPM", "PatchCore")
+
+
+def canonical_model_name(name: str) -> str:
+    """"STFPM" or "PatchCore" for any spelling of either ("stfpm", "patchcore", "PATCHCORE"):
+    model names are case-insensitive everywhere (create_model, `--model`)."""
+    for known in MODEL_NAMES:
+        if isinstance(name, str) and name.lower() == known.lower():
+            return known
+    raise ValueError(f"unknown model_name {name!r}; supported: {', '.join(MODEL_NAMES)} (any case)")
 
 
 def _is_url(text: str) -> bool:
@@ -79,48 +88,65 @@ def _load(source: Any) -> bytes | np.ndarray:
 class STFPMModel:
     """A loaded model (our model directory or an exported inference model) with predict()."""
 
-    def __init__(self, model_dir: str | Path, model_name: str = "STFPM"):
+    def __init__(self, model_dir: str | Path, model_name: str | None = None, engine: str = "auto"):
         from stfpm.model.inference import Predictor
 
         self.model_dir = str(model_dir)
-        self.predictor = Predictor.open(model_dir)
-        found = self.predictor.card.model_name
-        if found != model_name:
+        self.predictor = Predictor.open(model_dir, engine=engine)
+        self.model_name = found = self.predictor.card.model_name  # the directory says what it holds
+        if model_name is not None and canonical_model_name(model_name) != found:
             raise ValueError(f"model_dir {self.model_dir!r} holds a {found} model, not {model_name}: "
-                             f"pass model_name={found!r}")
+                             f"pass model_name={found!r}, or leave model_name out")
 
     @property
     def threshold(self) -> float:
         return self.predictor.threshold
 
-    def predict(self, input: Any, batch_size: int = 1, threshold: float | None = None) -> Iterator[AnomalyResult]:
-        """Yield one result per image; each batch of `batch_size` images is ONE forward pass."""
+    def predict(self, input: Any, batch_size: int = 1, threshold: float | None = None,
+                errors: list[str] | None = None) -> Iterator[AnomalyResult]:
+        """Yield one result per image; each batch of `batch_size` images is ONE forward pass.
+        With an `errors` list, an input that cannot be read or decoded (a corrupt or unreadable
+        file) is appended to it as "<input>: <why>" and skipped, instead of ending the iteration."""
+        from stfpm.storage import printable_path
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        batch, index = [], 0
+        batch, index, names = [], 0, OutputNames()
         for input_path, source in _expand(input):
-            name = input_path or "<array>"
-            batch.append((input_path, self.predictor.prepare(_load(source), name, keep_image=True)))
+            name = printable_path(input_path) if input_path else "<array>"
+            try:
+                prepared = self.predictor.prepare(_load(source), name, keep_image=True)
+            except (ValueError, OSError) as e:  # ImageDecodeError and StorageError are among them
+                if errors is None:
+                    raise
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                errors.append(reason if name in reason else f"{name}: {reason}")
+                continue
+            batch.append((input_path, prepared))
             if len(batch) == batch_size:
-                yield from self._run(batch, index, threshold)
+                yield from self._run(batch, index, threshold, names)
                 index += len(batch)
                 batch = []
         if batch:
-            yield from self._run(batch, index, threshold)
+            yield from self._run(batch, index, threshold, names)
 
-    def _run(self, batch, index, threshold):
+    def _run(self, batch, index, threshold, names):
         p = self.predictor
         for i, ((input_path, prepared), pred) in enumerate(zip(batch, p.run([b for _, b in batch], threshold))):
-            yield AnomalyResult(input_path, prepared.image, pred, p.calibration, index + i)
+            yield AnomalyResult(input_path, prepared.image, pred, p.calibration, index + i,
+                                names(input_path, index + i))
 
 
-def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None) -> STFPMModel:
+def create_model(model_name: str | None = None, model_dir: str | Path | None = None, engine: str = "auto") -> STFPMModel:
     """PaddleX's entry point. `model_dir` is a directory written by `stfpm train` (or by
-    `stfpm export`); there are no built-in downloadable models, so it is required.
-    `model_name` is the kind of model it holds: "STFPM" or "PatchCore" (`--model patchcore`)."""
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"unknown model_name {model_name!r}; supported: {', '.join(MODEL_NAMES)}")
+    `stfpm export`); there are no built-in downloadable models, so it is required. The
+    directory's model.json says which kind it holds (STFPM or PatchCore), so `model_name` is
+    optional: when given (any case) it must match, else a one-line error names both.
+    `engine`: what runs the forward (`stfpm.model.inference.ENGINES`); "auto" picks the
+    fastest exact one installed (an export: its format's engine)."""
+    if model_name is not None:
+        canonical_model_name(model_name)
     if model_dir is None:
         raise ValueError("create_model needs model_dir: train a model with "
                          "`stfpm train DATA --out MODEL_DIR` and pass model_dir=MODEL_DIR")
-    return STFPMModel(model_dir, model_name)
+    return STFPMModel(model_dir, model_name, engine)

@@ -37,11 +37,18 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):  # click's Exit is a RuntimeError: a command's own exit code stands
+            raise
         except USER_ERRORS as e:
             if os.environ.get("STFPM_DEBUG"):
                 raise
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # storage or network down: one line, exit 1 (STFPM_DEBUG=1 shows the traceback)
+            if os.environ.get("STFPM_DEBUG"):
+                raise
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
     return wrapper
 
 
@@ -70,6 +77,8 @@ def check_dataset(data: Path = typer.Argument(..., help="Dataset root (MVTec cat
 
     result = run_check(data, out)
     typer.echo(json.dumps(result["attributes"], indent=2, default=str)[:2000])
+    for warning in result["warnings"]:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"Check dataset passed ! Report: {out / 'check_dataset_result.json'}")
 
 
@@ -153,25 +162,32 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
             inputs: list[str] = typer.Argument(..., help="Images, folders, http(s):// or s3:// URLs"),
             out: Path = typer.Option(Path("output/predict"), help="Folder for overlays and JSON"),
             batch_size: int = typer.Option(8, help="Images per forward pass"),
-            threshold: Optional[float] = typer.Option(None, help="Override the stored threshold")):
+            threshold: Optional[float] = typer.Option(None, help="Override the stored threshold"),
+            engine: str = typer.Option("auto", help="What runs the forward on CPU: auto (the fastest exact one "
+                                       "installed), onednn (Paddle Inference), onnxruntime, openvino, dygraph")):
     """Score images; save an overlay PNG and a JSON per input and print a table. Inputs that
     name no image are reported at the end (exit 2); the others are scored first."""
     from stfpm.api import check_inputs, create_model
+    from stfpm.model.inference import ENGINES
+    from stfpm.storage import printable_path
 
+    if engine not in ENGINES:
+        raise UserError(f"--engine is {engine!r}; expected one of {', '.join(ENGINES)}")
     inputs, problems = check_inputs(inputs)
     if not inputs:
         raise UserError("no input names an image: " + "; ".join(problems))
-    model = create_model(model_dir=model_dir)
-    typer.echo(f"{'image':<48} {'score':>10} {'norm':>6}  decision")
+    model = create_model(model_dir=model_dir, engine=engine)
+    typer.echo(f"{'image':<48} {'raw_score':>10} {'norm_score':>10}  decision")  # the score table's names
     n = n_anomalous = n_ood = 0
-    used: set[str] = set()
-    for res in model.predict(inputs, batch_size=batch_size, threshold=threshold):
-        stem = _unique_stem(res["input_path"], n, used)
-        res.save_to_img(out / f"{stem}.png")
-        res.save_to_json(out / f"{stem}.json")
-        name = res["input_path"] or f"image_{n:06d}"
+    for res in model.predict(inputs, batch_size=batch_size, threshold=threshold, errors=problems):
+        name = printable_path(res["input_path"]) if res["input_path"] else f"image_{n:06d}"
+        try:  # a name too long for the output folder: reported with the others, the rest goes on
+            res.save_to_img(out / f"{res.name}.png")  # <folder>_<stem>, unique in the call (stfpm.results.OutputNames)
+            res.save_to_json(out / f"{res.name}.json")
+        except OSError as e:
+            problems.append(f"{name}: its results could not be written to {out}: {e.strerror or e}")
         name = name if len(name) <= 48 else "..." + name[-45:]
-        typer.echo(f"{name:<48} {res['score']:>10.4g} {res['norm_score']:>6.3f}  "
+        typer.echo(f"{name:<48} {res['raw_score']:>10.4g} {res['norm_score']:>10.3f}  "
                    f"{'ANOMALY' if res['is_anomaly'] else 'ok'}{'  OOD' if res['ood'] else ''}")
         n += 1
         n_anomalous += res["is_anomaly"]
@@ -187,29 +203,17 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
         raise typer.Exit(2)
 
 
-def _unique_stem(input_path: str | None, index: int, used: set[str]) -> str:
-    """Output name per input: <folder>_<stem> (test/good/000.png -> good_000, test/crack/000.png
-    -> crack_000), with _1, _2... when two inputs still share a name; image_<index> for arrays."""
-    if input_path is None:
-        stem = f"image_{index:06d}"
-    else:
-        path = Path(input_path)
-        stem = f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
-    base, k = stem, 1
-    while stem in used:
-        stem, k = f"{base}_{k}", k + 1
-    used.add(stem)
-    return stem
-
-
 @app.command()
 @_user_errors
 def export(model_dir: Path = typer.Argument(..., help="Model directory from `stfpm train`"),
-           out: Path = typer.Option(..., help="Folder for the Paddle inference model")):
-    """Export a Paddle static inference model (inference.json/.pdiparams + inference.yml)."""
+           out: Path = typer.Option(..., help="Folder for the exported model"),
+           format: str = typer.Option("paddle", "--format", help="paddle (inference.json/.pdiparams), onnx "
+                                      "(model.onnx: ONNX Runtime, no Paddle needed) or openvino (model.xml/.bin)")):
+    """Export an inference model (Paddle program, ONNX or OpenVINO IR) with inference.yml and
+    model.json."""
     from stfpm.model.export import export_model
 
-    export_model(model_dir, out)
+    export_model(model_dir, out, format)
     typer.echo(f"exported to {out}; load it with create_model(model_dir={str(out)!r})")
 
 
@@ -260,7 +264,8 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
           s3_region: Optional[str] = typer.Option(None, help="Default: AWS_REGION"),
           allow_root: Optional[list[str]] = typer.Option(None, "--allow-root", help="Read local inputs only from "
                                                          "under this folder (repeatable; symlinks resolved); "
-                                                         "default: any file the workers can read"),
+                                                         "default: a folder SOURCE itself (symlinks out of it "
+                                                         "are not followed), else any file the workers can read"),
           fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Each actor also reads, decodes "
                                                "and writes maps; default: fused on the local Ray score starts "
                                                "itself (no GPUs), else decoding and maps in CPU tasks any node "
@@ -364,8 +369,10 @@ def _threshold_note(calibration, metrics: dict) -> str:
 
 
 def _headline(metrics: dict) -> dict:
+    """The metrics to print, at 6 significant digits (0.6056, not 0.6056000000000001); the
+    JSON files keep full precision."""
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_threshold")
-    return {k: metrics.get(k) for k in keys}
+    return {k: float(f"{metrics[k]:.6g}") if isinstance(metrics.get(k), float) else metrics.get(k) for k in keys}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,9 @@
 - "Paddle static graph(PIR) not support input out tensor for now!!!!!" (a C++ glog line on
   every model load): Paddle's own `paddle.add`/`divide`/... pass `out=None` to the C++ op,
   which PIR tracing takes for an out tensor. Dropped from stderr while a program is traced.
+- "[Paddle2ONNX] Start parsing the Paddle model file..." and its two companions (C++ lines on
+  stdout at every ONNX conversion): progress of a conversion that takes a second. Dropped from
+  stdout while `stfpm.model.export.program_onnx` converts.
 - "Token authentication is enabled for this Ray cluster" (on every local `ray.init`): Ray
   announcing its default for a new local Ray. `init_ray` filters that one message of Ray's
   token-setup logger; the other authentication messages (a missing or wrong token) pass.
@@ -37,6 +40,7 @@ import threading
 import warnings
 
 PIR_OUT_TENSOR = "not support input out tensor for now"
+PADDLE2ONNX_PROGRESS = "[Paddle2ONNX] "
 ACTOR_ARGS_IN_OBJECT_STORE = "has constructor arguments in the object store and max_restarts > 0"
 TOKEN_AUTH_ENABLED = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled"
 PROGRESS_BARS_DISABLED = "Progress bars disabled. To enable, set"
@@ -51,14 +55,15 @@ def install_warning_filters() -> None:
 
 
 @contextlib.contextmanager
-def native_lines_dropped(*needles: str):
-    """Inside the block, lines written to file descriptor 2 (C++ glog lines too) that contain
-    one of `needles` are dropped; every other line is forwarded as it comes. Only for blocks
-    that start no processes (a child would inherit the pipe)."""
+def native_lines_dropped(*needles: str, fd: int = 2):
+    """Inside the block, lines written to file descriptor `fd` (2: stderr, C++ glog lines too)
+    that contain one of `needles` are dropped; every other line is forwarded as it comes. Only
+    for blocks that start no processes (a child would inherit the pipe)."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    original = os.dup(2)
+    original = os.dup(fd)
     read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
+    os.dup2(write_end, fd)
     os.close(write_end)
     encoded = [n.encode() for n in needles]
 
@@ -77,8 +82,9 @@ def native_lines_dropped(*needles: str):
     try:
         yield
     finally:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(original, 2)  # closes the pipe's write end: the forwarder reads to the end and stops
+        os.dup2(original, fd)  # closes the pipe's write end: the forwarder reads to the end and stops
         thread.join(timeout=10)
         os.close(original)
         if not thread.is_alive():

@@ -14,8 +14,11 @@ import numpy as np
 from stfpm.model.card import Calibration
 from stfpm.model.heatmap import overlay, to_heat
 from stfpm.model.inference import Prediction
+from stfpm.storage import printable_path
 
-SUMMARY_KEYS = ("input_path", "score", "norm_score", "is_anomaly", "threshold", "ood", "ood_score")
+# `score` is PaddleX's name for the raw score; `raw_score` (the same value) and `norm_score` are
+# the names the score table uses (its `score` column is the normalised one: stfpm.scoring.TABLE_DOC).
+SUMMARY_KEYS = ("input_path", "score", "raw_score", "norm_score", "is_anomaly", "threshold", "ood", "ood_score")
 
 
 def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 20) -> list[dict]:
@@ -29,26 +32,57 @@ def defect_regions(mask: np.ndarray, anomaly_map: np.ndarray, limit: int = 20) -
     return sorted(regions, key=lambda r: -r["area"])[:limit]
 
 
+def output_stem(input_path: str | None, index: int) -> str:
+    """The file name (without suffix) a result is saved under: <folder>_<stem>
+    (test/good/000.png -> good_000, test/crack/000.png -> crack_000), so same-named images of
+    different folders do not overwrite each other; image_<index> for arrays."""
+    if input_path is None:
+        return f"image_{index:06d}"
+    path = Path(input_path.split("?")[0]) if "://" in input_path else Path(input_path)
+    return f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
+
+
+class OutputNames:
+    """Unique output stems within one predict call: `output_stem`, then _1, _2... when two
+    inputs still share one (a/x/000.png and b/x/000.png)."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, input_path: str | None, index: int) -> str:
+        stem = base = output_stem(input_path, index)
+        k = 1
+        while stem in self.used:
+            stem, k = f"{base}_{k}", k + 1
+        self.used.add(stem)
+        return stem
+
+
 class AnomalyResult(dict):
-    """One image's result: dict keys `input_path`, `score`, `norm_score`, `is_anomaly`,
+    """One image's result: dict keys `input_path`, `score` (raw: the map's max; also as
+    `raw_score`, the score table's name for it), `norm_score` (the table's `score`), `is_anomaly`,
     `threshold`, `ood` (the image is unlike the training images: its score is not to be
     trusted; None when the model has no in-distribution check), `ood_score` (> 1 is ood),
     `anomaly_map` (float32 HxW), `pred` (uint8 0/255 HxW)."""
 
     def __init__(self, input_path: str | None, image: np.ndarray, prediction: Prediction,
-                 calibration: Calibration, index: int = 0):
-        super().__init__(input_path=input_path, score=prediction.score, norm_score=prediction.norm_score,
+                 calibration: Calibration, index: int = 0, name: str | None = None):
+        super().__init__(input_path=input_path, score=prediction.score, raw_score=prediction.score,
+                         norm_score=prediction.norm_score,
                          is_anomaly=prediction.is_anomaly, threshold=prediction.threshold,
                          ood=prediction.ood, ood_score=prediction.ood_score,
                          anomaly_map=prediction.anomaly_map, pred=prediction.pred)
         self._image, self._prediction = image, prediction
         self._calibration = calibration
         self._index = index
+        self.name = name or output_stem(input_path, index)  # what save_to_img / save_to_json call it in a folder
 
     @property
     def json(self) -> dict:
         amap, pred = self["anomaly_map"], self["pred"]
         res = {k: self[k] for k in SUMMARY_KEYS}
+        if res["input_path"]:  # JSON is UTF-8: a file name that is not has its odd bytes written \xNN
+            res["input_path"] = printable_path(res["input_path"])
         res["anomaly_map"] = {"shape": list(amap.shape), "dtype": "float32", "min": float(amap.min()),
                               "max": float(amap.max()), "mean": float(amap.mean())}
         res["pred"] = {"shape": list(pred.shape), "dtype": "uint8",
@@ -62,13 +96,10 @@ class AnomalyResult(dict):
         heat = to_heat(self._calibration.normalize(p.anomaly_map, p.threshold))
         return {"res": overlay(self._image, heat, p.is_anomaly, p.norm_score, p.score)}
 
-    def _default_name(self) -> str:
-        return Path(self["input_path"]).stem if self["input_path"] else f"image_{self._index:06d}"
-
     def _target(self, save_path: str | Path, suffix: str) -> Path:
         path = Path(save_path)
         if path.suffix.lower() != suffix and (path.is_dir() or not path.suffix):
-            path = path / f"{self._default_name()}{suffix}"
+            path = path / f"{self.name}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -77,19 +108,24 @@ class AnomalyResult(dict):
         print(json.dumps(data, indent=indent if format_json else None, ensure_ascii=ensure_ascii))
 
     def save_to_json(self, save_path: str | Path, indent: int = 4, ensure_ascii: bool = False) -> Path:
-        """A directory save_path gets `<input stem>.json`; a .json path is used as given."""
+        """A directory save_path gets `<name>.json` (`<folder>_<stem>`, unique within one predict
+        call: `OutputNames`); a .json path is used as given."""
         path = self._target(save_path, ".json")
         path.write_text(json.dumps(self.json, indent=indent, ensure_ascii=ensure_ascii))
         return path
 
     def save_to_img(self, save_path: str | Path) -> Path:
-        """A directory save_path gets `<input stem>.png`; a file path is used as given."""
+        """A directory save_path gets `<name>.png` (as save_to_json); a file path is used as given."""
         path = Path(save_path)
         if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
             path = self._target(save_path, ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(path), self.img["res"]):
-            raise OSError(f"could not write image {path}")
+        # encoded here and written by Python: cv2.imwrite crashes the process (SIGSEGV) on a
+        # path whose name is not UTF-8, as a file found in a folder may have
+        encoded, data = cv2.imencode(path.suffix.lower(), self.img["res"])
+        if not encoded:
+            raise OSError(f"could not encode image {path}")
+        path.write_bytes(data.tobytes())
         return path
 
     def __repr__(self) -> str:

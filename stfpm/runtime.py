@@ -77,6 +77,9 @@ def configure_logging(level: int = logging.INFO) -> None:
     CLI, the job entrypoints and the rank-0 Ray Train worker, never by library code itself."""
     package = logging.getLogger("stfpm")
     package.setLevel(level)
+    # Paddle's distributed utilities put a handler on the root logger when imported: propagating
+    # to it printed every line twice (once plain, once "[time] [INFO] loop.py:147 - ...").
+    package.propagate = False
     if not any(isinstance(h, _CurrentStderr) for h in package.handlers):
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import re
 import sys
 import tempfile
 import urllib.request
@@ -45,6 +46,28 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def has_credentials(uri: str) -> bool:
+    """s3://KEY:SECRET@bucket/...: credentials written into a URL, which would end up in
+    messages, logs and the audit state; only the AWS chain (environment, profile, role) is used."""
+    return "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def redact(uri: str) -> str:
+    """`uri` with any credentials in it replaced by ***, fit to print or store."""
+    if not has_credentials(uri):
+        return uri
+    scheme, rest = uri.split("://", 1)
+    host, sep, path = rest.partition("/")
+    return f"{scheme}://***@{host.rsplit('@', 1)[1]}{sep}{path}"
+
+
+def refuse_credentials(uri: str, what: str = "") -> None:
+    if has_credentials(uri):
+        raise UserError(f"{what + ': ' if what else ''}{redact(uri)}: credentials in a URL are not accepted (they "
+                        "would be printed and stored); give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                        "a profile or a role")
+
+
 def join_uri(base: str, *parts: str) -> str:
     """`base`/part/...: the one way output keys (maps, overlays, table files, run folders,
     state, reports) are built. A part may hold several "/"-separated names but no empty
@@ -58,15 +81,36 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def printable_path(path: str) -> str:
+    """A local path as valid UTF-8 text for tables, manifests and messages: bytes of a file
+    name that are not UTF-8 (os gives them as surrogates) are written \\xNN. `readable_path`
+    turns it back, so such a file is scored like any other instead of failing the run."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def readable_path(path: str) -> str:
+    """The file `printable_path` made `path` from: itself when it exists, else with its \\xNN
+    escapes turned back into the file name's bytes (when that file exists)."""
+    if "\\x" not in path or os.path.lexists(path):
+        return path
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), path.encode("utf-8"))
+    original = os.fsdecode(raw)
+    return original if os.path.lexists(original) else path
+
+
 def resolve_entry(entry: str, base: str) -> str:
     """A manifest or registry entry, relative ones taken relative to the folder `base`."""
     if entry.startswith(("/", "file://")):  # normalised: "d/../d/a.png" is "d/a.png"
-        return filesystem_for(entry)[1]
+        return printable_path(filesystem_for(entry)[1])
     if "://" in entry:  # s3:// keys are taken literally; other schemes fail when read
-        return entry
+        return redact(entry)  # credentials in a URL are never stored (the read refuses the entry)
     if is_s3(base):
         return join_uri(base, entry)
-    return filesystem_for(posixpath.join(base, entry))[1]
+    return printable_path(filesystem_for(posixpath.join(base, entry))[1])
 
 
 def parent_uri(uri: str) -> str:
@@ -116,18 +160,37 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     lazily (`allow_delayed_open`), which lets a small write be one PutObject instead of a
     three-request multipart upload: anomaly maps are many small objects.
     """
+    refuse_credentials(uri)
     if is_s3(uri):
         return pafs.S3FileSystem(allow_delayed_open=True, **_s3_options()), uri[len("s3://"):]
     if uri.startswith("file://"):
         return pafs.LocalFileSystem(), unquote(urlparse(uri).path)
     if "://" in uri:
-        raise ValueError(f"{uri}: unsupported scheme; use a local path, file://, s3:// or (to read) http(s)://")
+        raise ValueError(f"{redact(uri)}: unsupported scheme; use a local path, file://, s3:// or (to read) http(s)://")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+# pyarrow's names of the S3 errors the user fixes (credentials, bucket name), not retried
+S3_USER_ERRORS = {"ACCESS_DENIED": "access denied: check the credentials and the bucket policy",
+                  "INVALID_ACCESS_KEY_ID": "the access key id is not known: check the credentials",
+                  "SIGNATURE_DOES_NOT_MATCH": "the secret key does not match the access key id: check the credentials",
+                  "EXPIRED_TOKEN": "the session token has expired: renew the credentials",
+                  "NO_SUCH_BUCKET": "no such bucket"}
+
+
+def s3_user_error(exc: OSError, uri: str) -> UserError | None:
+    """A UserError, one line naming `uri` and the fix, for an S3 failure the user causes."""
+    text = str(exc)
+    for code, meaning in S3_USER_ERRORS.items():
+        if f"AWS Error {code}" in text or code.replace("_", "").lower() in text.replace(" ", "").lower():
+            return UserError(f"{redact(uri)}: {meaning}")
+    return None
+
+
 @contextlib.contextmanager
-def _errors_name(uri: str):
-    """Re-raise I/O failures (pyarrow's and urllib's are OSErrors) as StorageErrors naming `uri`."""
+def errors_name(uri: str):
+    """Re-raise I/O failures (pyarrow's and urllib's are OSErrors) as StorageErrors naming `uri`;
+    wrong credentials or a missing bucket as a UserError (s3_user_error)."""
     try:
         yield
     except StorageError:
@@ -135,7 +198,26 @@ def _errors_name(uri: str):
     except FileNotFoundError as exc:
         raise StorageNotFound(f"{uri}: no such file or object") from exc
     except OSError as exc:
-        raise StorageError(f"{uri}: {exc}") from exc
+        raise s3_user_error(exc, uri) or StorageError(f"{uri}: {exc}") from None
+
+
+_errors_name = errors_name
+
+
+def check_output(uri: str) -> None:
+    """Fail before any work when OUTPUT cannot be written to: on S3 a bucket that does not
+    exist or that these credentials cannot reach (before, a missing bucket failed after every
+    image was scored); locally a file in the way. UserErrors naming `uri`."""
+    if not is_s3(uri):
+        path = filesystem_for(uri)[1]
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{uri} is a file; the output is a folder")
+        return
+    fs, path = filesystem_for(uri)
+    bucket = path.split("/", 1)[0]
+    with errors_name(f"s3://{bucket}"):
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise UserError(f"{uri}: the bucket {bucket!r} does not exist; create it or name another output")
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import pytest
 import ray
 import yaml
 
-from stfpm import audit
+from stfpm.audit import run as audit_run
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -152,7 +152,7 @@ def test_the_dockerfile_builds_the_named_image_from_files_that_exist():
 
 
 def test_the_example_audit_config_loads():
-    cfg = audit.load_config(str(CLUSTER / "audit.example.yaml"))
+    cfg = audit_run.load_config(str(CLUSTER / "audit.example.yaml"))
     assert cfg.source.startswith("s3://") and cfg.models.endswith("registry.yaml")
     assert cfg.scoring.gpus_per_actor == 1 and cfg.partitions[0] == "category"
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from stfpm import audit, audit_summary
+from stfpm.audit import run as audit_run, summary as audit_summary
 from stfpm.cli import app
 from stfpm.scoring import score
 from stfpm.scoring.plan import plan_run
@@ -62,15 +62,17 @@ def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def _pipeline_rows(plan, status: list[str], kinds: list[str | None]) -> pa.Table:
-    """plan.pending as the stages would leave it: the given status and error kind per row."""
+    """plan.pending as the stages would leave it: the given status and error kind per row,
+    scored with the plan's threshold (a row of another threshold is not "already scored")."""
     from stfpm.scoring.table import set_columns
 
     n = len(plan.pending)
+    threshold = next(iter(plan.models.values())).threshold
     return set_columns(plan.pending, status=(status, pa.string()),
                        error=([None if s == "ok" else "x: y" for s in status], pa.string()),
                        error_kind=(kinds, pa.string()), raw_score=([1.0] * n, pa.float64()),
                        score=([0.5] * n, pa.float64()), is_anomaly=([False] * n, pa.bool_()),
-                       threshold=([1.0] * n, pa.float64()), ood=([None] * n, pa.bool_()),
+                       threshold=([threshold] * n, pa.float64()), ood=([None] * n, pa.bool_()),
                        ood_score=([None] * n, pa.float64()), device=(["cpu"] * n, pa.string()),
                        width=([64] * n, pa.int32()), height=([64] * n, pa.int32()),
                        map_uri=([None] * n, pa.string()), overlay_uri=([None] * n, pa.string()))
@@ -112,9 +114,9 @@ def test_model_version_must_be_the_hash_of_the_weights_and_keys_stay_under_outpu
              "open_run": {"run_id": "../../elsewhere", "since": None, "attempts": 1}}  # an edited state file
     (tmp_path / "audit").mkdir()
     (tmp_path / "audit" / "_audit_state.json").write_text(json.dumps(state))
-    cfg = audit.AuditConfig(source=str(tmp_path / "data"), output=str(tmp_path / "audit"), models=str(model))
+    cfg = audit_run.AuditConfig(source=str(tmp_path / "data"), output=str(tmp_path / "audit"), models=str(model))
     with pytest.raises(UserError, match="cannot be a file or folder name"):
-        audit.run_audit(cfg, verbose=False)
+        audit_run.run_audit(cfg, verbose=False)
     assert not (tmp_path / "elsewhere").exists()
 
 
@@ -291,21 +293,21 @@ def test_transient_errors_are_retried_on_later_nights_and_fail_the_exit_code(mod
     (src / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     registry = tmp_path / "registry.yaml"
     registry.write_text(f"models:\n  a: {model}\n")
-    cfg = audit.AuditConfig(source=str(src), output=str(tmp_path / "audit"), models=str(registry),
-                            partitions=["category"], settle_minutes=0, alert=audit.AlertConfig(anomaly_rate=1.0))
+    cfg = audit_run.AuditConfig(source=str(src), output=str(tmp_path / "audit"), models=str(registry),
+                            partitions=["category"], settle_minutes=0, alert=audit_run.AlertConfig(anomaly_rate=1.0))
     now = datetime.now(timezone.utc) + timedelta(minutes=1)
-    night1 = audit.run_audit(cfg, now=now, verbose=False)
+    night1 = audit_run.run_audit(cfg, now=now, verbose=False)
     totals = night1.summary["totals"]
     assert night1.exit_code == audit_summary.EXIT_ERRORS and night1.summary["status"] == "errors"
     assert (totals["inputs"], totals["ok"], totals["error_input"], totals["error_transient"]) == (3, 1, 1, 1)
 
     registry.write_text(f"models:\n  a: {model}\n  c: {model}\n")  # the missing model is added
-    night2 = audit.run_audit(cfg, now=now + timedelta(minutes=1), verbose=False)
+    night2 = audit_run.run_audit(cfg, now=now + timedelta(minutes=1), verbose=False)
     assert night2.exit_code == audit_summary.EXIT_OK, night2.summary
     assert night2.summary["totals"]["retried"] == 1 and night2.summary["totals"]["ok"] == 1
     assert night2.summary["categories"]["c"]["ok"] == 1 and "a" not in night2.summary["categories"]
 
-    night3 = audit.run_audit(cfg, now=now + timedelta(minutes=2), verbose=False)
+    night3 = audit_run.run_audit(cfg, now=now + timedelta(minutes=2), verbose=False)
     assert night3.exit_code == audit_summary.EXIT_OK and night3.summary["totals"]["inputs"] == 0
 
 
@@ -350,4 +352,4 @@ def test_every_bad_audit_config_exits_2_naming_the_key_before_anything_is_writte
         assert not (tmp_path / "out").exists()
     for actors in ("2", 2, "1..8"):
         path.write_text(yaml.safe_dump({**base, "scoring": {"actors": actors}}))
-        assert audit.load_config(str(path)).scoring.actors == actors
+        assert audit_run.load_config(str(path)).scoring.actors == actors

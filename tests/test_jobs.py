@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 import stfpm
-from stfpm import audit, audit_summary
+from stfpm.audit import run as audit_run, summary as audit_summary
 from stfpm.data.synth import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def _config(site: Path, name: str, **overrides) -> Path:
 
 
 def _state(site: Path) -> dict:
-    return json.loads((site / "audit" / audit.STATE).read_text())
+    return json.loads((site / "audit" / audit_run.STATE).read_text())
 
 
 def _run_dir(site: Path, run_id: str) -> Path:
@@ -330,18 +330,18 @@ def test_local_listing_takes_the_window_and_skips_hidden_other_types_and_the_out
     _touch(src / "a" / ".x.png")
     _touch(src / "notes.txt")
     _touch(src / "out" / "maps" / "m.png")
-    cfg = audit.AuditConfig(source=str(src), output=str(src / "out"), models="m", partitions=["category", "line"])
+    cfg = audit_run.AuditConfig(source=str(src), output=str(src / "out"), models="m", partitions=["category", "line"])
     later = datetime.now(timezone.utc) + timedelta(seconds=1)
-    everything = audit.list_arrivals(cfg, None, later).to_pylist()
+    everything = audit_run.list_arrivals(cfg, None, later).to_pylist()
     assert [r["image_uri"] for r in everything] == [str(old), str(new), str(src / "b" / "new.png")]
     assert [(r["category"], r["line"]) for r in everything] == [("a", "l1"), ("a", "l2"), ("b", None)]
-    assert [r["image_uri"] for r in audit.list_arrivals(cfg, cut, later).to_pylist()] == [str(new),
+    assert [r["image_uri"] for r in audit_run.list_arrivals(cfg, cut, later).to_pylist()] == [str(new),
                                                                                          str(src / "b" / "new.png")]
-    assert audit.list_arrivals(cfg, None, cut).column("image_uri").to_pylist() == [str(old)]
+    assert audit_run.list_arrivals(cfg, None, cut).column("image_uri").to_pylist() == [str(old)]
     # a file copied with its old mtime kept (rsync -a, cp -p) still arrives now, by its ctime
     kept = _touch(src / "a" / "l1" / "copied.png")
     os.utime(kept, (0, 0))
-    assert str(kept) in audit.list_arrivals(cfg, cut, later + timedelta(seconds=5)).column("image_uri").to_pylist()
+    assert str(kept) in audit_run.list_arrivals(cfg, cut, later + timedelta(seconds=5)).column("image_uri").to_pylist()
 
 
 def test_s3_listing_by_last_modified_and_manifest_mode(s3_env, tmp_path):
@@ -350,14 +350,14 @@ def test_s3_listing_by_last_modified_and_manifest_mode(s3_env, tmp_path):
     s3 = boto3.client("s3")
     for key in ("in/a/l1/x.png", "in/b/l2/y.jpg", "in/a/.hidden/z.png", "in/readme.md", "in/out/maps/m.png"):
         s3.put_object(Bucket=s3_env, Key=key, Body=b"x")
-    cfg = audit.AuditConfig(source=f"s3://{s3_env}/in", output=f"s3://{s3_env}/in/out", models="m",
+    cfg = audit_run.AuditConfig(source=f"s3://{s3_env}/in", output=f"s3://{s3_env}/in/out", models="m",
                             partitions=["category"])
     now = datetime.now(timezone.utc) + timedelta(seconds=2)
-    rows = audit.list_arrivals(cfg, None, now).to_pylist()
+    rows = audit_run.list_arrivals(cfg, None, now).to_pylist()
     assert [(r["image_uri"], r["category"], r["size_bytes"]) for r in rows] == [
         (f"s3://{s3_env}/in/a/l1/x.png", "a", 1), (f"s3://{s3_env}/in/b/l2/y.jpg", "b", 1)]
-    assert audit.list_arrivals(cfg, now, now + timedelta(hours=1)).num_rows == 0
-    assert audit.list_arrivals(cfg, None, now - timedelta(hours=1)).num_rows == 0
+    assert audit_run.list_arrivals(cfg, now, now + timedelta(hours=1)).num_rows == 0
+    assert audit_run.list_arrivals(cfg, None, now - timedelta(hours=1)).num_rows == 0
 
     # manifests: each one that arrived in the window contributes its entries
     s3.put_object(Bucket=s3_env, Key="manifests/night1.txt",
@@ -366,14 +366,14 @@ def test_s3_listing_by_last_modified_and_manifest_mode(s3_env, tmp_path):
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     s3.put_object(Bucket=s3_env, Key="manifests/night1.parquet", Body=sink.getvalue().to_pybytes())
-    cfg = audit.AuditConfig(manifests=f"s3://{s3_env}/manifests/", root=f"s3://{s3_env}/in",
+    cfg = audit_run.AuditConfig(manifests=f"s3://{s3_env}/manifests/", root=f"s3://{s3_env}/in",
                             output=f"s3://{s3_env}/audit", models="m", partitions=["category"])
-    rows = audit.list_arrivals(cfg, None, now).to_pylist()
+    rows = audit_run.list_arrivals(cfg, None, now).to_pylist()
     assert [(r["image_uri"].rsplit("/", 1)[1], r["category"]) for r in rows] == [
         ("q.png", "c"), ("x.png", "a"), ("y.jpg", "b")]
     cfg.root = None
     with pytest.raises(ValueError, match="set `root`"):
-        audit.list_arrivals(cfg, None, now)
+        audit_run.list_arrivals(cfg, None, now)
 
 
 def test_config_is_checked_and_a_bad_one_exits_2(tmp_path, capsys):
@@ -383,7 +383,7 @@ def test_config_is_checked_and_a_bad_one_exits_2(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({**base, "alert": {"anomaly_rate": 0.1, "categories": {"a": 0.2}},
                                     "scoring": {"actors": "1..4", "gpus_per_actor": 1}}))
-    cfg = audit.load_config(str(good))
+    cfg = audit_run.load_config(str(good))
     assert cfg.alert.level("a") == 0.2 and cfg.alert.level("b") == 0.1 and cfg.scoring.actors == "1..4"
     for bad, message in (({**base, "aler": {}}, "unknown keys"), ({**base, "manifests": "m/"}, "exactly one"),
                          ({**base, "alert": {"anomaly_rate": 5}}, "between 0 and 1"),
@@ -391,7 +391,7 @@ def test_config_is_checked_and_a_bad_one_exits_2(tmp_path, capsys):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ValueError, match=message):
-            audit.load_config(str(path))
+            audit_run.load_config(str(path))
     spec = importlib.util.spec_from_file_location("nightly_audit", REPO / "jobs" / "nightly_audit.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
@@ -401,15 +401,15 @@ def test_config_is_checked_and_a_bad_one_exits_2(tmp_path, capsys):
 
 def test_a_night_without_arrivals_commits_an_empty_report(tmp_path):
     (tmp_path / "in").mkdir()
-    cfg = audit.AuditConfig(source=str(tmp_path / "in"), output=str(tmp_path / "out"), models="unused")
-    result = audit.run_audit(cfg, verbose=False)
+    cfg = audit_run.AuditConfig(source=str(tmp_path / "in"), output=str(tmp_path / "out"), models="unused")
+    result = audit_run.run_audit(cfg, verbose=False)
     assert result.exit_code == 0 and result.summary["totals"]["inputs"] == 0
     assert "No images arrived" in Path(result.report).read_text()
-    state = json.loads((tmp_path / "out" / audit.STATE).read_text())
+    state = json.loads((tmp_path / "out" / audit_run.STATE).read_text())
     assert state["open_run"] is None and state["last_success"]["run_id"] == result.run_id
-    other = audit.AuditConfig(source=str(tmp_path), output=str(tmp_path / "out"), models="unused")
+    other = audit_run.AuditConfig(source=str(tmp_path), output=str(tmp_path / "out"), models="unused")
     with pytest.raises(ValueError, match="another input"):
-        audit.run_audit(other, verbose=False)
+        audit_run.run_audit(other, verbose=False)
 
 
 def _png(seed: int, size: int = 32, gray: bool = False) -> bytes:
@@ -445,8 +445,8 @@ def test_report_on_s3_links_presigned_urls_that_load_and_escapes_names(s3_env, t
             row["error"] = "decode: not a PNG, JPEG ..."
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=table_schema(["category"]))
-    cfg = audit.AuditConfig(source=f"s3://{s3_env}/in", output=f"s3://{s3_env}/out", models="m",
-                            partitions=["category"], alert=audit.AlertConfig(anomaly_rate=0.4, min_images=2))
+    cfg = audit_run.AuditConfig(source=f"s3://{s3_env}/in", output=f"s3://{s3_env}/out", models="m",
+                            partitions=["category"], alert=audit_run.AlertConfig(anomaly_rate=0.4, min_images=2))
     summary = audit_summary.summarize(table, table.select(["image_uri"]), cfg, run_id="r", since=None, until=now,
                                       attempts=1, scoring=None)
     assert summary["alerts"] == ["a"] and summary["exit_code"] == audit_summary.EXIT_ALERT
@@ -457,7 +457,7 @@ def test_report_on_s3_links_presigned_urls_that_load_and_escapes_names(s3_env, t
     assert b["errors"] == {"by_kind": {"decode": 1}, "examples": [[f"s3://{s3_env}/in/b/broken.png",
                                                                   "decode: not a PNG, JPEG ..."]]}
     report = tmp_path / "report.html"
-    report.write_text(audit.render_report(summary, str(report), link_expiry_hours=1))
+    report.write_text(audit_run.render_report(summary, str(report), link_expiry_hours=1))
     text = report.read_text()
     assert "<b>odd" not in text and "&lt;b&gt;odd &amp; &#x27;name&#x27;.png" in text
     assert "X-Amz-Signature" in text and "s3://" not in re.sub(r"<code>.*?</code>|alt='[^']*'", "", text)
@@ -480,7 +480,7 @@ def test_inputs_unlike_the_training_images_are_counted_and_alerted(tmp_path):
                        ood=i < n_ood, ood_score=40.0 - i if i < n_ood else 0.4)
             rows.append(row)
     table = pa.Table.from_pylist(rows, schema=table_schema(["category"]))
-    cfg = audit.AuditConfig(source=str(tmp_path), output=str(tmp_path / "out"), models="m", partitions=["category"])
+    cfg = audit_run.AuditConfig(source=str(tmp_path), output=str(tmp_path / "out"), models="m", partitions=["category"])
     summary = audit_summary.summarize(table, table.select(["image_uri"]), cfg, run_id="r", since=None, until=now,
                                       attempts=1, scoring=None)
     assert summary["alerts"] == ["misrouted"] and summary["exit_code"] == audit_summary.EXIT_ALERT
@@ -489,7 +489,7 @@ def test_inputs_unlike_the_training_images_are_counted_and_alerted(tmp_path):
     assert (bad["ood"], bad["ood_rate"], fine["ood"], fine["alert"]) == (5, 1.0, 1, False)
     assert "unlike the model's training images" in bad["alert_reasons"][0]
     assert bad["ood_examples"][0] == ["/in/misrouted/0.png", 40.0]
-    text = audit.render_report(summary, str(tmp_path / "report.html"))
+    text = audit_run.render_report(summary, str(tmp_path / "report.html"))
     assert "5 unlike the training images (ood)" in text and "1 unlike the training images (ood)" in text
     assert "<b>Alert:</b> 100.00% of inputs unlike" in text
 

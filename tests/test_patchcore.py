@@ -11,7 +11,8 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from stfpm.nn.patchcore import _upsample2x, greedy_coreset, images_per_forward, subsample_patches
+from stfpm.nn.maps import images_per_forward
+from stfpm.nn.patchcore import _upsample2x, greedy_coreset, subsample_patches
 
 
 def invoke(*args):

@@ -30,7 +30,8 @@ from stfpm.scoring import map_to_raw, score
 from stfpm.scoring.plan import plan_run
 from stfpm.scoring.progress import ScoringProgress, progress_text
 from stfpm.scoring.run import build_pipeline, parse_actors
-from stfpm.scoring.sources import image_id, list_inputs, resolve_models
+from stfpm.scoring.sources import list_inputs, resolve_models
+from stfpm.scoring.table import image_id
 from stfpm.scoring.table import read_index, table_schema
 from stfpm.runtime import paddle_device
 from stfpm.model.score_scale import ScoreScale

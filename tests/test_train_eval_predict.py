@@ -200,7 +200,8 @@ def test_result_presentation(trained, synth_data, tmp_path, capsys):
     assert printed["res"]["input_path"] == str(defect) and "regions" in printed["res"]["pred"]
     img_path = res.save_to_img(tmp_path / "out")
     json_path = res.save_to_json(tmp_path / "out")
-    assert img_path.name == defect.stem + ".png" and json_path.name == defect.stem + ".json"
+    name = f"{defect.parent.name}_{defect.stem}"  # <folder>_<stem>, as `stfpm predict` names it
+    assert img_path.name == name + ".png" and json_path.name == name + ".json"
     assert json_path.stat().st_size < 20_000  # arrays summarised, never dumped
     overlay = cv2.imread(str(img_path))
     assert overlay.shape == cv2.imread(str(defect)).shape

@@ -16,7 +16,7 @@ import paddle
 import pytest
 from safetensors.numpy import save_file
 
-from stfpm import weights
+from stfpm.model import weights
 from stfpm.nn import backbone_spec
 from stfpm.nn.efficientnet_lite import EfficientNetLiteFeatures, build_blocks, conv_bn, scaled_stages
 from stfpm.nn.resnet import ResNet18Features

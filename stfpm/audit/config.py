@@ -1,6 +1,7 @@
 """The nightly audit's configuration (AUDIT.yaml): dataclasses, loading and checking it."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -10,7 +11,7 @@ import yaml
 
 from stfpm.scoring.table import table_schema
 from stfpm.errors import UserError
-from stfpm.storage import filesystem_for, is_s3, read_bytes
+from stfpm.storage import filesystem_for, is_s3, read_bytes, refuse_credentials
 
 
 def _number(v) -> bool:
@@ -27,9 +28,12 @@ KINDS = {
     "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
     "positive int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
     ">= 0": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "minutes": (lambda v: _number(v) and 0 <= v <= 7 * 24 * 60, "a number >= 0 and at most 10080 (a week)"),
     "> 0": (lambda v: _number(v) and v > 0, "a number > 0"),
     "hours": (lambda v: _number(v) and 0 < v <= 168, "a number of hours above 0, at most 168 (S3's limit)"),
     "number or null": (lambda v: v is None or _number(v), "a number, or left out"),
+    "threshold or null": (lambda v: v is None or (_number(v) and math.isfinite(v) and v >= 0),
+                          "a number, finite and >= 0, or left out"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "text": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     "text or null": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a non-empty string, or left out"),
@@ -110,7 +114,7 @@ class ScoringConfig:
 
     def __post_init__(self):
         _check(self, {"batch_size": "positive int", "actors": "actors or null", "gpus_per_actor": ">= 0",
-                      "cpus_per_actor": "> 0", "threshold": "number or null", "wait_for_actors_s": "> 0",
+                      "cpus_per_actor": "> 0", "threshold": "threshold or null", "wait_for_actors_s": "> 0",
                       "extensions": "extensions or null", "allow_roots": "folders or null"})
 
 
@@ -123,7 +127,7 @@ class AuditConfig:
     root: str | None = None             # manifests: the folder partitions are counted from
     partitions: list | None = None      # folder levels under source/root, e.g. [category, line]
     settle_minutes: float = 15
-    first_run_since: str | None = None  # first run only: ignore inputs that arrived before
+    first_run_since: str | None = None  # inputs that arrived before it are never taken
     ray_address: str | None = None      # default: the job's cluster, else a local Ray
     s3: dict = field(default_factory=dict)   # endpoint, region (credentials: the AWS chain)
     alert: AlertConfig = field(default_factory=AlertConfig)
@@ -132,11 +136,13 @@ class AuditConfig:
 
     def __post_init__(self):
         _check(self, {"output": "text", "models": "text", "source": "text or null", "manifests": "text or null",
-                      "root": "text or null", "partitions": "names or null", "settle_minutes": ">= 0",
+                      "root": "text or null", "partitions": "names or null", "settle_minutes": "minutes",
                       "first_run_since": "time or null", "ray_address": "text or null", "s3": "s3"})
         for name, nested in (("alert", AlertConfig), ("report", ReportConfig), ("scoring", ScoringConfig)):
             if not isinstance(getattr(self, name), nested):
                 raise UserError(f"{name} must be a mapping of its settings, got {getattr(self, name)!r}")
+        for name in ("output", "models", "source", "manifests", "root"):  # before anything is written or logged
+            refuse_credentials(getattr(self, name) or "", name)
         self.source = self.source.rstrip("/") if self.source else self.source
         self.manifests = self.manifests.rstrip("/") if self.manifests else self.manifests
         if (self.source is None) == (self.manifests is None):
@@ -144,6 +150,8 @@ class AuditConfig:
         reserved = set(table_schema([]).names) | {"size_bytes", "arrived_at"}
         if clash := reserved.intersection(self.partitions or []):
             raise UserError(f"partitions {sorted(clash)} are columns of the score table; choose other names")
+        if self.partitions and len(set(self.partitions)) != len(self.partitions):
+            raise UserError(f"partitions {self.partitions} name a level twice; each name once")
         if isinstance(self.first_run_since, datetime):  # YAML reads an unquoted time as one
             self.first_run_since = iso(parse_time(self.first_run_since.isoformat()))
         self.output = self.output.rstrip("/")
@@ -154,6 +162,9 @@ class AuditConfig:
             value = getattr(self, name)
             if value and not is_s3(value) and not os.path.exists(filesystem_for(value)[1]):
                 raise UserError(f"{name}: {value} does not exist")
+        if not is_s3(self.output) and os.path.exists(filesystem_for(self.output)[1]) \
+                and not os.path.isdir(filesystem_for(self.output)[1]):
+            raise UserError(f"output: {self.output} is a file; the audit writes a folder there")
 
     @property
     def input(self) -> str:

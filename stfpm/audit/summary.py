@@ -14,6 +14,7 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from stfpm.audit.config import AuditConfig, iso, utc_now
 from stfpm.scoring.sources import CATEGORY
@@ -29,20 +30,20 @@ def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: st
     """audit.json: counts, errors and anomaly rate per category, alerts and the exit code.
     One row per input: its ok row if any (the latest), else its latest error row. Errors
     of kind "transient" above alert.error_rate of the inputs make the exit code 4 (after an
-    alert's 3); bad input files never do."""
+    alert's 3); bad input files never do. Arrow compute and numpy throughout: no Python
+    object per row."""
     rows = one_row_per_input(table)
-    by_category: dict[str, list[dict]] = {}
-    for row in rows:
-        by_category.setdefault(row.get(CATEGORY) or row.get("model_name") or NO_CATEGORY, []).append(row)
-    categories = {name: _category_summary(name, group, cfg) for name, group in sorted(by_category.items())}
+    name = _category_of(rows)
+    names = sorted(pc.unique(name).to_pylist()) if len(rows) else []
+    categories = {n: _category_summary(n, rows.filter(pc.equal(name, n)), cfg) for n in names}
     ok = sum(c["ok"] for c in categories.values())
     anomalous = sum(c["anomalous"] for c in categories.values())
     ood = sum(c["ood"] for c in categories.values())
-    alerts = [name for name, c in categories.items() if c["alert"]]
-    kinds = [r.get("error_kind") for r in rows if r["status"] != "ok"]
-    transient = kinds.count(TRANSIENT_ERROR)
+    alerts = [n for n, c in categories.items() if c["alert"]]
+    kinds = rows.filter(_not_ok(rows))["error_kind"] if len(rows) else pa.chunked_array([], pa.string())
+    transient = _count(kinds, TRANSIENT_ERROR)
     totals = {"inputs": len(inputs), "retried": retried, "scored": len(rows), "ok": ok,
-              "error": sum(c["error"] for c in categories.values()), "error_input": kinds.count(INPUT_ERROR),
+              "error": sum(c["error"] for c in categories.values()), "error_input": _count(kinds, INPUT_ERROR),
               "error_transient": transient, "anomalous": anomalous, "anomaly_rate": anomalous / ok if ok else None,
               "ood": ood, "ood_rate": ood / ok if ok else None}
     failing = bool(transient) and transient / max(len(inputs), 1) > cfg.alert.error_rate
@@ -56,44 +57,78 @@ def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: st
     }
 
 
-def one_row_per_input(table: pa.Table) -> list[dict]:
+def one_row_per_input(table: pa.Table) -> pa.Table:
+    """The row that stands for each input (table.winning_rows), sorted by image_uri."""
     if not table.num_rows:
-        return []
-    return table.take(winning_rows(table, ["image_uri"])).sort_by("image_uri").to_pylist()
+        return table
+    return table.take(pa.array(winning_rows(table, ["image_uri"]), pa.int64())).sort_by("image_uri")
 
 
-def _category_summary(name: str, rows: list[dict], cfg: AuditConfig) -> dict:
-    ok = [r for r in rows if r["status"] == "ok"]
-    errors = [r for r in rows if r["status"] != "ok"]
-    anomalous = sum(bool(r["is_anomaly"]) for r in ok)
-    rate = anomalous / len(ok) if ok else None
+def _count(column, value) -> int:
+    return int(pc.sum(pc.equal(column, value)).as_py() or 0)
+
+
+def _not_ok(rows: pa.Table) -> pa.ChunkedArray:
+    return pc.fill_null(pc.not_equal(rows["status"], "ok"), True)
+
+
+def _non_empty(column) -> pa.ChunkedArray:
+    return pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+
+
+def _category_of(rows: pa.Table) -> pa.ChunkedArray:
+    """Each row's category: its category column, else its model name, else NO_CATEGORY."""
+    found = [_non_empty(rows[c]) for c in (CATEGORY, "model_name") if c in rows.column_names]
+    return pc.coalesce(*found, pa.scalar(NO_CATEGORY)) if found else pa.chunked_array(
+        [pa.array([NO_CATEGORY] * len(rows), pa.string())])
+
+
+def _first(rows: pa.Table, keys: list[tuple[str, str]], k: int) -> pa.Table:
+    """The first k rows in `keys` order, ties in row order (as a stable sort would give them)."""
+    rows = rows.append_column("_at", pa.array(np.arange(len(rows)), pa.int64()))
+    if not len(rows) or k <= 0:
+        return rows.slice(0, 0)
+    top = pc.select_k_unstable(rows, k=min(k, len(rows)), sort_keys=[*keys, ("_at", "ascending")])
+    return rows.take(top)
+
+
+def _category_summary(name: str, rows: pa.Table, cfg: AuditConfig) -> dict:
+    failed = _not_ok(rows)
+    ok, errors = rows.filter(pc.invert(failed)), rows.filter(failed)
+    n_ok = len(ok)
+    anomalous = int(pc.sum(ok["is_anomaly"]).as_py() or 0) if n_ok else 0
+    rate = anomalous / n_ok if n_ok else None
     level = cfg.alert.level(name)
-    ood = sorted((r for r in ok if r.get("ood")), key=lambda r: r["ood_score"], reverse=True)  # null: no check
-    ood_rate = len(ood) / len(ok) if ok else None
+    unlike = ok.filter(pc.fill_null(ok["ood"], False)) if "ood" in ok.column_names else ok.slice(0, 0)  # null: no check
+    ood_rate = len(unlike) / n_ok if n_ok else None
     reasons = []
-    if len(ok) >= cfg.alert.min_images and rate is not None and rate > level:
+    if n_ok >= cfg.alert.min_images and rate is not None and rate > level:
         reasons.append(f"anomaly rate {rate:.2%} above {level:.2%}")
-    if len(ok) >= cfg.alert.min_images and ood_rate is not None and ood_rate > cfg.alert.ood_rate:
+    if n_ok >= cfg.alert.min_images and ood_rate is not None and ood_rate > cfg.alert.ood_rate:
         reasons.append(f"{ood_rate:.2%} of inputs unlike the model's training images (ood), above "
                        f"{cfg.alert.ood_rate:.2%}: wrong model or changed images?")
-    counts, edges = np.histogram([r["score"] for r in ok], bins=HISTOGRAM_BINS, range=(0.0, 1.0))
-    top = sorted(ok, key=lambda r: (r["score"], r["raw_score"]), reverse=True)[:cfg.report.top_k]
-    kinds: dict[str, int] = {}
-    for r in errors:
-        kind = (r["error"] or "unknown").split(":", 1)[0]
-        kinds[kind] = kinds.get(kind, 0) + 1
-    models = sorted({(r["model_name"], r["model_version"], r["threshold"]) for r in ok}, key=str)
+    scores = ok["score"].to_numpy() if n_ok else np.zeros(0)
+    counts, edges = np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
+    top_k = cfg.report.top_k
+    top = _first(ok, [("score", "descending"), ("raw_score", "descending")], top_k)
+    ood_top = _first(unlike, [("ood_score", "descending")], top_k)
+    prefix = pc.list_element(pc.split_pattern(pc.fill_null(errors["error"], "unknown"), ":", max_splits=1), 0)
+    kinds = {v["values"]: v["counts"] for v in pc.value_counts(prefix).to_pylist()} if len(errors) else {}
+    models = ok.group_by(["model_name", "model_version", "threshold"], use_threads=False).aggregate([]).to_pylist()
+    models = sorted(((m["model_name"], m["model_version"], m["threshold"]) for m in models), key=str)
+    shown = ("image_uri", "score", "raw_score", "is_anomaly", "ood", "ood_score", "width", "height", "map_uri",
+             "overlay_uri")
     return {
-        "inputs": len(rows), "ok": len(ok), "error": len(errors), "anomalous": anomalous, "anomaly_rate": rate,
+        "inputs": len(rows), "ok": n_ok, "error": len(errors), "anomalous": anomalous, "anomaly_rate": rate,
         "alert_level": level, "alert": bool(reasons), "alert_reasons": reasons,
-        "ood": len(ood), "ood_rate": ood_rate,
-        "ood_examples": [[r["image_uri"], r["ood_score"]] for r in ood[:cfg.report.top_k]],
+        "ood": len(unlike), "ood_rate": ood_rate,
+        "ood_examples": [[u, s] for u, s in zip(ood_top["image_uri"].to_pylist(), ood_top["ood_score"].to_pylist())],
         "models": [{"name": n, "model_version": v, "threshold": t} for n, v, t in models],
         "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
                       "of": "normalised score, 0.5 = the model's threshold"},
-        "top": [{k: r.get(k) for k in ("image_uri", "score", "raw_score", "is_anomaly", "ood", "ood_score",
-                                       "width", "height", "map_uri", "overlay_uri")} for r in top],
-        "errors": {"by_kind": kinds, "examples": [[r["image_uri"], r["error"]] for r in errors[:20]]},
+        "top": [{k: r.get(k) for k in shown} for r in top.to_pylist()],
+        "errors": {"by_kind": kinds, "examples": [[u, e] for u, e in zip(errors["image_uri"].slice(0, 20).to_pylist(),
+                                                                        errors["error"].slice(0, 20).to_pylist())]},
     }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stfpm.data.datasets import Dataset, DatasetError, Sample, scan_dataset
+from stfpm.data.datasets import Dataset, DatasetError, Sample, scan_dataset, train_size_warning
 from stfpm.data.images import ImageDecodeError, decode_image, image_mode, read_image, read_mask
 
 RESULT_FILE = "check_dataset_result.json"
@@ -72,7 +72,7 @@ def check_dataset(root: str | Path, out_dir: str | Path) -> dict:
         },
         "analysis": {"histogram": HISTOGRAM_FILE},
         "problems": problems,
-        "warnings": dataset.warnings,
+        "warnings": dataset.warnings + [w for w in [train_size_warning(dataset)] if w],
     }
     (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
     if problems:

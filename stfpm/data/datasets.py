@@ -46,6 +46,21 @@ class DatasetError(UserError):
         return f"{len(self.problems)} dataset problem(s):\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+# Training needs one image to learn from and one held out to set the threshold on; below
+# FEW_TRAIN_IMAGES the threshold rests on one or two held-out scores (check-dataset warns).
+MIN_TRAIN_IMAGES, FEW_TRAIN_IMAGES = 2, 10
+
+
+def train_size_warning(dataset: Dataset) -> str | None:
+    """The warning a small training set gets (check-dataset prints it), else None."""
+    n = len(dataset.train)
+    if not n or n >= FEW_TRAIN_IMAGES:
+        return None
+    need = (f"training refuses fewer than {MIN_TRAIN_IMAGES} (one to learn from, one held out for the threshold)"
+            if n < MIN_TRAIN_IMAGES else "the threshold is set on the 20% of them held out")
+    return f"{dataset.root}: only {n} good training image(s); {need}: give {FEW_TRAIN_IMAGES} or more, ideally 100+"
+
+
 def load_dataset(root: str | Path) -> Dataset:
     dataset, problems = scan_dataset(root)
     if problems:

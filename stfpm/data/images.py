@@ -141,6 +141,31 @@ def sniff_image(data: bytes) -> ImageHeader | None:
     return None
 
 
+def frames_note(data: bytes) -> str | None:
+    """A note for an image of several frames (a multi-page TIFF, an animated PNG or WebP), of
+    which every decoder here reads the first only; None for a single frame. From the
+    container's own fields, without decoding."""
+    if data.startswith(_PNG_MAGIC):
+        actl, idat = data.find(b"acTL"), data.find(b"IDAT")
+        if actl != -1 and (idat == -1 or actl < idat) and len(data) >= actl + 8:
+            frames = int.from_bytes(data[actl + 4:actl + 8], "big")
+            if frames > 1:
+                return f"frames: an animated PNG of {frames} frames; only the first was scored"
+    elif data[:4] in (b"II*\x00", b"MM\x00*"):
+        order = "<" if data[:2] == b"II" else ">"
+        try:
+            (ifd,) = struct.unpack_from(f"{order}I", data, 4)
+            (entries,) = struct.unpack_from(f"{order}H", data, ifd)
+            (following,) = struct.unpack_from(f"{order}I", data, ifd + 2 + 12 * entries)
+        except struct.error:
+            return None
+        if following:
+            return "frames: a multi-page TIFF; only the first page was scored"
+    elif data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8X" and len(data) > 20 and data[20] & 0x02:
+        return "frames: an animated WebP; only the first frame was scored"
+    return None
+
+
 def _truncation(data: bytes, header: ImageHeader) -> str | None:
     """Why a PNG or JPEG is cut short, or None. Older OpenCV builds return the decoded top
     of a truncated JPEG (grey below) instead of failing, so the end marker is checked here."""
@@ -230,7 +255,7 @@ def _check_pixels(width: int, height: int, max_pixels: int, source: str) -> None
         raise ImageDecodeError(source, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageTooLarge(source, f"{width}x{height} = {width * height:,} pixels is above "
-                                       f"max_pixels={max_pixels:,}")
+                            f"max_pixels={max_pixels:,}")
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -44,8 +44,9 @@ class Tiling:
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 16:
             raise ValueError(f"tile size must be an integer of at least 16 pixels, not {self.size!r}")
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.size:
-            raise ValueError(f"tile overlap must be an integer from 0 to the tile size - 1 ({self.size - 1}), "
+        # at most half a tile: tile 16 with overlap 15 cut a 128-px image into 12,769 tiles
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap <= self.size // 2:
+            raise ValueError(f"tile overlap must be an integer from 0 to half the tile size ({self.size // 2}), "
                              f"not {self.overlap!r}")
 
     def boxes(self, height: int, width: int) -> list[tuple[int, int]]:

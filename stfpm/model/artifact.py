@@ -50,7 +50,9 @@ def package_versions() -> dict:
 def save_model(network, out_dir: str | Path, card: ModelCard) -> ModelCard:
     """Write the weights and model.json; the card's weights, model_version and versions are
     filled in here. Returns the card as written."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as save_tensors
+
+    from stfpm.storage import write_bytes
 
     if (card.backbone, card.model_name) != (network.backbone, network.model_name):
         raise ValueError(f"the card says {card.model_name} on backbone {card.backbone!r}, the network is "
@@ -59,7 +61,9 @@ def save_model(network, out_dir: str | Path, card: ModelCard) -> ModelCard:
     out.mkdir(parents=True, exist_ok=True)
     hashes = {}
     for part, filename in WEIGHT_FILES[card.model_name].items():
-        save_file(state_to_numpy(getattr(network, part).state_dict()), str(out / filename))
+        # through storage.write_bytes, not safetensors' save_file: that made the file 0600 whatever
+        # the umask, so another user or a serving process could not read the model
+        write_bytes(str(out / filename), save_tensors(state_to_numpy(getattr(network, part).state_dict())))
         hashes[filename] = sha256_file(out / filename)
     card = dataclasses.replace(card, weights=hashes, model_version=weights_version(hashes),
                                versions=package_versions(), schema_version=SCHEMA_VERSION)

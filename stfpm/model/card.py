@@ -62,7 +62,7 @@ class InputSpec:
 @dataclass(frozen=True)
 class MapSpec:
     """How the per-layer maps become the anomaly map (stfpm.nn.anomaly_map), then how it is
-    smoothed (PatchCore's Gaussian, stfpm.nn.patchcore.smooth_map; 0: not smoothed). Cards from
+    smoothed (PatchCore's Gaussian, stfpm.nn.maps.smooth_map; 0: not smoothed). Cards from
     before an option existed get the paper's map. `layer_scale`: each layer map's mean over the
     held-out good images (training records it; layer_norm "holdout" divides by it).
     `view_scale`: the median over the held-out good images of the image score under the
@@ -230,6 +230,8 @@ class _Fields:
         return value
 
 
+MAX_INPUT_SIZE = 4096  # input.size: one 4096-px RGB float32 input is 200 MB
+
 THRESHOLD_FIX = ("store one with `stfpm evaluate MODEL_DIR DATA --set-threshold`, or retrain the model "
                  "with `stfpm train`")
 
@@ -237,6 +239,8 @@ THRESHOLD_FIX = ("store one with `stfpm evaluate MODEL_DIR DATA --set-threshold`
 def _calibration(f: _Fields) -> Calibration:
     typed = {x.name for x in dataclasses.fields(Calibration)} - {"threshold", "details"}
     threshold = f.number("value", THRESHOLD_FIX)
+    if threshold < 0:
+        f.fail("value", f"must be >= 0, got {threshold}", THRESHOLD_FIX)
     low, high = f.number("score_min", THRESHOLD_FIX), f.number("score_max", THRESHOLD_FIX)
     if high < low:
         f.fail("score_max", f"({high}) is below score_min ({low})", THRESHOLD_FIX)
@@ -255,6 +259,8 @@ def _calibration(f: _Fields) -> Calibration:
             ood = InDistribution.from_dict(ood)
         except (KeyError, TypeError, ValueError) as e:
             f.fail("ood", f"is not an in-distribution check ({e!r})")
+        if not (math.isfinite(ood.limit) and ood.limit > 0):  # NaN or 0 turned the wrong-model check off
+            f.fail("ood.limit", f"must be a finite number above 0, got {ood.limit}")
     return Calibration(threshold=threshold, score_min=low, score_max=high, details=details,
                        score_scale=scale, ood=ood, **known)
 
@@ -276,10 +282,26 @@ def _weights(f: _Fields, model_name: str) -> dict:
     if not isinstance(weights, dict) or not all(
             isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in weights.values()):
         f.fail("weights", "must map each weight file to its sha256 (64 hex digits)")
+    for name in weights:  # a weight file is a plain file name in the model directory (no /proc/..., no ../)
+        if not _plain_file_name(name):
+            f.fail("weights", f"names {name!r}; weight files are plain file names inside the model directory")
     missing = [name for name in MODEL_KINDS[model_name] if name not in weights]
     if missing:
         f.fail("weights", f"has no sha256 for {', '.join(missing)}")
     return dict(weights)
+
+
+def _plain_file_name(name) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def check_threshold(value, name: str = "threshold") -> float:
+    """A decision threshold given to override the model's: a finite number >= 0 (0 calls every
+    input anomalous); NaN called nothing anomalous and wrote NaN scores. A UserError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ModelDirError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _patchcore(f: _Fields) -> dict:
@@ -314,6 +336,8 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     spec = InputSpec(size=inp.positive_int("size"), mean=inp.triple("mean"), std=inp.triple("std", nonzero=True),
                      color=inp.string("color", default="RGB"), tile_size=inp.doc.get("tile_size"),
                      tile_overlap=inp.doc.get("tile_overlap", 0))
+    if not spec.size <= MAX_INPUT_SIZE:  # 100,000 made every row a decode "Insufficient memory" input error
+        f.fail("input.size", f"is {spec.size}; at most {MAX_INPUT_SIZE} pixels (tile large images: input.tile_size)")
     if spec.tile_size is None and spec.tile_overlap != 0:
         f.fail("input.tile_overlap", f"is {spec.tile_overlap!r} without an input.tile_size")
     try:

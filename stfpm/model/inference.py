@@ -7,26 +7,52 @@ its own image's size, scored (max of the map), normalised (0.5 at the threshold,
 and thresholded into a 0/255 mask; the forward's feature profile gives the in-distribution
 check (`stfpm.model.ood`: `ood`, `ood_score`).
 
-The forward runs on one of two engines that give the same maps (within 1e-6): on CPU the
+The forward runs on one of several engines that give the same maps (within 1e-5): on CPU the
 network compiled into Paddle Inference with oneDNN (`stfpm.model.export.compile_network`, 3.6-5x
-faster than the dynamic graph); on GPU, or where Paddle lacks oneDNN, the dynamic graph.
+faster than the dynamic graph) or converted in memory to ONNX and run by ONNX Runtime; on GPU,
+or where Paddle lacks oneDNN, the dynamic graph. An exported model runs on its format's engine:
+a Paddle program on Paddle Inference, an ONNX graph on ONNX Runtime, an OpenVINO IR on
+OpenVINO; the last two without Paddle (this module imports it only for a model directory).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
-import paddle
 
 from stfpm.model.artifact import LoadedModel
-from stfpm.model.card import ModelCard
+from stfpm.model.card import ModelCard, ModelDirError, check_threshold
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
-from stfpm.model.export import LayerForward
-from stfpm.nn import anomaly_map
-from stfpm.nn.patchcore import images_per_forward, smooth_map
+from stfpm.model.engines import LayerForward
+from stfpm.nn.maps import anomaly_map, images_per_forward, smooth_map
 
-ENGINES = ("auto", "onednn", "dygraph")
+ENGINES = ("auto", "onednn", "dygraph", "onnxruntime", "openvino")
+
+
+def cpu_default() -> str:
+    """The CPU engine of a model directory under "auto": STFPM_ENGINE when set (how `stfpm
+    score`'s actors are told, e.g. STFPM_ENGINE=onednn), else ONNX Runtime (the network
+    converted to ONNX in memory at load) when the `onnx` extra is installed, measured 2-2.7x
+    Paddle Inference with oneDNN per CPU-second at the same maps (bench/engines.py,
+    bench/RESULTS.md); else oneDNN."""
+    import importlib.util
+    import os
+
+    from stfpm.model.engines import installed
+
+    chosen = os.environ.get("STFPM_ENGINE", "").strip()
+    if chosen:
+        if chosen not in ENGINES[1:]:
+            from stfpm.errors import UserError
+
+            raise UserError(f"STFPM_ENGINE is {chosen!r}; expected one of {', '.join(ENGINES[1:])}")
+        return chosen
+    return "onnxruntime" if installed("onnxruntime") and importlib.util.find_spec("paddle2onnx") else "onednn"
+
+
 TILES_PER_FORWARD = 64  # bounds a forward's memory however many tiles a batch of large images has
 
 
@@ -54,13 +80,15 @@ class Predictor:
     The forward is a model directory's network compiled into Paddle Inference (CPU) or run on
     the dynamic graph (GPU), or an exported model's program; all give the same maps."""
 
-    def __init__(self, card: ModelCard, layer_forward: LayerForward, threshold: float | None = None):
+    def __init__(self, card: ModelCard, layer_forward: LayerForward, threshold: float | None = None,
+                 engine: str | None = None):
         self.card = card
+        self.engine = engine  # what runs layer_forward (ENGINES), when the opener knows
         self.layer_forward = layer_forward  # (N, 3, S, S) normalised input -> (layer maps, feature profile)
         self.size = card.input.size
         self.mean, self.std = card.input.mean, card.input.std
         self.calibration = card.calibration
-        self.threshold = card.calibration.threshold if threshold is None else float(threshold)
+        self.threshold = card.calibration.threshold if threshold is None else check_threshold(threshold)
         self.smooth_sigma = card.map.smooth_sigma
         self.tiling = card.input.tiling  # None, or the tiles every image is cut into (stfpm.data.tiling)
         bank = card.patchcore  # PatchCore: its (patches x bank) distances bound the images per forward
@@ -69,22 +97,46 @@ class Predictor:
     @classmethod
     def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto",
                    threads: int | None = None) -> "Predictor":
-        """`engine`: "onednn" (Paddle Inference on CPU), "dygraph", or "auto": oneDNN unless the
-        process runs on a GPU or Paddle was built without oneDNN. `threads`: CPU intra-op
-        threads (default `stfpm.runtime.cpu_threads()`)."""
+        """`engine`: "onednn" (Paddle Inference on CPU), "onnxruntime" or "openvino" (the network
+        converted to ONNX in memory, then run by that engine on CPU), "dygraph", or "auto":
+        on CPU `cpu_default()`, on a GPU (or oneDNN without Paddle's oneDNN) the dynamic graph.
+        `threads`: CPU intra-op threads (default `stfpm.runtime.cpu_threads()`)."""
+        import paddle
+
         from stfpm.runtime import configure_threads
 
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
         threads = configure_threads(threads)
         network = model.network
+        size = model.card.input.size
+        chosen = engine
         if engine == "auto":
-            on_gpu = paddle.device.get_device().startswith("gpu")
-            engine = "dygraph" if on_gpu or not paddle.base.core.is_compiled_with_mkldnn() else "onednn"
+            engine = cpu_default() if not paddle.device.get_device().startswith("gpu") else "dygraph"
+            if engine == "onednn" and not paddle.base.core.is_compiled_with_mkldnn():
+                engine = "dygraph"
+        if engine in ("onnxruntime", "openvino") and chosen == "auto":
+            try:
+                return cls.from_model(model, threshold, engine, threads)
+            except ModelDirError as e:  # a graph paddle2onnx cannot convert still runs, on oneDNN
+                logging.getLogger(__name__).warning("%s; running on Paddle Inference (oneDNN) instead", e)
+                engine = "onednn"
         if engine == "onednn":
             from stfpm.model.export import compile_network
 
-            return cls(model.card, compile_network(network, model.card.input.size, threads), threshold)
+            return cls(model.card, compile_network(network, size, threads), threshold, engine)
+        if engine in ("onnxruntime", "openvino"):
+            from stfpm.model.engines import open_onnx, open_openvino
+            from stfpm.model.export import network_onnx
+
+            graph = network_onnx(network, size)
+            if engine == "onnxruntime":
+                return cls(model.card, open_onnx(graph, threads), threshold, engine)
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="stfpm-onnx-") as tmp:  # OpenVINO reads the graph from a file
+                (Path(tmp) / "model.onnx").write_bytes(graph)
+                return cls(model.card, open_openvino(Path(tmp) / "model.onnx", threads), threshold, engine)
         network.eval()
 
         def layer_forward(batch: np.ndarray) -> tuple[list, np.ndarray]:
@@ -92,19 +144,23 @@ class Predictor:
                 *maps, profile = (d.numpy() for d in network.inference_outputs(paddle.to_tensor(batch)))
             return maps, profile
 
-        return cls(model.card, layer_forward, threshold)
+        return cls(model.card, layer_forward, threshold, "dygraph")
 
     @classmethod
-    def open(cls, model_dir, threshold: float | None = None, threads: int | None = None) -> "Predictor":
-        """A model directory from `stfpm train`, or an exported one from `stfpm export`."""
+    def open(cls, model_dir, threshold: float | None = None, threads: int | None = None,
+             engine: str = "auto") -> "Predictor":
+        """A model directory from `stfpm train`, or an exported one from `stfpm export` (run on
+        its format's engine, or on `engine` where the format allows: `load_exported`)."""
         from stfpm.model.export import is_exported, load_exported
 
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
         if is_exported(model_dir):
-            card, forward = load_exported(model_dir, threads)
-            return cls(card, forward, threshold)
+            card, forward, engine = load_exported(model_dir, threads, engine)
+            return cls(card, forward, threshold, engine)
         from stfpm.model.artifact import load_model
 
-        return cls.from_model(load_model(model_dir), threshold, threads=threads)
+        return cls.from_model(load_model(model_dir), threshold, engine, threads)
 
     @property
     def model_version(self) -> str:
@@ -172,7 +228,7 @@ class Predictor:
                   threshold: float | None = None) -> list[Prediction]:
         """Each image's map (`image_maps`) and in-distribution score -> Predictions: score (max
         of the map), normalised score, decision, and map and mask resized to each (h, w)."""
-        thr = self.threshold if threshold is None else float(threshold)
+        thr = self.threshold if threshold is None else check_threshold(threshold)
         scores = np.array([float(m.max()) for m in maps], np.float64)
         norm = self.calibration.normalize(scores, thr)
         out = []

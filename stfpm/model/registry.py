@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import yaml
 
+from stfpm.errors import UserError
 from stfpm.storage import parent_uri, read_bytes, resolve_entry
 
 REGISTRY_SUFFIXES = (".yaml", ".yml")
@@ -21,15 +22,16 @@ def is_registry(model: str) -> bool:
 
 def read_registry(path: str) -> dict[str, str]:
     """{category: model directory URI} of a registry YAML (local or s3://), relative entries
-    resolved against its folder; ValueError naming the file when it is not one."""
+    resolved against its folder (storage.resolve_entry: credentials in a URL redacted); a
+    one-line UserError naming the file when it is not one."""
     try:
         doc = yaml.safe_load(read_bytes(path))
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     entries = doc.get("models", doc) if isinstance(doc, dict) else None
     if not isinstance(entries, dict) or not entries or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
-        raise ValueError(f"{path}: a registry maps category names to model directories, e.g.\n"
-                         "models:\n  bottle: s3://models/bottle\n  cable: models/cable")
+        raise UserError(f"{path}: a registry maps category names to model directories, e.g. "
+                        "{models: {bottle: s3://models/bottle, cable: models/cable}}")
     base = parent_uri(path)
     return {category: resolve_entry(uri, base) for category, uri in entries.items()}

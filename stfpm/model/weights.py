@@ -72,8 +72,9 @@ def download(url: str, md5: str, cache_dir: Path | None = None, progress: bool =
         raise WeightsError(f"{exc}; the download was discarded. Retry, or put a good copy at {target}") from exc
     except storage.StorageError as exc:
         raise WeightsError(
-            f"cannot download {url} ({exc}). Without network access, copy the file by hand to {target} "
-            f"(md5 {md5}), or pass {TEACHER_WEIGHTS_HINT}") from exc
+            f"cannot download {url} ({exc}). Without network access, train with the default --backbone "
+            f"efficientnet_lite0 (its weights ship in a pip package: works offline), copy the file by hand to "
+            f"{target} (md5 {md5}), or pass {TEACHER_WEIGHTS_HINT}") from exc
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -5,8 +5,8 @@ import importlib
 
 _EXPORTS = {"BACKBONES": "backbones", "BackboneSpec": "backbones", "backbone_spec": "backbones",
             "build_backbone": "backbones", "COMBINES": "map_options", "LAYER_NORMS": "map_options",
-            "STFPM": "stfpm", "anomaly_map": "stfpm", "layer_distances": "stfpm", "stfpm_loss": "stfpm",
-            "view_scale": "stfpm"}
+            "STFPM": "stfpm", "anomaly_map": "maps", "layer_distances": "stfpm", "stfpm_loss": "stfpm",
+            "view_scale": "maps"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -15,7 +15,6 @@ so Paddle Inference runs it and an export carries the bank in its parameters.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -25,7 +24,6 @@ from stfpm.nn.backbones import build_backbone
 from stfpm.nn.stfpm import feature_profile
 
 PATCHCORE_TAPS = (1, 2)       # the stride-8 and stride-16 taps: the paper's "mid-level" layer2 + layer3
-SMOOTH_SIGMA = 4.0            # the paper's Gaussian on the upsampled map
 PROJECTION_DIM = 128          # the paper's random projection for the coreset distances
 # Building the bank (stfpm.training.patchcore): at most `bank_pool` patches are kept, the same
 # number drawn at random from each training image, and the coreset keeps `bank_fraction` of
@@ -123,12 +121,6 @@ class PatchCore(nn.Layer):
         return [nearest.reshape([-1, h, w]), feature_profile(taps)]
 
 
-def images_per_forward(bank_size: int, patches_per_image: int, budget_bytes: int = 64 << 20) -> int:
-    """How many images one forward may hold so that the (patches x bank) distance matrix
-    stays within `budget_bytes` (float32)."""
-    return max(1, budget_bytes // (4 * max(bank_size, 1) * max(patches_per_image, 1)))
-
-
 def subsample_patches(features: np.ndarray, per_image: int, rng: np.random.Generator) -> np.ndarray:
     """(N, C, h, w) features -> (N * k, C) rows, k = min(per_image, h * w) random patches of
     each image: what bounds a bank builder's memory before the coreset."""
@@ -164,15 +156,3 @@ def greedy_coreset(patches: np.ndarray, n_select: int, projection_dim: int = PRO
         np.minimum(nearest, d2, out=nearest)
         picked[i] = int(np.argmax(nearest))
     return picked
-
-
-def smooth_map(maps: np.ndarray, sigma: float = SMOOTH_SIGMA) -> np.ndarray:
-    """(N, H, W) maps, each blurred by a Gaussian of `sigma` pixels (kernel 2 * round(4 sigma) + 1,
-    as anomalib's PatchCore), borders reflected."""
-    if sigma <= 0:
-        return maps
-    ksize = 2 * int(4 * sigma + 0.5) + 1
-    out = np.empty_like(maps)
-    for i, m in enumerate(maps):
-        out[i] = cv2.GaussianBlur(m, (ksize, ksize), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-    return out

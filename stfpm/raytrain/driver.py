@@ -135,6 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
     cache = teacher_cache(network, cfg)  # per worker: its shard's and the held-out images' features
     shard = ray.train.get_dataset_shard("train")
     log = ProgressLog(cfg.epochs, first_epoch=start, enabled=rank == 0)
+    log.begin(f"training the {cfg.backbone} student on {world} worker(s), epochs {start}-{cfg.epochs}")
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, epoch, rank])
@@ -143,7 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
                    for b in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
                                                local_shuffle_buffer_size=4 * per_worker_batch,
                                                local_shuffle_seed=cfg.seed * 1000 + epoch + rank))
-        loss, seen = run_epoch(model, optimizer, batches, cache)
+        loss, seen = run_epoch(model, optimizer, batches, cache, log.within(epoch))
         loss = _all_reduce_mean(loss, seen)
         _average_batchnorm_statistics(network.student)
         elapsed = time.time() - t0

@@ -17,6 +17,8 @@ Output under OUTPUT (local folder or s3://bucket/prefix):
     overlays/<model_version>/<image_id>.png   (--overlays) heatmap over anomalous inputs
     _SUCCESS                     JSON with counts, timings, stage throughput, models;
                                  written last, deleted when a run starts
+    _pending/<run_id>/           the run's pending inputs, which the pipeline reads (plan.py;
+                                 deleted when the run ends)
 
 Map scaling: pixel = round(255 * s), s the normalised score of each pixel (the same
 normalisation as the `score` column, stfpm.model.score_scale: strictly increasing, never clipped);
@@ -37,9 +39,11 @@ Table files are written whole (temp file + rename, or one S3 PUT) and named by a
 their rows, every ROWS_PER_FILE rows or FLUSH_S seconds, maps at deterministic keys before
 their rows, so a killed run leaves only complete rows and loses at most about FLUSH_S of
 work; a re-run writes what is missing. Before _SUCCESS, rows superseded by a retry or by
-newer content are removed, so the table holds one row per (image_uri, model_version): the
-history across model versions. `read_scores(OUTPUT)` (table.latest_rows) is the one row per
-input of the last run's model versions; _SUCCESS counts both (table_* and latest_*).
+newer content are removed (from the files this run wrote and those that held rows of its
+inputs: the end of a run costs what the run wrote, not the table's history), so the table
+holds one row per (image_uri, model_version): the history across model versions.
+`read_scores(OUTPUT)` (table.latest_rows) is the one row per input of the last run's model
+versions; _SUCCESS counts both (table_* and latest_*).
 """
 from __future__ import annotations
 
@@ -51,23 +55,26 @@ import time
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.scoring.plan import Plan, plan_run
-from stfpm.scoring.sources import MODEL_CACHE
 from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
 from stfpm.scoring.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
-from stfpm.scoring.table import MAPS, SCORES, SUCCESS, latest_rows, read_index
+from stfpm.scoring.table import INDEX_SCHEMA, MAPS, SCORES, SUCCESS, winning_rows
 from stfpm.scoring.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
-from stfpm.storage import filesystem_for, join_uri, s3_settings, write_bytes
+from stfpm.storage import MODEL_CACHE, check_output, filesystem_for, join_uri, s3_settings, write_bytes
 
 logger = logging.getLogger(__name__)
 
 DECODE_BATCHES_PER_WORKER = 256
 RESERVATION_MIN_CPUS = 16  # fewer CPUs: no per-stage reservations (build_pipeline)
+PENDING, PENDING_ROWS_PER_FILE = "_pending", 250_000  # the pipeline's input files (write_pending)
 MAX_LOCAL_ACTORS = 8  # on a local Ray of its own, score starts one fused actor per CPU up to this (each holds a model)
 
 
@@ -126,12 +133,14 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         an image. partitions: names for the directory levels under it (e.g. category, line).
     actors: pool size, N or "MIN..MAX" (autoscaling); gpus_per_actor > 0 puts each actor on a
         GPU Ray assigns. A new local Ray is started unless Ray is initialised in this process,
-        ray_address is given or RAY_ADDRESS is set (inside `ray job submit`: the job's cluster).
+        ray_address is given or RAY_ADDRESS is set (inside `ray job submit`: the job's cluster);
+        "local" in either starts one too.
         fused: each actor also reads, decodes and writes maps (stages.FusedScoreActor) instead of
         separate CPU tasks doing so. None for both: `choose_layout` (on a local Ray of its own,
         fused actors, one per CPU; else separate stages and one actor).
-    allow_roots: folders local inputs must lie in (symlinks resolved); default: anywhere the
-        workers can read. Table files are written every rows_per_file rows or flush_s seconds.
+    allow_roots: folders local inputs must lie in (symlinks resolved); default: a folder
+        source itself (symlinks out of it are not followed), else anywhere the workers can read.
+        Table files are written every rows_per_file rows or flush_s seconds.
     verbose: report on stderr. progress (default: verbose): rows done, images/s and ETA while
         the pipeline runs (stfpm.scoring.progress): a bar when stderr is a terminal, else
         a line every 30 s.
@@ -140,18 +149,20 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
     started = time.perf_counter()
     if actors is not None:
         parse_actors(actors)  # a bad pool size fails before any listing
+    check_output(output)  # a missing bucket fails now, not after every image is scored
     plan = plan_run(model, source, output, partitions, extensions, threshold, run_id, allow_roots=allow_roots)
     _delete(join_uri(plan.output, SUCCESS))
     echo(f"{plan.n_listed} inputs listed in {plan.timings['list_s']:.1f}s; {plan.n_skipped} already scored "
          f"with the same model version; {len(plan.pending)} to score")
-    totals, started_ray, own_local_ray, layout = merge_stats([]), False, False, None
+    totals, started_ray, own_local_ray, layout, written = merge_stats([]), False, False, None, []
     if len(plan.pending):
         t0 = time.perf_counter()
         if not ray.is_initialized():
             env = s3_settings()  # S3 endpoint and region (never credentials) for workers on a cluster
-            # No address anywhere (not given, no RAY_ADDRESS as a Ray job has): a new local Ray
-            # of this run's own, never one that another `ray start` on the machine advertises.
-            own_local_ray = ray_address is None and not os.environ.get("RAY_ADDRESS")
+            # No address anywhere (not given, no RAY_ADDRESS as a Ray job has), or "local" given
+            # (--ray-address local, RAY_ADDRESS=local): a new local Ray of this run's own, never one
+            # that another `ray start` on the machine advertises, with the one-machine layout.
+            own_local_ray = (ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local"
             init_ray(address="local" if own_local_ray else ray_address, runtime_env={"env_vars": env} if env else None,
                      pin_workers=False, include_dashboard=False, log_to_driver=verbose)
             started_ray = True
@@ -177,21 +188,55 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
                                         flush_s=flush_s, fused=fused)
             with native_lines_dropped(ACTOR_ARGS_IN_OBJECT_STORE), meter or contextlib.nullcontext():
                 totals = writer.consume(ds, on_rows=meter and meter.add)
+            written = writer.files
             plan.timings["pipeline_s"] = time.perf_counter() - t0
         finally:
+            _delete_folder(join_uri(plan.output, PENDING, plan.run_id))
             if started_ray:
                 t0 = time.perf_counter()
                 ray.shutdown()
                 plan.timings["ray_stop_s"] = time.perf_counter() - t0
+    return finish_run(plan, totals, layout, started, written, echo)
+
+
+def finish_run(plan: Plan, totals: dict, layout: dict | None, started: float, written: list[str] = (),
+               echo=logger.debug) -> dict:
+    """The end of a run: compaction of the files this run wrote and of those that held rows of
+    its inputs (plan.table_files), never the table's whole history; the table's counts from
+    a few of its columns; _SUCCESS. Returns the summary."""
     t0 = time.perf_counter()
-    removed = remove_superseded(join_uri(plan.output, SCORES))
-    index = read_index(join_uri(plan.output, SCORES))
+    scores = join_uri(plan.output, SCORES)
+    removed = remove_superseded(scores, None if plan.table_files is None else sorted({*plan.table_files, *written}))
+    counts = table_counts(scores, [ref.version for ref in plan.models.values()])
     plan.timings["compact_s"] = time.perf_counter() - t0
     plan.timings["total_s"] = time.perf_counter() - started
-    summary = _summary(plan, totals, removed, index, layout)
+    summary = _summary(plan, totals, removed, counts, layout)
     write_bytes(join_uri(plan.output, SUCCESS), json.dumps(summary, indent=2).encode())
     echo(format_report(summary))
     return summary
+
+
+def table_counts(scores_uri: str, versions: list[str]) -> dict:
+    """Rows, ok and error rows of the whole table and of its latest view (table.latest_rows):
+    only the columns that decide are read."""
+    fs, path = filesystem_for(scores_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return {"table_rows": 0, "table_ok": 0, "table_error": 0, "latest_rows": 0, "latest_ok": 0, "latest_error": 0}
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
+    rows = dataset.to_table(columns=["status", "model_version"])
+    status, found = rows["status"], rows["model_version"]
+    count = lambda column, value: int(pc.sum(pc.equal(column, value)).as_py() or 0)  # noqa: E731
+    if len(set(versions)) == 1 and not found.null_count:
+        # one model and no row without one: the table, just compacted, holds one row per
+        # (image_uri, model_version), so the latest view is the rows of that version
+        latest = status.filter(pc.equal(found, versions[0]))
+    else:
+        field = pads.field("model_version")
+        current = dataset.to_table(columns=["image_uri", "input_version", "status", "scored_at"],
+                                   filter=field.is_null() | field.isin(sorted(set(versions))))
+        latest = current["status"].take(pa.array(winning_rows(current, ["image_uri"]), pa.int64()))
+    return {"table_rows": len(status), "table_ok": count(status, "ok"), "table_error": count(status, "error"),
+            "latest_rows": len(latest), "latest_ok": count(latest, "ok"), "latest_error": count(latest, "error")}
 
 
 def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] = (1, 1), gpus_per_actor: float = 0,
@@ -203,8 +248,10 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
     """The Ray Data pipeline for `plan.pending` up to the maps, and the writer of its rows:
     `writer.consume(ds)` runs it and returns the counts and stage times. `fused`: one
     actor stage that also decodes and writes maps (stages.FusedScoreActor), for one machine."""
-    pending = plan.pending
-    ds = ray.data.from_arrow([pending.slice(i, batch_size) for i in range(0, len(pending), batch_size)])
+    ds = ray.data.read_parquet(write_pending(plan), filesystem=filesystem_for(plan.output)[0])
+    # streamed into blocks of one batch, in the read tasks: every actor gets work from the start
+    # and a batch's rows reach the table writer as soon as it is scored
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     ds.context.wait_for_min_actors_s = wait_for_actors_s
     ds.context.enable_progress_bars = False  # progress.py draws ours
     # Ray Data reserves a share of the CPUs for each stage; on a few CPUs those shares are
@@ -237,17 +284,33 @@ def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] 
     return ds, writer
 
 
+def write_pending(plan: Plan, rows_per_file: int = PENDING_ROWS_PER_FILE) -> list[str]:
+    """plan.pending as a few Parquet files under OUTPUT/_pending/<run_id>/ (deleted when the
+    run ends), which the pipeline reads: the driver holds no object per batch."""
+    fs, folder = filesystem_for(join_uri(plan.output, PENDING, plan.run_id))
+    fs.create_dir(folder, recursive=True)
+    paths = []
+    for i in range(0, max(len(plan.pending), 1), rows_per_file):
+        paths.append(f"{folder}/pending-{i // rows_per_file:05d}.parquet")
+        pq.write_table(plan.pending.slice(i, rows_per_file), paths[-1], filesystem=fs)
+    return paths
+
+
+def _delete_folder(uri: str) -> None:
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def _delete(uri: str) -> None:
     fs, path = filesystem_for(uri)
     if fs.get_file_info(path).type == pafs.FileType.File:
         fs.delete_file(path)
 
 
-def _summary(plan: Plan, totals: dict, removed: int, index: pa.Table, layout: dict | None) -> dict:
+def _summary(plan: Plan, totals: dict, removed: int, counts: dict, layout: dict | None) -> dict:
     rows = totals["rows"]
     wall = plan.timings.get("pipeline_s")
-    status = index["status"].to_pylist()
-    latest = latest_rows(index, {ref.name: ref.version for ref in plan.models.values()})["status"].to_pylist()
     stages = {s: {"busy_s": round(t, 3), "images_per_busy_s": round(rows / t, 1) if t > 0 else None}
               for s, t in totals["seconds"].items()}
     return {
@@ -261,9 +324,7 @@ def _summary(plan: Plan, totals: dict, removed: int, index: pa.Table, layout: di
                    "ok": totals["ok"], "error": totals["error"], "error_input": totals["error_input"],
                    "error_transient": totals["error_transient"], "anomalous": totals["anomalous"],
                    "ood": totals["ood"],
-                   "superseded_rows_removed": removed, "files_written": totals["files"],
-                   "table_rows": len(status), "table_ok": status.count("ok"), "table_error": status.count("error"),
-                   "latest_rows": len(latest), "latest_ok": latest.count("ok"), "latest_error": latest.count("error")},
+                   "superseded_rows_removed": removed, "files_written": totals["files"], **counts},
         "timings_s": {k: round(v, 3) for k, v in plan.timings.items()},
         "images_per_s": round(rows / wall, 2) if wall else None,
         "layout": layout, "stages": stages, "actor_peak_rss_mb": round(totals["actor_peak_rss_mb"], 1),

@@ -6,10 +6,15 @@ import hashlib
 import time
 from datetime import datetime, timezone
 
+from collections.abc import Sequence
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, read_index, set_columns, winning_rows
+from stfpm.scoring.table import (INPUT_ERROR, TRANSIENT_ERROR, codes, read_index, set_columns, winning_rows,
+                                 with_image_ids)
 from stfpm.storage import filesystem_for, is_s3, join_uri, write_bytes
 
 ROWS_PER_FILE = 4096
@@ -64,6 +69,11 @@ class TableWriter:
         self.since = time.monotonic()
 
     @property
+    def files(self) -> list[str]:
+        """The table files written (filesystem paths, as read_index names them)."""
+        return [part["file"] for part in self.parts]
+
+    @property
     def totals(self) -> dict:
         return merge_stats(self.parts)
 
@@ -73,26 +83,29 @@ def write_table_file(batch: pa.Table, scores_uri: str, run_id: str, schema: pa.S
     t0 = time.perf_counter()
     n = len(batch)
     now = datetime.now(timezone.utc)
-    batch = set_columns(batch, run_id=([run_id] * n, pa.string()),
+    batch = set_columns(with_image_ids(batch), run_id=([run_id] * n, pa.string()),
                         scored_at=([now] * n, pa.timestamp("us", tz="UTC")))
     table = pa.table([batch[f.name].cast(f.type) for f in schema], schema=schema)
     keys = sorted(zip(table["image_id"].to_pylist(), table["model_version"].to_pylist()))
     name = "part-" + hashlib.sha256(repr(keys).encode()).hexdigest()[:24] + ".parquet"
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    write_bytes(join_uri(scores_uri, name), sink.getvalue().to_pybytes())
-    status, kinds = table["status"].to_pylist(), table["error_kind"].to_pylist()
-    stats = {"rows": n, "ok": status.count("ok"), "error": status.count("error"),
-             "error_input": kinds.count(INPUT_ERROR), "error_transient": kinds.count(TRANSIENT_ERROR),
-             "anomalous": sum(bool(a) for a in table["is_anomaly"].to_pylist()),
-             "ood": sum(bool(a) for a in table["ood"].to_pylist()), "files": 1,
-             "seconds": {s: float(sum(batch[f"_t_{s}"].to_pylist()))
+    uri = join_uri(scores_uri, name)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+    status, kinds = table["status"], table["error_kind"]
+    count = lambda column, value: int(pc.sum(pc.equal(column, value)).as_py() or 0)  # noqa: E731
+    errors = table.filter(pc.equal(status, "error")).slice(0, 10)
+    stats = {"rows": n, "ok": count(status, "ok"), "error": count(status, "error"),
+             "error_input": count(kinds, INPUT_ERROR), "error_transient": count(kinds, TRANSIENT_ERROR),
+             "anomalous": int(pc.sum(table["is_anomaly"]).as_py() or 0),
+             "ood": int(pc.sum(table["ood"]).as_py() or 0), "files": 1,
+             "seconds": {s: float(pc.sum(batch[f"_t_{s}"]).as_py() or 0.0)
                          for s in STAGES[:-1] if f"_t_{s}" in batch.column_names},
-             "actor_peak_rss_mb": max(batch["_actor_rss_mb"].to_pylist(), default=0.0)
+             "actor_peak_rss_mb": float(pc.max(batch["_actor_rss_mb"]).as_py() or 0.0)
              if "_actor_rss_mb" in batch.column_names else 0.0,
-             "devices": sorted(set(table["device"].drop_null().to_pylist())),
-             "error_examples": [[u, e] for u, s, e in zip(table["image_uri"].to_pylist(), status,
-                                                          table["error"].to_pylist()) if s == "error"][:10]}
+             "devices": sorted(pc.unique(table["device"].drop_null()).to_pylist()),
+             "error_examples": [list(r) for r in zip(errors["image_uri"].to_pylist(), errors["error"].to_pylist())],
+             "file": filesystem_for(uri)[1]}
     stats["seconds"]["table"] = time.perf_counter() - t0
     return stats
 
@@ -115,32 +128,42 @@ def merge_stats(parts: list[dict]) -> dict:
 
 
 
-def remove_superseded(scores_uri: str) -> int:
+def remove_superseded(scores_uri: str, files: Sequence[str] | None = None) -> int:
     """Keep one row per (image_uri, model_version): the one that stands (table.winning_rows:
     of the current content, the ok row, else the latest). An error row without a model
     version (unknown category) is superseded by any later row of its input. Files holding
     superseded rows are rewritten without them (idempotent, so a run killed here is finished
-    by the next). Returns the number of rows removed."""
-    index = read_index(scores_uri)
+    by the next). `files`: only these files are looked at (a run's own files and those that
+    held earlier rows of its inputs, Plan.table_files), so the cost is the run's, not the
+    table's history; None: the whole table. Returns the number of rows removed."""
+    index = read_index(scores_uri, files, ["image_uri", "input_version", "model_version", "status", "scored_at"])
     if not len(index):
         return 0
-    df = index.to_pandas()
-    latest = df.groupby("image_uri")["scored_at"].transform("max")
-    losers = (~df.index.isin(winning_rows(index, ["image_uri", "model_version"]))
-              | (df["model_version"].isna() & (df["scored_at"] < latest)))
+    n = len(index)
+    winners = np.zeros(n, bool)
+    winners[winning_rows(index, ["image_uri", "model_version"])] = True
+    uri = codes(index["image_uri"])
+    at = index["scored_at"].cast(pa.int64()).fill_null(np.iinfo(np.int64).min).to_numpy()
+    latest = np.full(int(uri.max(initial=0)) + 1, np.iinfo(np.int64).min)
+    np.maximum.at(latest, uri, at)
+    no_model = index["model_version"].is_null().to_numpy(zero_copy_only=False)
+    losers = ~winners | (no_model & (at < latest[uri]))
     if not losers.any():
         return 0
     fs, _ = filesystem_for(scores_uri)
-    for file, group in df[losers].groupby("file"):
+    lost = index.filter(pa.array(losers))
+    lost = lost.set_column(lost.column_names.index("file"), "file", lost["file"].cast(pa.string()))
+    for file in pc.unique(lost["file"]).to_pylist():
+        group = lost.filter(pc.equal(lost["file"], file))
         table = pq.read_table(file, filesystem=fs)
-        drop = set(zip(group["image_uri"], group["model_version"].fillna("")))
+        drop = set(zip(group["image_uri"].to_pylist(), group["model_version"].fill_null("").to_pylist()))
         keep = [(u, v or "") not in drop for u, v in zip(table["image_uri"].to_pylist(),
-                                                        table["model_version"].to_pylist())]
-        uri = f"s3://{file}" if is_s3(scores_uri) else file
+                                                         table["model_version"].to_pylist())]
+        uri_of_file = f"s3://{file}" if is_s3(scores_uri) else file
         if any(keep):
             sink = pa.BufferOutputStream()
             pq.write_table(table.filter(pa.array(keep)), sink, compression="zstd")
-            write_bytes(uri, sink.getvalue().to_pybytes())
+            write_bytes(uri_of_file, sink.getvalue().to_pybytes())
         else:
             fs.delete_file(file)
     return int(losers.sum())

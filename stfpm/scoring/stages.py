@@ -7,6 +7,7 @@ makes its rows error rows; no input can fail a batch.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import itertools
 import os
 import resource
@@ -18,12 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from stfpm.data.images import prepare_input, sniff_image
+from stfpm.data.images import frames_note, prepare_input, sniff_image
 from stfpm.data.tiling import tiling_of
-from stfpm.scoring.table import INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns
-from stfpm.storage import filesystem_for, is_http, is_s3, join_uri, write_bytes
+from stfpm.scoring.table import (INPUT_ERROR, MAPS, OVERLAYS, TRANSIENT_ERROR, drop_columns, set_columns,
+                                 with_image_ids)
+from stfpm.storage import filesystem_for, has_credentials, is_http, is_s3, join_uri, readable_path, write_bytes
 
 MAX_BYTES = 256 << 20
+OVERLAY_MAX_PIXELS = 4_000_000  # overlays are drawn at the input's size up to this, scaled down above it
 
 
 def _input_fs(uri: str, cache: dict) -> tuple[pafs.FileSystem, str]:
@@ -47,8 +50,13 @@ def _read(uri: str, max_bytes: int, cache: dict) -> bytes:
     if is_http(uri):
         raise InputError("scoring reads local files and s3:// objects, not http(s):// URLs; "
                          "copy the images to a folder or bucket")
+    if has_credentials(uri):
+        raise InputError("credentials in a URL are not accepted; the AWS chain (environment, profile, role) is used")
+    if "://" in uri and not is_s3(uri):  # a manifest line such as ftp://...: local paths are absolute
+        raise InputError(f"unsupported URL scheme {uri.split('://', 1)[0]!r}: scoring reads local files "
+                         "and s3:// objects")
     if not is_s3(uri):
-        return _read_local(filesystem_for(uri)[1], max_bytes)
+        return _read_local(readable_path(filesystem_for(uri)[1]), max_bytes)
     fs, path = _input_fs(uri, cache)
     try:
         f = fs.open_input_file(path)
@@ -105,6 +113,7 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
     decoded image (`_decoded`, raw pixels) so the maps stage does not read and decode the
     file again. A file that cannot be read or decoded makes its row an error row; no file can
     fail the batch."""
+    batch = with_image_ids(batch)
     status, errors, kinds, heights, widths, images, decoded = [], [], [], [], [], [], []
     t_read = t_decode = 0.0
     cache: dict = {}
@@ -112,7 +121,7 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
     tiles = zip(batch["_tile"].to_pylist(), batch["_tile_overlap"].to_pylist()) if tiled else itertools.repeat((None, 0))
     for row, (tile, overlap) in zip(batch.select(["image_uri", "status", "error", "error_kind", "_size"]).to_pylist(),
                                     tiles):
-        height = width = image = kept = None
+        height = width = image = kept = note = None
         error, kind = row["error"], row["error_kind"]
         if row["status"] != "error":
             data = None
@@ -129,19 +138,21 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
                     tiling = tiling_of(tile, overlap)
                     prepared = prepare_input(data, row["_size"], row["image_uri"], max_pixels, keep_images, tiling)
                     height, width, image = prepared.height, prepared.width, prepared.pixels.tobytes()
-                    if keep_images:
-                        kept = _pack(prepared.image)
+                    note = frames_note(data)  # on an ok row, as overlay notes are
+                    if keep_images:  # bounded: three 100-MP images took ~3 GiB per worker
+                        kept = _pack(_bounded(prepared.image, *_overlay_size(height, width)))
                 except (ValueError, cv2.error) as e:  # ImageDecodeError is a ValueError;
                     # anything else is a bug in this code and fails the task loudly
                     error = f"decode: {getattr(e, 'reason', None) or f'{type(e).__name__}: {e}'}"
-                    kind = INPUT_ERROR
+                    # OpenCV out of memory is the machine's state, not the file's: retried
+                    kind = TRANSIENT_ERROR if "Insufficient memory" in str(e) else INPUT_ERROR
                     height, width = _header_size(data)
                 except MemoryError:
                     error, kind = "decode: out of memory", TRANSIENT_ERROR
             t_read += t1 - t0
             t_decode += time.perf_counter() - t1
         status.append("error" if error else "ok")
-        errors.append(error)
+        errors.append(error or note)
         kinds.append(kind)
         heights.append(height)
         widths.append(width)
@@ -154,6 +165,21 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
                        width=(widths, pa.int32()), _image=(images, pa.binary()),
                        _t_read=([t_read / n] * len(batch), pa.float64()),
                        _t_decode=([t_decode / n] * len(batch), pa.float64()), **columns)
+
+
+def _overlay_size(height: int, width: int) -> tuple[int, int]:
+    """(h, w) of an input's overlay: its own size, scaled down to at most OVERLAY_MAX_PIXELS."""
+    if height * width <= OVERLAY_MAX_PIXELS:
+        return height, width
+    scale = (OVERLAY_MAX_PIXELS / (height * width)) ** 0.5
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def _bounded(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`image` no larger than (height, width): a smaller one (a JPEG decoded at reduced scale) is kept."""
+    if image.shape[0] * image.shape[1] <= height * width:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def _pack(image: np.ndarray) -> bytes:
@@ -175,17 +201,20 @@ class ScoreActor:
 
     def __init__(self, models: dict[str, str], threshold: float | None, cache_dir: str,
                  threads: int | None = None):
-        import paddle
-
         from stfpm.model.inference import Predictor
-        from stfpm.runtime import ray_paddle_device
 
         self._open = Predictor.open
         self.models, self.threshold, self.cache_dir, self.threads = models, threshold, cache_dir, threads
         self.predictors: dict[str, object] = {}
         self.failed: dict[str, str] = {}
-        device, self.device = ray_paddle_device()
-        paddle.set_device(device)
+        self.device = "cpu"
+        if importlib.util.find_spec("paddle") is not None:  # without it, ONNX/OpenVINO exports still score
+            import paddle
+
+            from stfpm.runtime import ray_paddle_device
+
+            device, self.device = ray_paddle_device()
+            paddle.set_device(device)
 
     def _predictor(self, key: str):
         if key not in self.predictors and key not in self.failed:
@@ -280,7 +309,9 @@ def write_maps(batch: pa.Table, output: str) -> pa.Table:
         write_bytes(map_uris[i], encode_png(heat))
         if images[i] is not None and row["is_anomaly"]:
             try:
-                drawn = overlay(_unpack(images[i]), heat, True, row["score"], row["raw_score"])
+                oh, ow = _overlay_size(h, w)
+                small = heat if (oh, ow) == heat.shape else cv2.resize(heat, (ow, oh), interpolation=cv2.INTER_AREA)
+                drawn = overlay(_unpack(images[i]), small, True, row["score"], row["raw_score"])
                 overlay_uris[i] = join_uri(output, OVERLAYS, key)
                 write_bytes(overlay_uris[i], encode_png(drawn))
             except Exception as e:  # noqa: BLE001 - the score stands; the optional picture failed

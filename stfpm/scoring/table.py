@@ -1,11 +1,13 @@
 """The score table: its columns (TABLE_DOC), map scaling, reading it, and which row stands for an input."""
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
@@ -23,9 +25,10 @@ input_version  string               "<size>-<modified, ns>" of the file as liste
 <partitions>   string               one per --partitions name (null where a file has no such level)
 model_name     string               registry category, or the model directory's name
 model_version  string               model.json's model_version (a hash of the weights)
-raw_score      double               max of the anomaly map (null on error)
+raw_score      double               max of the anomaly map (null on error); predict's and the Python
+                                    API's `score` (and `raw_score`)
 score          double               normalised, in [0, 1]: 0.5 at the threshold, strictly increasing in
-                                    raw_score (same rank order); r = raw / threshold gives
+                                    raw_score (same rank order; predict's `norm_score`); r = raw / threshold gives
                                     0.5 * r ** (1 / log_scale) below, 1 - 0.5 / r above (stfpm.model.score_scale)
 is_anomaly     bool                 raw_score >= threshold
 threshold      double               the threshold used (stored or overridden)
@@ -37,7 +40,8 @@ map_uri        string               8-bit PNG anomaly map at width x height (see
 overlay_uri    string               overlay PNG (--overlays, anomalous inputs only)
 status         string               "ok" or "error"
 error          string               why the row failed ("read: ...", "decode: ...", "model: ..."),
-                                    or on an ok row why its overlay is missing ("overlay: ...")
+                                    or on an ok row why its overlay is missing ("overlay: ...") or that
+                                    only the first of its frames was scored ("frames: ...")
 error_kind     string               on error rows: "input" (the file itself is bad: not retried until
                                     its input_version changes) or "transient" (model, IO: retried)
 device         string               where the forward ran: "cpu", "gpu:N", with the GPU Ray assigned
@@ -67,50 +71,109 @@ def map_to_raw(pixels: np.ndarray, threshold: float, log_scale: float) -> np.nda
 INPUT_ERROR, TRANSIENT_ERROR = "input", "transient"
 INDEX_SCHEMA = pa.schema([("image_uri", pa.string()), ("input_version", pa.string()),
                           ("model_name", pa.string()), ("model_version", pa.string()), ("status", pa.string()),
-                          ("error_kind", pa.string()), ("scored_at", pa.timestamp("us", tz="UTC"))])
+                          ("error_kind", pa.string()), ("threshold", pa.float64()),
+                          ("scored_at", pa.timestamp("us", tz="UTC"))])
 
 
-def read_index(scores_uri: str) -> pa.Table:
-    """INDEX_SCHEMA's columns and `file` of every row already written (a column older files
-    lack is null); files whose names start with "." or "_" (in-progress temp files) are not read."""
+def read_index(scores_uri: str, files: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """INDEX_SCHEMA's columns (or `columns` of them) and `file` (dictionary-encoded) of every
+    row already written (a column older files lack is null), or of the rows of `files` only;
+    files whose names start with "." or "_" (in-progress temp files) are not read."""
     fs, path = filesystem_for(scores_uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return pa.table({f.name: pa.array([], f.type) for f in INDEX_SCHEMA} | {"file": pa.array([], pa.string())})
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
-    table = dataset.to_table(columns=INDEX_SCHEMA.names + ["__filename"])
-    return table.rename_columns(INDEX_SCHEMA.names + ["file"])
+    names = list(columns or INDEX_SCHEMA.names)
+    file_type = pa.dictionary(pa.int32(), pa.string())
+    if files is not None and not files or files is None and fs.get_file_info(path).type != pafs.FileType.Directory:
+        return pa.table({n: pa.array([], INDEX_SCHEMA.field(n).type) for n in names} | {"file": pa.array([], file_type)})
+    dataset = pads.dataset(list(files) if files is not None else path, filesystem=fs, format="parquet",
+                           schema=INDEX_SCHEMA)
+    table = dataset.to_table(columns=names + ["__fragment_index"])
+    file = pa.DictionaryArray.from_arrays(table["__fragment_index"].combine_chunks() if len(table) else
+                                          pa.array([], pa.int32()), pa.array(dataset.files, pa.string()))
+    return table.drop_columns(["__fragment_index"]).append_column("file", file)
 
 
-def winning_rows(table: pa.Table, keys: Sequence[str]) -> list[int]:
+def codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """int64 codes of a column's values, equal where the values are (a null counts as "")."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = column.fill_null("")
+    found = pc.index_in(column, value_set=pc.unique(column))
+    return found.to_numpy().astype(np.int64) if len(found) else np.zeros(0, np.int64)
+
+
+def _sorted_ranks(column: pa.ChunkedArray) -> np.ndarray:
+    """Per row, the rank of its value in ascending order (a null counts as ""): for columns of
+    few distinct values (`file`, dictionary-encoded by read_index)."""
+    if pa.types.is_dictionary(column.type):
+        encoded = pa.table({"c": column}).unify_dictionaries()["c"]
+        if not encoded.num_chunks:
+            return np.zeros(0, np.int64)
+        rank = pc.rank(encoded.chunk(0).dictionary.fill_null(""), sort_keys="ascending", tiebreaker="dense")
+        indices = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in encoded.chunks])
+        return rank.to_numpy().astype(np.int64)[indices]
+    column = column.fill_null("")
+    values = pc.unique(column)
+    rank = pc.rank(values, sort_keys="ascending", tiebreaker="dense").to_numpy().astype(np.int64)
+    return rank[codes(column)] if len(column) else np.zeros(0, np.int64)
+
+
+def _group_starts(group: np.ndarray) -> np.ndarray:
+    """True where a sorted group code differs from the one before."""
+    starts = np.ones(len(group), bool)
+    starts[1:] = group[1:] != group[:-1]
+    return starts
+
+
+def winning_rows(table: pa.Table, keys: Sequence[str]) -> np.ndarray:
     """The row numbers, ascending, of the row that stands for each distinct `keys` value (a
     null counts as ""): among the rows of the input's current content (the input_version of
     its latest row), its ok row if it has one, else its latest; among equals the latest
-    `scored_at`, then the last `file` if the table has that column."""
-    if not table.num_rows:
-        return []
-    order = ["scored_at"] + (["file"] if "file" in table.column_names else [])
-    versioned = "input_version" in table.column_names
-    df = table.select([*keys, "status", *order, *(["input_version"] if versioned else [])]).to_pandas()
+    `scored_at`, then the last `file` if the table has that column, then the first row.
+    Arrow codes and numpy sorts: no Python object per row."""
+    n = table.num_rows
+    if not n:
+        return np.zeros(0, np.int64)
+    group = np.zeros(n, np.int64)
     for key in keys:
-        df[key] = df[key].fillna("")
-    df["_current"] = True
-    if versioned:
-        df["input_version"] = df["input_version"].fillna("")
-        newest = df.sort_values(order, kind="stable").groupby(list(keys))["input_version"].transform("last")
-        df["_current"] = df["input_version"] == newest.reindex(df.index)
-    df["_ok"] = df["status"] == "ok"
-    ranked = df.sort_values(["_current", "_ok", *order], ascending=False, kind="stable")
-    return sorted(int(i) for i in ranked.index[~ranked.duplicated(list(keys), keep="first")])
+        c = codes(table[key])
+        group = group * (int(c.max(initial=0)) + 1) + c
+    if len(keys) == 1 and int(group.max(initial=-1)) + 1 == n:  # every value once: every row stands
+        return np.arange(n)
+    at = table["scored_at"].cast(pa.int64()).fill_null(np.iinfo(np.int64).min).to_numpy()
+    file = _sorted_ranks(table["file"]) if "file" in table.column_names else np.zeros(n, np.int64)
+    row = np.arange(n)
+    current = np.ones(n, bool)
+    if "input_version" in table.column_names:
+        version = codes(table["input_version"])
+        order = np.lexsort((-row, -file, -at, group))  # per group: the latest row first
+        starts = _group_starts(group[order])
+        newest = version[order][starts][np.cumsum(starts) - 1]
+        current[order] = version[order] == newest
+    ok = pc.fill_null(pc.equal(table["status"], "ok"), False).to_numpy(zero_copy_only=False)
+    order = np.lexsort((row, -file, -at, ~ok, ~current, group))
+    return np.sort(order[_group_starts(group[order])])
 
 
-def latest_rows(table: pa.Table, versions: dict[str, str]) -> pa.Table:
-    """One row per input, for the models `versions` names (model_name -> model_version, as
-    _SUCCESS lists the last run's): the row that stands (winning_rows) among the input's
-    rows of those versions, or of no model (a category without one). Rows of other model
-    versions (history, from before a retrain) are left out."""
-    names, found = table["model_name"].to_pylist(), table["model_version"].to_pylist()
-    current = table.filter(pa.array([v is None or versions.get(n) == v for n, v in zip(names, found)], pa.bool_()))
+def current_rows(table: pa.Table, versions: Sequence[str]) -> pa.Table:
+    """The rows of the model versions `versions` (as _SUCCESS lists the last run's), or of no
+    model (a category without one). A model is its model_version: a copy of a model
+    directory under another name is the same model."""
+    found = table["model_version"]
+    keep = pc.or_(pc.is_null(found), pc.is_in(found, pa.array(sorted(set(versions)), pa.string())))
+    return table.filter(keep)
+
+
+def latest_rows(table: pa.Table, versions: Sequence[str]) -> pa.Table:
+    """One row per input, for the model versions `versions`: the row that stands
+    (winning_rows) among the input's rows of those versions (current_rows). Rows of other
+    model versions (history, from before a retrain) are left out."""
+    current = current_rows(table, versions)
     return current.take(pa.array(winning_rows(current, ["image_uri"]), pa.int64()))
+
+
+def success_versions(output: str) -> list[str]:
+    """The model versions of OUTPUT's last finished run (its _SUCCESS)."""
+    success = json.loads(read_bytes(join_uri(output, SUCCESS)))
+    return [m["model_version"] for m in success["models"].values()]
 
 
 def read_scores(output: str, latest: bool = True):
@@ -118,11 +181,17 @@ def read_scores(output: str, latest: bool = True):
     input, scored by the model version(s) of the last finished run (latest_rows; _SUCCESS
     says which); latest=False: every row kept, one per input and model version."""
     fs, path = filesystem_for(join_uri(output, SCORES))
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
     if latest:
-        success = json.loads(read_bytes(join_uri(output, SUCCESS)))
-        table = latest_rows(table, {name: m["model_version"] for name, m in success["models"].items()})
-    return table.sort_by("image_uri").to_pandas()
+        versions = success_versions(output)
+        found = pads.field("model_version")
+        table = dataset.to_table(filter=found.is_null() | found.isin(sorted(set(versions))))
+        rows = winning_rows(table, ["image_uri"])
+        if len(rows) < len(table):
+            table = table.take(pa.array(rows, pa.int64()))
+    else:
+        table = dataset.to_table()
+    return table.sort_by("image_uri").to_pandas(self_destruct=True, split_blocks=True)
 
 
 # ---------------------------------------------------------------- the pipeline's row batches
@@ -137,6 +206,20 @@ def set_columns(batch: pa.Table, **columns) -> pa.Table:
         else:
             batch = batch.append_column(name, array)
     return batch
+
+
+def image_id(uri: str) -> str:
+    """A stable id for an input: the first 32 hex digits of sha256(image_uri)."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:32]
+
+
+def with_image_ids(batch: pa.Table) -> pa.Table:
+    """The image_id column (image_id of each image_uri), computed where the rows are (in the
+    workers), not for every input on the driver. A batch that has it is kept."""
+    if "image_id" in batch.column_names:
+        return batch
+    ids = [image_id(u) for u in batch["image_uri"].to_pylist()]
+    return pa.Table.from_arrays([pa.array(ids, pa.string()), *batch.columns], names=["image_id", *batch.column_names])
 
 
 def drop_columns(batch: pa.Table, *names: str) -> pa.Table:

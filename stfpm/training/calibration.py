@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -13,11 +14,14 @@ import numpy as np
 
 from stfpm.model.artifact import LoadedModel, save_model
 from stfpm.model.card import Calibration, InputSpec, MapSpec, ModelCard, write_card
-from stfpm.nn import STFPM, backbone_spec, view_scale
+from stfpm.nn import STFPM, backbone_spec
+from stfpm.nn.maps import view_scale
 from stfpm.model.ood import InDistribution
 from stfpm.model.score_scale import ScoreScale
 from stfpm.storage import is_s3, upload_dir
 from stfpm.training.config import TrainConfig, TrainResult, TrainSplit, fingerprint, load_images
+
+logger = logging.getLogger(__name__)
 
 UNCALIBRATED = Calibration(threshold=0.0, score_min=0.0, score_max=1.0)  # a card's until it is calibrated
 
@@ -113,6 +117,7 @@ def calibrate_and_save(network, card: ModelCard, split: TrainSplit, out_dir: str
 
     network.eval()
     dataset = split.dataset
+    logger.info(f"calibrating the threshold on {len(split.holdout)} held-out good images")
     card = dataclasses.replace(card, calibration=calibrate_on_good_images(
         network, card, [s.image for s in split.holdout], cfg.threshold_quantile, [s.image for s in split.train]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,6 +126,7 @@ def calibrate_and_save(network, card: ModelCard, split: TrainSplit, out_dir: str
         (local_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         metrics = None
         if any(s.label == 1 for s in dataset.test) and any(s.label == 0 for s in dataset.test):
+            logger.info(f"evaluating on the {len(dataset.test)} test images")
             model = LoadedModel(network=network, card=card, path=str(local_dir))
             metrics = evaluate_model(model, dataset, batch_size=cfg.batch_size)["metrics"]
             card = dataclasses.replace(card, metrics=metrics)

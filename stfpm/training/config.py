@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from stfpm.data import load_dataset, normalize_batch, prepare_input, split_holdout
+from stfpm.data.datasets import MIN_TRAIN_IMAGES
 from stfpm.model.card import Calibration
 from stfpm.model.weights import default_cache_dir
 from stfpm.nn import COMBINES, LAYER_NORMS, backbone_spec
+from stfpm.errors import UserError
 from stfpm.storage import fetch_to_cache, is_s3
 
 AUGMENTATIONS = ("none", "flip", "d4")
@@ -27,7 +29,9 @@ class TrainConfig:
     the student's settings (epochs, optimizer, augment, layer_norm) do not apply; its own are
     `bank_fraction` and `bank_pool` (stfpm.nn.patchcore.PATCHCORE_RECIPE)."""
 
-    backbone: str = "resnet18"
+    # The default teacher works offline: its ImageNet weights ship in a pip package (a core
+    # dependency), where resnet18's must be downloaded; its recipe (LITE_RECIPE) is the measured one.
+    backbone: str = "efficientnet_lite0"
     model: str = "stfpm"
     epochs: int | None = None
     batch_size: int | None = None
@@ -50,6 +54,10 @@ class TrainConfig:
     tile_size: int | None = None  # train, calibrate and predict on tiles of this many source pixels (stfpm.data.tiling)
     tile_overlap: int = 0
     student: str | None = None  # the student's backbone; default the teacher's (stfpm.nn.build_student)
+
+    def __post_init__(self):
+        if isinstance(self.model, str):
+            self.model = self.model.lower()  # model names are case-insensitive: --model PatchCore
 
     @property
     def tiling(self):
@@ -152,5 +160,9 @@ def split_dataset(data: str, cfg: TrainConfig) -> TrainSplit:
     if is_s3(str(data)):
         local_root = str(fetch_to_cache(str(data), default_cache_dir() / "datasets"))
     dataset = load_dataset(local_root)
+    if len(dataset.train) < MIN_TRAIN_IMAGES:
+        raise UserError(f"{data}: {len(dataset.train)} good training image(s); training needs at least "
+                        f"{MIN_TRAIN_IMAGES}: one to learn from and one held out to set the threshold on "
+                        "(`stfpm check-dataset` says how many it finds)")
     train_samples, holdout_samples = split_holdout(dataset.train, cfg.holdout_fraction, cfg.seed)
     return TrainSplit(dataset, train_samples, holdout_samples, str(data), local_root)

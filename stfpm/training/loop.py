@@ -109,15 +109,19 @@ def iterate_batches(images: np.ndarray, batch_size: int, rng: np.random.Generato
 
 
 def run_epoch(network, optimizer, batches: Iterable[tuple[np.ndarray, list | None]],
-              cache: TeacherCache | None = None) -> tuple[float, int]:
+              cache: TeacherCache | None = None,
+              on_batch: Callable[[int, float], None] | None = None) -> tuple[float, int]:
     """Mean loss over the epoch's images and the number of images seen. `batches` yields
-    (images, keys); with a cache the teacher's features come from it by key."""
+    (images, keys); with a cache the teacher's features come from it by key. `on_batch(images
+    seen, mean loss so far)` after each step (progress within an epoch)."""
     getattr(network, "_layers", network).train()  # unwrap DataParallel: STFPM.train keeps the teacher in eval
     total, count = 0.0, 0
     for batch, keys in batches:
         feats = cache.features(batch, keys) if cache is not None else None
         total += train_step(network, optimizer, batch, feats) * len(batch)
         count += len(batch)
+        if on_batch:
+            on_batch(count, total / count)
     return total / max(count, 1), count
 
 
@@ -134,11 +138,36 @@ def mean_loss(network: STFPM, images: np.ndarray, batch_size: int, cache: Teache
 
 class ProgressLog:
     """One log line per epoch (this module's logger, INFO): reads well in a terminal and in
-    `ray job logs`. `enabled=False` (quiet runs, Ray Train ranks other than 0) logs at DEBUG."""
+    `ray job logs`; within a long epoch a line every `every_s` seconds, so a first epoch of a
+    minute is not a minute of silence. `enabled=False` (quiet runs, Ray Train ranks other than
+    0) logs at DEBUG."""
 
-    def __init__(self, total_epochs: int, first_epoch: int = 1, enabled: bool = True):
+    LEGEND = ("one line per epoch: mean training loss, held-out loss (`*`: the lowest so far; the student "
+              "with the lowest is the one kept), images/s, ETA")
+
+    def __init__(self, total_epochs: int, first_epoch: int = 1, enabled: bool = True, every_s: float = 10.0):
         self.total, self.first, self.start = total_epochs, first_epoch, time.time()
         self.emit = logger.info if enabled else logger.debug
+        self.every_s = every_s
+
+    def begin(self, what: str) -> None:
+        """The line before the first epoch: what is trained, and how to read the epoch lines."""
+        self.emit(f"{what}; {self.LEGEND}")
+
+    def within(self, epoch: int, images: int | None = None) -> Callable[[int, float], None]:
+        """`run_epoch`'s on_batch for `epoch`: a line every `every_s` seconds (images seen of
+        `images`, the loss so far)."""
+        t0 = last = time.time()
+
+        def on_batch(seen: int, loss: float) -> None:
+            nonlocal last
+            now = time.time()
+            if now - last >= self.every_s:
+                last = now
+                of = f"/{images}" if images else ""
+                self.emit(f"epoch {epoch:>3}/{self.total}  {seen}{of} images  loss {loss:.4f}  "
+                          f"{seen / (now - t0):.1f} img/s")
+        return on_batch
 
     def epoch(self, record: dict) -> None:
         done = record["epoch"] - self.first + 1
@@ -167,12 +196,14 @@ def train_stfpm(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True
     cache = teacher_cache(network, cfg)
     rng = np.random.default_rng(cfg.seed)
     log = ProgressLog(cfg.epochs, enabled=progress)
+    log.begin(f"training the {cfg.backbone} student on {len(train_images)} images ({len(holdout_images)} held out) "
+              f"for {cfg.epochs} epochs")
     best_loss, best_state, history = float("inf"), None, []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
         batches = ((augment_batch(b, cfg.augment, rng), keys)
                    for b, keys in iterate_batches(train_images, cfg.batch_size, rng, train_keys))
-        loss, seen = run_epoch(network, optimizer, batches, cache)
+        loss, seen = run_epoch(network, optimizer, batches, cache, log.within(epoch, len(train_images)))
         holdout = mean_loss(network, holdout_images, cfg.batch_size, cache, holdout_keys)
         record = {"epoch": epoch, "loss": loss, "holdout_loss": holdout,
                   "images_per_s": seen / (time.time() - t0), "best": holdout < best_loss}

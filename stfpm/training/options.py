@@ -23,13 +23,15 @@ def _ray_options(ray_address, workers, gpu, storage, name, max_failures, threads
 # Options shared by `train`, `train-all` and jobs/train.py: name -> (type, typer option).
 TRAINING_OPTIONS = {
     "model": (str, typer.Option("stfpm", help="stfpm (student-teacher, trained for epochs) | patchcore (a memory "
-                                              "bank of the teacher's patch features: one pass, no training)")),
+                                              "bank of the teacher's patch features: one pass, no training); "
+                                              "any case")),
     "bank_fraction": (Optional[float], typer.Option(None, help="PatchCore: bank size as a fraction of all training "
                                                                "patches (coreset); default 0.01")),
     "bank_pool": (Optional[int], typer.Option(None, help="PatchCore: patches kept (spread over the images) before "
                                                          "the coreset; bounds memory; default 40000")),
-    "backbone": (str, typer.Option("resnet18", help="resnet18 | efficientnet_lite0 | efficientnet_lite1 | "
-                                                    "efficientnet_lite2")),
+    "backbone": (str, typer.Option("efficientnet_lite0", help="efficientnet_lite0 (weights in a pip package: "
+                                                              "works offline) | resnet18 (weights downloaded once) "
+                                                              "| efficientnet_lite1 | efficientnet_lite2")),
     "student": (Optional[str], typer.Option(None, help="STFPM: the student's backbone (same names as --backbone); "
                                                        "default the teacher's")),
     "epochs": (Optional[int], typer.Option(None, help="Default: the backbone's recipe (100)")),

@@ -7,6 +7,7 @@ and only `bank_pool / n_images` random patches of each image are kept (at most `
 patches in all) before the greedy coreset picks the bank from them."""
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -16,15 +17,23 @@ import paddle
 
 from stfpm.model.card import InputSpec, MapSpec, ModelCard
 from stfpm.nn import backbone_spec
-from stfpm.nn.patchcore import SMOOTH_SIGMA, PatchCore, greedy_coreset, subsample_patches
+from stfpm.nn.maps import SMOOTH_SIGMA
+from stfpm.nn.patchcore import PatchCore, greedy_coreset, subsample_patches
 from stfpm.runtime import configure_threads
 from stfpm.training.calibration import UNCALIBRATED, calibrate_and_save
 from stfpm.training.config import TrainConfig, TrainResult, fingerprint, load_images, split_dataset
 from stfpm.model.weights import apply_state, load_teacher_state
 
+logger = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0  # a line this often during the feature pass: minutes on real data are not silent
 
-def build_bank(network: PatchCore, paths: list[str], cfg: TrainConfig, batch_size: int = 16) -> tuple[np.ndarray, dict]:
-    """The coreset of the training images' patch features, and what it was built from."""
+
+def build_bank(network: PatchCore, paths: list[str], cfg: TrainConfig, batch_size: int = 16,
+               progress: bool = False) -> tuple[np.ndarray, dict]:
+    """The coreset of the training images' patch features, and what it was built from.
+    `progress`: a line every PROGRESS_EVERY_S seconds of the feature pass, one before the coreset."""
+    emit = logger.info if progress else logger.debug
+    t0 = last = time.time()
     spec = backbone_spec(cfg.backbone)
     rng = np.random.default_rng(cfg.seed)
     per_image = max(1, cfg.bank_pool // len(paths))
@@ -37,8 +46,13 @@ def build_bank(network: PatchCore, paths: list[str], cfg: TrainConfig, batch_siz
             features = network.features(paddle.to_tensor(batch)).numpy()
         patches_per_image, n_rows = features.shape[2] * features.shape[3], n_rows + len(batch)
         pool.append(subsample_patches(features, max(1, per_image * len(chunk) // len(batch)), rng))
+        if time.time() - last >= PROGRESS_EVERY_S:
+            last = time.time()
+            done = start + len(chunk)
+            emit(f"memory bank: features of {done}/{len(paths)} images, {done / (last - t0):.1f} img/s")
     pool = np.concatenate(pool)
     n_bank = min(len(pool), math.ceil(cfg.bank_fraction * n_rows * patches_per_image))
+    emit(f"memory bank: choosing {n_bank} of {len(pool)} patches (greedy coreset)")
     bank = pool[greedy_coreset(pool, n_bank, seed=cfg.seed)]
     return bank, {"bank_size": int(len(bank)), "pool_size": int(len(pool)), "patches_per_image": int(patches_per_image)}
 
@@ -52,7 +66,10 @@ def train_patchcore(data: str, out_dir: str, cfg: TrainConfig, progress: bool = 
     network = PatchCore(cfg.backbone)
     apply_state(network.teacher, load_teacher_state(cfg.backbone, cfg.teacher_weights))
     t0 = time.time()
-    bank, stats = build_bank(network, [s.image for s in split.train], cfg)
+    (logger.info if progress else logger.debug)(
+        f"building the {cfg.backbone} memory bank from {len(split.train)} images ({len(split.holdout)} held out "
+        "for the threshold): one pass, no epochs")
+    bank, stats = build_bank(network, [s.image for s in split.train], cfg, progress=progress)
     network.set_bank(bank)
     record = {**stats, "seconds": round(time.time() - t0, 2)}
     if progress:
