@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from stfpm.model.card import Calibration
-from stfpm.model.heatmap import overlay, to_heat
+from stfpm.model.heatmap import overlay, panel, render, to_heat
 from stfpm.model.inference import Prediction
 from stfpm.storage import printable_path
 
@@ -90,11 +90,17 @@ class AnomalyResult(dict):
                        "regions": defect_regions(pred, amap)}
         return {"res": res}
 
+    def _heat(self) -> np.ndarray:
+        p = self._prediction
+        return to_heat(self._calibration.normalize(p.anomaly_map, p.threshold))
+
     @property
     def img(self) -> dict:
-        p = self._prediction
-        heat = to_heat(self._calibration.normalize(p.anomaly_map, p.threshold))
-        return {"res": overlay(self._image, heat, p.is_anomaly, p.norm_score, p.score)}
+        """The pictures (stfpm.model.heatmap): "res" the overlay (the image in its own colours,
+        tinted only above the normal level), "panel" image | map | mask side by side."""
+        p, heat = self._prediction, self._heat()
+        return {"res": overlay(self._image, heat, p.is_anomaly, p.norm_score, p.score),
+                "panel": panel(self._image, heat, p.is_anomaly, p.norm_score, p.score)}
 
     def _target(self, save_path: str | Path, suffix: str) -> Path:
         path = Path(save_path)
@@ -114,15 +120,18 @@ class AnomalyResult(dict):
         path.write_text(json.dumps(self.json, indent=indent, ensure_ascii=ensure_ascii))
         return path
 
-    def save_to_img(self, save_path: str | Path) -> Path:
-        """A directory save_path gets `<name>.png` (as save_to_json); a file path is used as given."""
+    def save_to_img(self, save_path: str | Path, view: str = "overlay") -> Path:
+        """A directory save_path gets `<name>.png` (as save_to_json); a file path is used as
+        given. `view`: "overlay" (`img["res"]`) or "panel" (image | map | mask, `img["panel"]`)."""
+        p = self._prediction
+        picture = render(view, self._image, self._heat(), p.is_anomaly, p.norm_score, p.score)
         path = Path(save_path)
         if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
             path = self._target(save_path, ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         # encoded here and written by Python: cv2.imwrite crashes the process (SIGSEGV) on a
         # path whose name is not UTF-8, as a file found in a folder may have
-        encoded, data = cv2.imencode(path.suffix.lower(), self.img["res"])
+        encoded, data = cv2.imencode(path.suffix.lower(), picture)
         if not encoded:
             raise OSError(f"could not encode image {path}")
         path.write_bytes(data.tobytes())

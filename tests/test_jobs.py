@@ -400,14 +400,17 @@ def test_config_is_checked_and_a_bad_one_exits_2(tmp_path, capsys):
 
 
 def test_a_night_without_arrivals_commits_an_empty_report(tmp_path):
+    from test_scoring import make_model  # the audit checks its model before anything else
+
     (tmp_path / "in").mkdir()
-    cfg = audit_run.AuditConfig(source=str(tmp_path / "in"), output=str(tmp_path / "out"), models="unused")
+    model = str(make_model(tmp_path / "model", seed=0))
+    cfg = audit_run.AuditConfig(source=str(tmp_path / "in"), output=str(tmp_path / "out"), models=model)
     result = audit_run.run_audit(cfg, verbose=False)
     assert result.exit_code == 0 and result.summary["totals"]["inputs"] == 0
     assert "No images arrived" in Path(result.report).read_text()
     state = json.loads((tmp_path / "out" / audit_run.STATE).read_text())
     assert state["open_run"] is None and state["last_success"]["run_id"] == result.run_id
-    other = audit_run.AuditConfig(source=str(tmp_path), output=str(tmp_path / "out"), models="unused")
+    other = audit_run.AuditConfig(source=str(tmp_path), output=str(tmp_path / "out"), models=model)
     with pytest.raises(ValueError, match="another input"):
         audit_run.run_audit(other, verbose=False)
 

@@ -128,7 +128,8 @@ def test_ood_flags_images_unlike_training(trained, synth_data):
     and flags what it was never trained on (a smooth gradient; real bottle photos when the
     shared dev data is there), whatever their anomaly score."""
     meta = json.loads((trained[0] / "model.json").read_text())
-    assert len(meta["threshold"]["ood"]["mean"]) == 24 + 40 + 112  # Lite0's three taps
+    ood = meta["threshold"]["ood"]
+    assert (ood["profile"], ood["cells"], len(ood["mean"]), np.shape(ood["std"])) == ("cell_share", 64, 112, (112, 112))
     model = create_model(model_dir=trained[0])
     own = list(model.predict(str(synth_data / "test" / "good"), batch_size=8))
     assert own and not any(r["ood"] for r in own) and max(r["ood_score"] for r in own) < 1
@@ -138,6 +139,39 @@ def test_ood_flags_images_unlike_training(trained, synth_data):
         bottles = list(model.predict([str(SHARED_BOTTLE / "test" / "good"), str(SHARED_BOTTLE / "test" / "broken_large")],
                                      batch_size=8))
         assert len(bottles) > 20 and all(r["ood"] for r in bottles)
+
+
+def test_a_model_from_before_the_cell_check_keeps_its_channel_mean_check(trained, synth_data, tmp_path):
+    """Issue 25: model.json records which profile its check reads; a card from before (the
+    channel means, no profile name) loads and scores ood on the means, also from the
+    means-only profile an export from before returns."""
+    import dataclasses
+    import shutil
+
+    from stfpm.model.card import read_card, write_card
+    from stfpm.model.inference import Predictor
+    from stfpm.model.ood import PROFILES, InDistribution
+    from stfpm.nn.stfpm import profile_layout
+    from stfpm.training.calibration import feature_profiles
+
+    goods = sorted(str(p) for p in (synth_data / "train" / "good").glob("*.png"))
+    predictor = Predictor.open(trained[0])
+    legacy = InDistribution.fit(feature_profiles(predictor, goods[:40]), feature_profiles(predictor, goods[40:50]),
+                                *profile_layout("efficientnet_lite0"), profile="channel_mean")
+    stored = legacy.to_dict()
+    assert stored["profile"] == PROFILES["channel_mean"] and "cells" not in stored and len(stored["mean"]) == 176
+    old = tmp_path / "old"
+    shutil.copytree(trained[0], old)
+    card = read_card(old)
+    write_card(old, dataclasses.replace(card, calibration=dataclasses.replace(card.calibration, ood=legacy)))
+    reread = read_card(old).calibration.ood
+    assert reread.profile == "channel_mean" and reread.limit == legacy.limit
+    tests = sorted(str(p) for p in (synth_data / "test").rglob("*.png"))
+    results = list(create_model(model_dir=old).predict(tests, batch_size=8))
+    profiles = feature_profiles(predictor, tests)
+    expected = legacy.score(profiles[:, :176])  # the means alone: what an export from before returns
+    assert [r["ood_score"] for r in results] == pytest.approx(list(expected), rel=1e-4)
+    assert [r["ood"] for r in results] == list(expected > 1)
 
 
 def test_normalised_score_ranks_as_the_raw_score(trained, synth_data, tmp_path):
@@ -203,8 +237,10 @@ def test_result_presentation(trained, synth_data, tmp_path, capsys):
     name = f"{defect.parent.name}_{defect.stem}"  # <folder>_<stem>, as `stfpm predict` names it
     assert img_path.name == name + ".png" and json_path.name == name + ".json"
     assert json_path.stat().st_size < 20_000  # arrays summarised, never dumped
-    overlay = cv2.imread(str(img_path))
-    assert overlay.shape == cv2.imread(str(defect)).shape
+    overlay, image = cv2.imread(str(img_path)), cv2.imread(str(defect))
+    assert overlay.shape[1:] == image.shape[1:] and overlay.shape[0] > image.shape[0]  # the caption strip above
+    panel = cv2.imread(str(res.save_to_img(tmp_path / "panel.png", view="panel")))
+    assert panel.shape[1] > 3 * image.shape[1] and (panel.shape[0] - image.shape[0]) > 0  # image | map | mask
     assert res.save_to_json(tmp_path / "named.json").name == "named.json"
     assert set(res.json["res"]) >= {"input_path", "score", "norm_score", "is_anomaly", "threshold"}
     assert res.img["res"].shape == overlay.shape

@@ -1,4 +1,6 @@
-"""The audit's static HTML report: per-category counts, a score histogram and the top images, linked not embedded."""
+"""The audit's static HTML report: why the run decided as it did, per-category counts, the
+trend over the last nights (inline SVG, no JavaScript), a score histogram and the top images,
+linked not embedded."""
 from __future__ import annotations
 
 import html
@@ -52,9 +54,11 @@ table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom
 th:first-child,td:first-child{text-align:left}.meta{color:#666}
 .badge{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600}
 .ok{background:#2e7d32}.alert{background:#c62828}.errors{background:#e65100}.alert-reason{color:#c62828}
-.grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;width:272px}
-figure img{width:128px;height:128px;object-fit:contain;background:#f4f4f4;border:1px solid #ddd}
-figcaption{font-size:12px;word-break:break-all}code{font-size:12px}
+.grid{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0;width:500px}
+figure img{width:240px;height:240px;object-fit:contain;background:#f4f4f4;border:1px solid #ddd}
+figcaption{font-size:13px;word-break:break-all}code{font-size:12px}
+.why li{margin:2px 0}.why .alert-reason{font-weight:600}.why .muted{color:#666}
+.trend td{padding:2px 8px;vertical-align:middle}.trend svg{display:block}
 """
 
 
@@ -86,6 +90,78 @@ def histogram_svg(counts: list[int], edges: list[float], width: int = 420, heigh
     return "".join(parts)
 
 
+def sparkline_svg(values: list, labels: list[str], rate: bool, width: int = 170, height: int = 46) -> str:
+    """A small line chart of one series over the nights (oldest left), gaps where a night has
+    no value; the last value and the maximum written beside it, each point's exact value in
+    its tooltip. Rates are drawn on 0..max(rate, 1%) and written as percentages."""
+    pad_l, pad_r, pad_t, pad_b = 4, 52, 6, 6
+    plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
+    known = [v for v in values if v is not None]
+    top = max(known, default=0.0)
+    top = max(top, 0.01) if rate else max(top, 1)
+    show = (lambda v: f"{v:.1%}") if rate else (lambda v: f"{v:g}")
+    step = plot_w / max(len(values) - 1, 1)
+    at = [None if v is None else (pad_l + i * step if len(values) > 1 else pad_l + plot_w / 2,
+                                  pad_t + plot_h * (1 - v / top), v, label)
+          for i, (v, label) in enumerate(zip(values, labels))]
+    points = [p for p in at if p is not None]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="trend">', f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{pad_l + plot_w}" '
+             f'y2="{pad_t + plot_h}" stroke="#ccc"/>']
+    runs: list[list] = [[]]
+    for p in at:  # a night without a value breaks the line
+        runs.append([]) if p is None else runs[-1].append(p)
+    for run in (r for r in runs if len(r) > 1):
+        parts.append('<polyline fill="none" stroke="#5c8fd6" stroke-width="1.5" points="'
+                     + " ".join(f"{x:.1f},{y:.1f}" for x, y, _, _ in run) + '"/>')
+    for x, y, v, label in points:
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="#1f4e99"><title>{html.escape(label)}: '
+                     f'{show(v)}</title></circle>')
+    last = known[-1] if values and values[-1] is not None else None
+    parts.append(f'<text x="{width - pad_r + 4}" y="{pad_t + 10}" font-size="11">'
+                 f'{"-" if last is None else show(last)}</text>'
+                 f'<text x="{width - pad_r + 4}" y="{height - 4}" font-size="9" fill="#777">max {show(top) if known else "-"}'
+                 '</text></svg>')
+    return "".join(parts)
+
+
+def trend_html(trend: dict | None) -> list[str]:
+    """The trend section: one row per category, one sparkline per series (stfpm.audit.trend)."""
+    if not trend or not trend.get("categories"):
+        return []
+    e = html.escape
+    nights = trend["nights"]
+    out = [f"<h2 id='trend'>Trend: the last {len(nights)} night(s)</h2><p class='meta'>Oldest left, this run "
+           f"right; from {e(str(nights[0]['until']))} to {e(str(nights[-1]['until']))}. Hover a point for its "
+           "night and value.</p><table class='trend'><tr><th>category</th><th>inputs</th><th>anomaly rate</th>"
+           "<th>ood rate</th><th>error rate</th></tr>"]
+    for name, points in trend["categories"].items():
+        labels = [f"{p['run_id']} (until {p['until']})" for p in points]
+        cells = [sparkline_svg([p[key] for p in points], labels, rate=key != "inputs")
+                 for key in ("inputs", "anomaly_rate", "ood_rate", "error_rate")]
+        out.append(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</table>")
+    return out
+
+
+def why_html(summary: dict) -> list[str]:
+    """The run's reasons (summary "why"): its exit code, the window, what waits in the settle window."""
+    why = summary.get("why")
+    if not why:
+        return []
+    return ["<ul class='why'>"] + [f"<li>{html.escape(w)}</li>" for w in why] + ["</ul>"]
+
+
+def category_why_html(c: dict) -> list[str]:
+    """A category's reasons, one per check; alerts in red."""
+    why = c.get("why")
+    if not why:
+        return []
+    style = {"alert": "alert-reason", "ok": "", "not checked": "muted"}
+    return (["<ul class='why'>"] + [f"<li class='{style.get(w['outcome'], '')}'><b>{html.escape(w['outcome'])}:</b> "
+                                    f"{html.escape(w['text'])}</li>" for w in why] + ["</ul>"])
+
+
 def _fmt(value, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -103,11 +179,13 @@ def render_report(summary: dict, report_uri: str, link_expiry_hours: float = 168
            f"({e(summary['window']['since'] or 'the beginning')}, {e(summary['window']['until'])}]; "
            f"models <code>{e(summary['models'])}</code>; attempt {summary['attempts']}; "
            f"generated {e(summary['generated_at'])}.</p>",
+           *why_html(summary),
            "<table><tr><th>category</th><th>inputs</th><th>ok</th><th>errors</th><th>anomalous</th>"
            "<th>anomaly rate</th><th>alert level</th><th title='unlike the training images'>ood</th><th></th></tr>"]
     for name, c in summary["categories"].items():
         badge = (f"<span class='badge alert' title='{e('; '.join(c['alert_reasons']))}'>ALERT</span>"
-                 if c["alert"] else "")
+                 if c["alert"] else "".join(f"<span class='meta' title='{e(w['text'])}'>too few images</span>"
+                                            for w in c.get("why", []) if w["check"] == "min_images"))
         out.append(f"<tr><td><a href='#cat-{e(name)}'>{e(name)}</a></td><td>{c['inputs']}</td><td>{c['ok']}</td>"
                    f"<td>{c['error']}</td><td>{c['anomalous']}</td><td>{_fmt(c['anomaly_rate'], '.2%')}</td>"
                    f"<td>{c['alert_level']:.2%}</td><td>{c['ood']}</td><td>{badge}</td></tr>")
@@ -116,6 +194,7 @@ def render_report(summary: dict, report_uri: str, link_expiry_hours: float = 168
                "<th></th></tr></table>")
     if not summary["categories"]:
         out.append("<p>No images arrived in this window.</p>")
+    out += trend_html(summary.get("trend"))
     if t.get("error"):
         out.append(f"<p class='meta'>Errors: {t.get('error_input', 0)} bad input files (not retried), "
                    f"{t.get('error_transient', 0)} transient (model or storage; retried by the next run). "
@@ -128,6 +207,7 @@ def render_report(summary: dict, report_uri: str, link_expiry_hours: float = 168
                    f"{c['alert_level']:.2%}), {c['error']} errors. Model: {e(models) or '-'}.</p>")
         for reason in c["alert_reasons"]:
             out.append(f"<p class='alert-reason'><b>Alert:</b> {e(reason)}</p>")
+        out += category_why_html(c)
         if c["ood"]:
             out.append(f"<h3>{c['ood']} unlike the training images (ood)</h3><p class='meta'>Their scores are not "
                        "to be trusted: check that the right model scored them and that the camera did not change."

@@ -67,6 +67,7 @@ from stfpm.audit.config import (AlertConfig, AuditConfig, ReportConfig, ScoringC
                                 utc_now)
 from stfpm.audit.report import render_report
 from stfpm.audit.summary import one_row_per_input, summarize
+from stfpm.audit.trend import collect_trend
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.scoring.plan import new_run_id
 from stfpm.scoring.sources import Listed, list_files, path_level, read_manifest
@@ -146,11 +147,12 @@ def input_rows(cfg: AuditConfig, items: list[Listed]) -> pa.Table:
 
 def select_new(items: list[Listed], seen: set[tuple[str, str]], now: datetime, settle_minutes: float,
                first_run_since: datetime | None = None,
-               legacy_until: datetime | None = None) -> tuple[list[Listed], dict[str, int]]:
-    """The listed items to take tonight, and a count of every listed item by what happens to
-    it, so that none is skipped silently: `seen` (its URI and version are in the ledger of
-    finished runs), `settling` (arrived within settle_minutes before now: the next run takes
-    it), `before_first_run_since` (config: never scored), `new` (taken tonight), of which
+               legacy_until: datetime | None = None) -> tuple[list[Listed], dict[str, int], list[Listed]]:
+    """The listed items to take tonight, a count of every listed item by what happens to it,
+    so that none is skipped silently, and the items left settling (`settling_report`). The
+    counts: `seen` (its URI and version are in the ledger of finished runs), `settling`
+    (arrived within settle_minutes before now: the next run takes it),
+    `before_first_run_since` (config: never scored), `new` (taken tonight), of which
     `future_dated` arrived after now (a clock ahead of ours, a planted mtime: scored now, as
     a time in the future cannot mean "still uploading"). listed = seen + settling +
     before_first_run_since + new. Arrival times decide nothing else: an unmounted share,
@@ -158,7 +160,7 @@ def select_new(items: list[Listed], seen: set[tuple[str, str]], now: datetime, s
     `legacy_until`: the cut-off of a state written before the ledger existed."""
     settle_from = now - timedelta(minutes=settle_minutes)
     counts = dict.fromkeys(("listed", "seen", "settling", "before_first_run_since", "new", "future_dated"), 0)
-    new = []
+    new, settling = [], []
     for f in items:
         counts["listed"] += 1
         if (f.uri, f.version) in seen or (legacy_until is not None and f.arrived <= legacy_until):
@@ -167,11 +169,23 @@ def select_new(items: list[Listed], seen: set[tuple[str, str]], now: datetime, s
             counts["before_first_run_since"] += 1
         elif settle_from < f.arrived <= now:
             counts["settling"] += 1
+            settling.append(f)
         else:
             counts["new"] += 1
             counts["future_dated"] += f.arrived > now
             new.append(f)
-    return new, counts
+    return new, counts, settling
+
+
+def settling_report(settling: list[Listed], settle_minutes: float) -> dict:
+    """The inputs inside the settle window, left to a later run (`select_new`): reported so a
+    night that scored nothing says what waits. A run started after `taken_after` (the latest
+    arrival + settle_minutes) takes every one of them."""
+    arrived = [f.arrived for f in settling]
+    return {"count": len(arrived), "settle_minutes": settle_minutes,
+            "earliest_arrival": iso(min(arrived)) if arrived else None,
+            "latest_arrival": iso(max(arrived)) if arrived else None,
+            "taken_after": iso(max(arrived) + timedelta(minutes=settle_minutes)) if arrived else None}
 
 
 def inputs_schema(partitions: list[str]) -> pa.Schema:
@@ -325,7 +339,7 @@ def _run_audit(cfg: AuditConfig, now: datetime | None, verbose: bool) -> AuditRe
     try:
         seen, legacy_until = read_seen(cfg.output, last)
         items = list_items(cfg)
-        taken, listing = select_new(items, seen, now, cfg.settle_minutes, first_run_since, legacy_until)
+        taken, listing, settling = select_new(items, seen, now, cfg.settle_minutes, first_run_since, legacy_until)
         if not listing["listed"] and last and last.get("listing", {}).get("listed"):
             warnings.append(f"{cfg.input} lists nothing tonight (the last run listed {last['listing']['listed']}): "
                             "is it mounted? Nothing is lost: what reappears and is not in the ledger is scored")
@@ -352,8 +366,10 @@ def _run_audit(cfg: AuditConfig, now: datetime | None, verbose: bool) -> AuditRe
                             allow_roots=s.allow_roots or _source_root(cfg), verbose=verbose)
         table = read_run_table(run_dir)
         summary = summarize(table, inputs, cfg, run_id=run_id, since=since, until=until,
-                            attempts=open_run["attempts"], scoring=scoring, retried=len(retried))
+                            attempts=open_run["attempts"], scoring=scoring, retried=len(retried),
+                            waiting=settling_report(settling, cfg.settle_minutes))
         summary.update(listing=listing, warnings=warnings)
+        summary["trend"] = collect_trend(cfg.output, state["runs"], summary)
         write_retries(run_dir, inputs, table)
         write_seen(run_dir, seen | {(f.uri, f.version) for f in taken})
         write_bytes(join_uri(run_dir, "audit.json"), json.dumps(summary, indent=2, default=str).encode())

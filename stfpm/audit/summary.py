@@ -26,12 +26,15 @@ NO_CATEGORY = "(none)"
 
 
 def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: str, since: datetime | None,
-              until: datetime, attempts: int, scoring: dict | None, retried: int = 0) -> dict:
+              until: datetime, attempts: int, scoring: dict | None, retried: int = 0,
+              waiting: dict | None = None) -> dict:
     """audit.json: counts, errors and anomaly rate per category, alerts and the exit code.
     One row per input: its ok row if any (the latest), else its latest error row. Errors
     of kind "transient" above alert.error_rate of the inputs make the exit code 4 (after an
     alert's 3); bad input files never do. Arrow compute and numpy throughout: no Python
-    object per row."""
+    object per row. `waiting`: the inputs inside the settle window, reported, not scored.
+    Every decision carries its reasons: "why" per category (`category_why`) and for the run
+    (`run_why`)."""
     rows = one_row_per_input(table)
     name = _category_of(rows)
     names = sorted(pc.unique(name).to_pylist()) if len(rows) else []
@@ -48,13 +51,17 @@ def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: st
               "ood": ood, "ood_rate": ood / ok if ok else None}
     failing = bool(transient) and transient / max(len(inputs), 1) > cfg.alert.error_rate
     status, code = ("alert", EXIT_ALERT) if alerts else ("errors", EXIT_ERRORS) if failing else ("ok", EXIT_OK)
-    return {
+    for c in categories.values():
+        c["why"] = category_why(c, cfg.alert)
+    summary = {
         "run_id": run_id, "input": cfg.input, "output": cfg.output, "models": cfg.models,
-        "window": {"since": iso(since), "until": iso(until)}, "attempts": attempts,
+        "window": {"since": iso(since), "until": iso(until), "waiting": waiting}, "attempts": attempts,
         "generated_at": iso(utc_now()), "status": status, "exit_code": code, "errors_above_level": failing,
         "alerts": alerts, "alert_config": asdict(cfg.alert), "totals": totals, "categories": categories,
         "scoring": _scoring_digest(scoring),
     }
+    summary["why"] = run_why(summary, cfg)
+    return summary
 
 
 def one_row_per_input(table: pa.Table) -> pa.Table:
@@ -130,6 +137,74 @@ def _category_summary(name: str, rows: pa.Table, cfg: AuditConfig) -> dict:
         "errors": {"by_kind": kinds, "examples": [[u, e] for u, e in zip(errors["image_uri"].slice(0, 20).to_pylist(),
                                                                         errors["error"].slice(0, 20).to_pylist())]},
     }
+
+
+def _pct(rate: float) -> str:
+    return f"{rate:.2%}"
+
+
+def category_why(c: dict, alert) -> list[dict]:
+    """The reasons behind a category's alert or its absence, one per check: {"check":
+    "anomaly_rate" | "ood_rate" | "min_images", "outcome": "alert" | "ok" | "not checked",
+    "text": a sentence with the figures and the level compared}. A rate above its level that
+    raised no alert because too few images scored says so (and "above_level": true)."""
+    ok, why = c["ok"], []
+    checks = (("anomaly_rate", c["anomaly_rate"], c["alert_level"], "anomaly rate", "alert.anomaly_rate"),
+              ("ood_rate", c.get("ood_rate"), alert.ood_rate, "share of inputs unlike the training images (ood)",
+               "alert.ood_rate"))
+    if ok < alert.min_images:
+        above = [f"the {label} {_pct(value)} is above its level {_pct(level)}"
+                 for _, value, level, label, _key in checks if value is not None and value > level]
+        text = (f"only {ok} image(s) scored ok, fewer than alert.min_images ({alert.min_images}): no alert is raised"
+                + (f", although {' and '.join(above)}" if above else ""))
+        why.append({"check": "min_images", "outcome": "not checked", "text": text, "above_level": bool(above)})
+        return why
+    for check, value, level, label, key in checks:
+        if value is None:
+            why.append({"check": check, "outcome": "not checked", "text": f"no {label}: the model has no check"})
+        elif value > level:
+            why.append({"check": check, "outcome": "alert",
+                        "text": f"{label} {_pct(value)} ({_flagged(c, check)} of {ok}) is above {key} {_pct(level)}"})
+        else:
+            why.append({"check": check, "outcome": "ok",
+                        "text": f"{label} {_pct(value)} ({_flagged(c, check)} of {ok}) is at or under {key} {_pct(level)}"})
+    return why
+
+
+def _flagged(c: dict, check: str) -> int:
+    return c["anomalous"] if check == "anomaly_rate" else c["ood"]
+
+
+def run_why(summary: dict, cfg: AuditConfig) -> list[str]:
+    """The reasons behind the run's status and exit code, and what the window held: how many
+    inputs arrived in it, how many wait in the settle window and from when they are taken."""
+    t, window, why = summary["totals"], summary["window"], []
+    alerts = summary["alerts"]
+    quiet = [name for name, c in summary["categories"].items()
+             if any(w["check"] == "min_images" and w["above_level"] for w in c["why"])]
+    if alerts:
+        why.append(f"exit {summary['exit_code']} (alert): {len(alerts)} categor{'y' if len(alerts) == 1 else 'ies'} "
+                   f"above an alert level: " + "; ".join(
+                       f"{name}: " + ", ".join(w["text"] for w in summary["categories"][name]["why"]
+                                               if w["outcome"] == "alert") for name in alerts))
+    elif summary["errors_above_level"]:
+        why.append(f"exit {summary['exit_code']} (errors): {t['error_transient']} transient error(s) in "
+                   f"{t['inputs']} inputs, above alert.error_rate {_pct(cfg.alert.error_rate)}")
+    else:
+        why.append(f"exit {summary['exit_code']} (ok): no category above its alert levels"
+                   + (f"; {t['error_transient']} transient error(s), not above alert.error_rate "
+                      f"{_pct(cfg.alert.error_rate)}" if t.get("error_transient") else ""))
+    if quiet:
+        why.append(f"not alerted for too few images (alert.min_images {cfg.alert.min_images}) although above a level: "
+                   + ", ".join(quiet))
+    why.append(f"{t['inputs'] - t['retried']} input(s) new since the last finished run (listed, and not in its "
+               "ledger)" + (f", {t['retried']} retried after a transient error" if t["retried"] else ""))
+    waiting = window.get("waiting")
+    if waiting and waiting["count"]:
+        why.append(f"{waiting['count']} file(s) arrived within the last "
+                   f"{waiting['settle_minutes']:g} minutes (the settle window, uploads may still be in flight) and wait "
+                   f"for a later run; every one of them is taken by a run started after {waiting['taken_after']}")
+    return why
 
 
 def _scoring_digest(scoring: dict | None) -> dict | None:

@@ -33,11 +33,28 @@ def stfpm_loss(teacher_feats, student_feats) -> paddle.Tensor:
     return paddle.add_n([d.mean() for d in layer_distances(teacher_feats, student_feats)])
 
 
+PATCH_GRID = 8  # the patch profile's cells per side: the deepest tap averaged over an 8 x 8 grid
+
+
 def feature_profile(feats) -> paddle.Tensor:
-    """(N, sum C) channel means of each feature map: a few hundred numbers per image that
-    describe what the network sees, computed from features the forward has anyway."""
-    # a sum over the pixels, not mean(): Paddle 3.3's oneDNN pass prints a debug line for every reduce_mean
-    return paddle.concat([f.sum(axis=[2, 3]) / float(f.shape[2] * f.shape[3]) for f in feats], axis=1)
+    """(N, sum C + C_last * PATCH_GRID**2): per channel of each feature map its spatial mean,
+    then the deepest feature map averaged over a PATCH_GRID x PATCH_GRID grid of cells
+    (channel-major): a few thousand numbers per image that describe what the network sees,
+    where, from features the forward has anyway. The in-distribution check
+    (`stfpm.model.ood`) reads the cells (how much of the image is unlike training: a local
+    defect is a few cells, a wrong category nearly all), or the means in cards from before."""
+    # sums over the pixels, not mean(): Paddle 3.3's oneDNN pass prints a debug line for every reduce_mean
+    means = [f.sum(axis=[2, 3]) / float(f.shape[2] * f.shape[3]) for f in feats]
+    deepest = feats[-1]
+    cells = F.adaptive_avg_pool2d(deepest, PATCH_GRID).reshape([-1, deepest.shape[1] * PATCH_GRID * PATCH_GRID])
+    return paddle.concat(means + [cells], axis=1)
+
+
+def profile_layout(backbone: str) -> tuple[int, int]:
+    """(channels, cells) of the cell block that ends `feature_profile` for `backbone`."""
+    from stfpm.nn.backbones import backbone_spec
+
+    return backbone_spec(backbone).channels[-1], PATCH_GRID * PATCH_GRID
 
 
 class ProjectedStudent(nn.Layer):

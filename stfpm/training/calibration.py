@@ -16,6 +16,7 @@ from stfpm.model.artifact import LoadedModel, save_model
 from stfpm.model.card import Calibration, InputSpec, MapSpec, ModelCard, write_card
 from stfpm.nn import STFPM, backbone_spec
 from stfpm.nn.maps import view_scale
+from stfpm.nn.stfpm import profile_layout
 from stfpm.model.ood import InDistribution
 from stfpm.model.score_scale import ScoreScale
 from stfpm.storage import is_s3, upload_dir
@@ -42,8 +43,8 @@ def calibrate_on_good_images(network: STFPM, card: ModelCard, holdout_paths: lis
     not used): threshold and score scale from the scores of the good images at `holdout_paths`
     it was not trained on, scored by predict's own path (`Predictor.prepare`, `tile_forward`,
     `stitch`), the in-distribution check's statistics from the good images at
-    `reference_paths` (the training split) with its limit from the held-out ones (tiles, for
-    a tiled model). Training's calibration, also used on import."""
+    `reference_paths` (the training split) with its cell level and limit from the held-out
+    ones (tiles, for a tiled model; stfpm.model.ood). Training's calibration, also used on import."""
     from stfpm.model.inference import Predictor
 
     predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
@@ -56,7 +57,8 @@ def calibrate_on_good_images(network: STFPM, card: ModelCard, holdout_paths: lis
         profiles.append(chunk_profiles)
     calibration = calibrate_threshold(np.array(scores), quantile)
     reference = feature_profiles(predictor, reference_paths)
-    return dataclasses.replace(calibration, ood=InDistribution.fit(reference, np.concatenate(profiles)),
+    check = InDistribution.fit(reference, np.concatenate(profiles), *profile_layout(card.backbone))
+    return dataclasses.replace(calibration, ood=check,
                                details={**calibration.details, "n_ood_reference": len(reference)})
 
 
