@@ -287,6 +287,41 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
 
 @app.command()
 @_user_errors
+def serve(model: str = typer.Argument(..., help="Model directory (local or s3://) or a registry YAML "
+                                      "mapping category -> model directory"),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface, "
+                                   "for the line's cameras)"),
+          port: int = typer.Option(8000),
+          replicas: str = typer.Option("1", help="Replicas per model: N, or MIN..MAX autoscaled on queue length"),
+          max_batch_size: int = typer.Option(16, help="Requests batched into one forward"),
+          batch_wait_ms: float = typer.Option(5.0, help="How long a batch waits to fill"),
+          cpus_per_replica: float = typer.Option(1, help="CPUs Ray reserves per model replica"),
+          gpus_per_replica: float = typer.Option(0, help="GPUs per model replica (Ray assigns them)"),
+          threads_per_replica: Optional[int] = typer.Option(None, help="Paddle CPU threads per replica "
+                                                            "(default: its CPUs)"),
+          max_bytes: int = typer.Option(32 << 20, help="Largest request body; above it 413"),
+          ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto; "
+                                                    "default: start a local Ray")):
+    """Serve MODEL over HTTP on Ray Serve until interrupted: POST /v1/{category}/predict with
+    the image, GET /v1/models, GET /healthz (README: the scoring service)."""
+    try:
+        from stfpm.serving.app import ServeOptions, run
+    except ImportError as e:
+        raise UserError(f"stfpm serve needs Ray Serve ({e}): pip install 'stfpm[serve]'") from None
+    options = ServeOptions(model=model, replicas=replicas, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                           cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
+                           threads_per_replica=threads_per_replica, max_bytes=max_bytes)
+
+    def ready(models: dict) -> None:
+        for category, info in sorted(models.items()):
+            typer.echo(f"{category}: {info['model_name']} {info['model_version']} threshold {info['threshold']:.6g}")
+        typer.echo(f"serving {len(models)} model(s) at http://{host}:{port}/v1/{{category}}/predict; Ctrl-C stops")
+
+    run(options, host=host, port=port, ray_address=ray_address, on_ready=ready)
+
+
+@app.command()
+@_user_errors
 def demo(out: Path = typer.Option(Path("demo"), help="Folder for the demo's data, model and outputs"),
          epochs: int = typer.Option(20), size: int = typer.Option(128), seed: int = typer.Option(0)):
     """End to end on generated data: synth -> check-dataset -> train -> evaluate -> predict ->

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 import re
 import sys
 import tempfile
@@ -99,6 +100,25 @@ def readable_path(path: str) -> str:
     raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), path.encode("utf-8"))
     original = os.fsdecode(raw)
     return original if os.path.lexists(original) else path
+
+
+def resolve_entry(entry: str, base: str) -> str:
+    """A manifest or registry entry, relative ones taken relative to the folder `base`."""
+    if entry.startswith(("/", "file://")):  # normalised: "d/../d/a.png" is "d/a.png"
+        return printable_path(filesystem_for(entry)[1])
+    if "://" in entry:  # s3:// keys are taken literally; other schemes fail when read
+        return redact(entry)  # credentials in a URL are never stored (the read refuses the entry)
+    if is_s3(base):
+        return join_uri(base, entry)
+    return printable_path(filesystem_for(posixpath.join(base, entry))[1])
+
+
+def parent_uri(uri: str) -> str:
+    """The folder (or prefix) holding `uri`; "." for a bare name."""
+    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+
+
+MODEL_CACHE = os.path.join(tempfile.gettempdir(), "stfpm-models")  # s3:// model directories, fetched (fetch_to_cache)
 
 
 S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")

@@ -161,3 +161,41 @@ def test_the_example_audit_config_loads():
                                       ("60 2 * * *", False), ("15 2 * *", False), ("a b c d e", False)])
 def test_cron_check(expr, ok):
     assert _cron_ok(expr) is ok
+
+
+def test_the_rayservice_deploys_the_serving_app_builder(manifests):
+    """The RayService's serveConfigV2 passes Ray Serve's own schema, names the app builder of
+    `stfpm serve` with arguments it accepts (checked without loading models), autoscales GPU
+    replicas on a GPU group that starts at zero, and runs the RayCluster's image with its auth."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from stfpm.serving.app import ServeOptions, parse_replicas
+
+    service = manifests["RayService"]
+    rc = manifests["RayCluster"]
+    assert service["apiVersion"] == "ray.io/v1"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert config.http_options.host == "0.0.0.0" and config.http_options.port == 8000
+    (application,) = config.applications
+    module, name = application.import_path.split(":")
+    assert callable(getattr(importlib.import_module(module), name)) and name == "build_app"
+    options = ServeOptions.from_args(application.args)
+    assert options.model.startswith("s3://") and options.model.endswith("registry.yaml")
+    low, high = parse_replicas(options.replicas)
+    assert 1 <= low < high and options.gpus_per_replica >= 1 and application.route_prefix == "/"
+
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__ and cluster["enableInTreeAutoscaling"] is True
+    assert cluster["authOptions"] == rc["spec"]["authOptions"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    (gpu,) = cluster["workerGroupSpecs"]
+    assert gpu["minReplicas"] == 0 < gpu["maxReplicas"] and gpu["maxReplicas"] >= high * options.gpus_per_replica
+    assert _containers(gpu["template"])[0]["resources"]["limits"]["nvidia.com/gpu"] == options.gpus_per_replica
+    images = {c["image"] for t in (head["template"], gpu["template"]) for c in _containers(t)}
+    assert images == {_containers(rc["spec"]["headGroupSpec"]["template"])[0]["image"]}
+    for template in (head["template"], gpu["template"]):
+        assert template["spec"]["serviceAccountName"] == manifests["ServiceAccount"]["metadata"]["name"]
+        assert {p["name"]: p["containerPort"] for p in _containers(template)[0]["ports"]}["serve"] == 8000

@@ -18,7 +18,7 @@ LAYERS = {
     3: ("model",),
     4: ("evaluate", "results"),
     5: ("training",),
-    6: ("api", "scoring", "raytrain"),
+    6: ("api", "scoring", "raytrain", "serving"),
     7: ("audit",),
     8: ("cli", "__init__"),
 }

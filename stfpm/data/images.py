@@ -47,6 +47,11 @@ class ImageDecodeError(ValueError):
         return f"{self.source}: {self.reason}"
 
 
+class ImageTooLarge(ImageDecodeError):
+    """An image above `max_pixels` (a decompression bomb, or a frame larger than allowed):
+    a client's fault of its own kind (the scoring service answers 413, not 422)."""
+
+
 @dataclass(frozen=True)
 class ImageHeader:
     """What the first bytes of a file say; fields the header does not hold are None."""
@@ -249,8 +254,8 @@ def _check_pixels(width: int, height: int, max_pixels: int, source: str) -> None
     if width <= 0 or height <= 0:
         raise ImageDecodeError(source, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
-        raise ImageDecodeError(source, f"{width}x{height} = {width * height:,} pixels is above "
-                                       f"max_pixels={max_pixels:,}")
+        raise ImageTooLarge(source, f"{width}x{height} = {width * height:,} pixels is above "
+                            f"max_pixels={max_pixels:,}")
 
 
 def read_image(path: str | Path) -> np.ndarray:

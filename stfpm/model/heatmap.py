@@ -32,6 +32,14 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def heat_at(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The 8-bit map (`to_heat`, at the model's scale) at the input's (height, width): what the
+    score table's maps/ PNGs and the scoring service's `map_png` hold."""
+    if (height, width) == heat.shape:
+        return heat
+    return cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def heat_colours(heat: np.ndarray) -> np.ndarray:
     """BGR colours of an 8-bit heat map: JET over the range above the normal level (blue just
     above it, red at the top), so the colours spend their range on what is not normal."""

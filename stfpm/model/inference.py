@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from stfpm.model.artifact import LoadedModel
-from stfpm.model.card import ModelCard, ModelDirError, check_threshold
+from stfpm.model.card import ModelCard, check_threshold
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
 from stfpm.model.engines import LayerForward
 from stfpm.nn.maps import anomaly_map, images_per_forward, smooth_map
@@ -118,8 +118,10 @@ class Predictor:
         if engine in ("onnxruntime", "openvino") and chosen == "auto":
             try:
                 return cls.from_model(model, threshold, engine, threads)
-            except ModelDirError as e:  # a graph paddle2onnx cannot convert still runs, on oneDNN
-                logging.getLogger(__name__).warning("%s; running on Paddle Inference (oneDNN) instead", e)
+            except Exception as e:  # noqa: BLE001 - a graph paddle2onnx cannot convert, or the engine cannot
+                # load (ORT: an AveragePool of stride 0 from the 8x8 profile grid on a map under 8 px) runs on oneDNN
+                logging.getLogger(__name__).warning("%s; running on Paddle Inference (oneDNN) instead",
+                                                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
                 engine = "onednn"
         if engine == "onednn":
             from stfpm.model.export import compile_network

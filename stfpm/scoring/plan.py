@@ -13,7 +13,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.scoring.sources import CATEGORY, ModelRef, is_registry, list_inputs, resolve_models
+from stfpm.model.registry import is_registry
+from stfpm.scoring.sources import CATEGORY, ModelRef, list_inputs, resolve_models
 from stfpm.scoring.table import INDEX_SCHEMA, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns, table_schema
 from stfpm.storage import filesystem_for, is_s3, join_uri
 

@@ -63,13 +63,12 @@ import ray
 
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.scoring.plan import Plan, plan_run
-from stfpm.scoring.sources import MODEL_CACHE
 from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
 from stfpm.scoring.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
 from stfpm.scoring.table import INDEX_SCHEMA, MAPS, SCORES, SUCCESS, winning_rows
 from stfpm.scoring.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
-from stfpm.storage import check_output, filesystem_for, join_uri, s3_settings, write_bytes
+from stfpm.storage import MODEL_CACHE, check_output, filesystem_for, join_uri, s3_settings, write_bytes
 
 logger = logging.getLogger(__name__)
 

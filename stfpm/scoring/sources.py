@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -37,40 +36,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import yaml
 
 from stfpm.model.artifact import verify_weights
 from stfpm.model.card import MODEL_JSON, RETRAIN, ModelDirError, check_threshold, parse_card
+from stfpm.model.registry import is_registry, read_registry
 from stfpm.data.images import IMAGE_EXTENSIONS
-from stfpm.errors import UserError
-from stfpm.storage import (errors_name, filesystem_for, is_http, is_s3, join_uri, printable_path, read_bytes, readable_path,
-                           redact)
+from stfpm.storage import (MODEL_CACHE, errors_name, filesystem_for, is_http, is_s3, join_uri, parent_uri, printable_path,
+                           read_bytes, readable_path, resolve_entry)
 
 logger = logging.getLogger(__name__)
 MANIFEST_URI_COLUMNS = ("image_uri", "uri", "path")
-MODEL_CACHE = os.path.join(tempfile.gettempdir(), "stfpm-models")  # s3:// model directories, fetched
 CATEGORY = "category"
-REGISTRY_SUFFIXES = (".yaml", ".yml")
 
 
 def _uri(fs: pafs.FileSystem, path: str) -> str:
     """A filesystem path back to a URI: s3://bucket/key for S3, the absolute path locally."""
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
-
-
-def _resolve(entry: str, base: str) -> str:
-    """A manifest or registry entry, relative ones taken relative to the folder `base`."""
-    if entry.startswith(("/", "file://")):  # normalised: "d/../d/a.png" is "d/a.png"
-        return printable_path(filesystem_for(entry)[1])
-    if "://" in entry:  # s3:// keys are taken literally; other schemes fail when read
-        return redact(entry)  # credentials in a URL are never stored (the read refuses the entry)
-    if is_s3(base):
-        return join_uri(base, entry)
-    return printable_path(filesystem_for(posixpath.join(base, entry))[1])
-
-
-def _folder(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -99,7 +80,7 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
                 allow_roots = [root]
         else:
             listed = list_files(source, extensions)
-            root_uri = _folder(listed[0].uri) if listed else _folder(source)
+            root_uri = parent_uri(listed[0].uri) if listed else parent_uri(source)
         uris = pa.array([f.uri for f in listed], pa.string())
         versions = pa.array([f.version for f in listed], pa.string())
         sizes = pa.array([f.size for f in listed], pa.int64())
@@ -306,7 +287,7 @@ def s3_files(fs: pafs.FileSystem, root: str, workers: int | None = None,
 def read_manifest(uri: str) -> tuple[pa.Array, dict[str, pa.Array]]:
     """A manifest's entries (URIs resolved: relative ones against its folder, local paths
     normalised) and, for a Parquet manifest, its other columns as strings, as Arrow arrays."""
-    base = _folder(uri)
+    base = parent_uri(uri)
     if uri.lower().endswith(".parquet"):
         table = pq.read_table(pa.BufferReader(read_bytes(uri)))
         column = next((c for c in MANIFEST_URI_COLUMNS if c in table.column_names), None)
@@ -329,16 +310,16 @@ _DOT_LEVEL = r"(^|/)\.\.?(/|$)"          # a "." or ".." level
 
 
 def resolve_entries(entries: pa.Array, base: str) -> pa.Array:
-    """_resolve of every entry: URLs (s3://...) and clean absolute paths stay as they are,
+    """storage.resolve_entry of every entry: URLs (s3://...) and clean absolute paths stay as they are,
     only the others (relative, file://, "." or ".." levels, a URL with "@") go through Python."""
     literal = pc.and_(pc.and_(pc.match_substring(entries, "://"), pc.invert(pc.starts_with(entries, "file://"))),
-                      pc.invert(pc.match_substring(entries, "@")))  # a URL with credentials is redacted by _resolve
+                      pc.invert(pc.match_substring(entries, "@")))  # a URL with credentials is redacted by resolve_entry
     clean = pc.and_(pc.match_substring_regex(entries, _CLEAN_PATH),
                     pc.invert(pc.match_substring_regex(entries, _DOT_LEVEL)))
     rest = pc.indices_nonzero(pc.invert(pc.or_(literal, clean)))
     if not len(rest):
         return entries
-    resolved = pa.array([_resolve(e, base) for e in entries.take(rest).to_pylist()], pa.string())
+    resolved = pa.array([resolve_entry(e, base) for e in entries.take(rest).to_pylist()], pa.string())
     position = pc.index_in(pa.array(np.arange(len(entries)), pa.int64()), value_set=rest.cast(pa.int64()))
     return pc.if_else(pc.is_null(position), entries, resolved.take(position))
 
@@ -433,23 +414,8 @@ class ModelRef:
                    tile_overlap=card.input.tile_overlap)
 
 
-def is_registry(model: str) -> bool:
-    return model.lower().endswith(REGISTRY_SUFFIXES)
-
-
 def resolve_models(model: str, threshold: float | None = None) -> dict[str | None, ModelRef]:
     """{category: ModelRef} for a registry YAML, {None: ModelRef} for one model directory."""
     if not is_registry(model):
         return {None: ModelRef.read(posixpath.basename(model.rstrip("/")), model, threshold)}
-    try:
-        doc = yaml.safe_load(read_bytes(model))
-    except yaml.YAMLError as e:
-        raise UserError(f"{model}: not valid YAML ({str(e).splitlines()[0]})") from None
-    entries = doc.get("models", doc) if isinstance(doc, dict) else None
-    if not isinstance(entries, dict) or not entries or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
-        raise UserError(f"{model}: a registry maps category names to model directories, e.g. "
-                        "{models: {bottle: s3://models/bottle, cable: models/cable}}")
-    base = _folder(model)
-    return {category: ModelRef.read(category, _resolve(uri, base), threshold)
-            for category, uri in entries.items()}
+    return {category: ModelRef.read(category, uri, threshold) for category, uri in read_registry(model).items()}

@@ -290,7 +290,7 @@ def write_maps(batch: pa.Table, output: str) -> pa.Table:
     """Resize each ok row's 8-bit map to the input's size, PNG-encode it and write it to its
     deterministic key (a re-run overwrites it with the same content). Rows that carry their
     decoded image (overlays) and are anomalous also get the overlay, drawn from that map."""
-    from stfpm.model.heatmap import encode_png, overlay
+    from stfpm.model.heatmap import encode_png, heat_at, overlay
 
     t0 = time.perf_counter()
     n = len(batch)
@@ -303,9 +303,7 @@ def write_maps(batch: pa.Table, output: str) -> pa.Table:
         if row["status"] != "ok":
             continue
         h, w = row["height"], row["width"]
-        heat = _unpack(row["_map"], channels=1)  # at the model's scale (stfpm.data.tiling: a stitched map)
-        if (h, w) != heat.shape:
-            heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+        heat = heat_at(_unpack(row["_map"], channels=1), h, w)  # from the model's scale (or a stitched map)
         key = f"{row['model_version']}/{row['image_id']}.png"
         map_uris[i] = join_uri(output, MAPS, key)
         write_bytes(map_uris[i], encode_png(heat))
