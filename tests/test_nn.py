@@ -148,3 +148,16 @@ def test_holdout_layer_norm_and_sum_combine():
         anomaly_map(layers, (32, 32), layer_norm="holdout")
     with pytest.raises(ValueError, match="combine must be one of"):
         anomaly_map(layers, (32, 32), combine="max")
+
+
+def test_grid_cells_equal_adaptive_pooling_and_export_for_small_maps():
+    """The profile's cells: the broadcast that replaces adaptive pooling on maps smaller than
+    the grid (a 64-px input) gives the same numbers, for every map size."""
+    import paddle.nn.functional as F
+
+    from stfpm.nn.stfpm import PATCH_GRID, _grid_cells
+
+    rng = np.random.default_rng(0)
+    for side in (1, 2, 4, 5, 8, 16):
+        x = paddle.to_tensor(rng.random((2, 3, side, side), dtype=np.float32))
+        np.testing.assert_array_equal(_grid_cells(x).numpy(), F.adaptive_avg_pool2d(x, PATCH_GRID).numpy())

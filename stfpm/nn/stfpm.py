@@ -46,8 +46,21 @@ def feature_profile(feats) -> paddle.Tensor:
     # sums over the pixels, not mean(): Paddle 3.3's oneDNN pass prints a debug line for every reduce_mean
     means = [f.sum(axis=[2, 3]) / float(f.shape[2] * f.shape[3]) for f in feats]
     deepest = feats[-1]
-    cells = F.adaptive_avg_pool2d(deepest, PATCH_GRID).reshape([-1, deepest.shape[1] * PATCH_GRID * PATCH_GRID])
+    cells = _grid_cells(deepest).reshape([-1, deepest.shape[1] * PATCH_GRID * PATCH_GRID])
     return paddle.concat(means + [cells], axis=1)
+
+
+def _grid_cells(x: paddle.Tensor) -> paddle.Tensor:
+    """`x` (N, C, h, w) averaged over a PATCH_GRID x PATCH_GRID grid. A map smaller than the
+    grid whose sides divide it (a 64-px input: 4 x 4) has one pixel per cell, repeated:
+    what adaptive pooling gives, written as a broadcast, since adaptive pooling that
+    enlarges exports to ONNX as an AveragePool of stride 0, which ONNX Runtime refuses."""
+    n, c, h, w = x.shape
+    if h < PATCH_GRID and w < PATCH_GRID and PATCH_GRID % h == 0 and PATCH_GRID % w == 0:
+        rh, rw = PATCH_GRID // h, PATCH_GRID // w
+        return x.reshape([-1, c, h, 1, w, 1]).expand([x.shape[0], c, h, rh, w, rw]).reshape(
+            [-1, c, PATCH_GRID, PATCH_GRID])
+    return F.adaptive_avg_pool2d(x, PATCH_GRID)
 
 
 def profile_layout(backbone: str) -> tuple[int, int]:
