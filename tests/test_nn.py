@@ -84,7 +84,8 @@ def test_layer_maps_combine_to_input_resolution():
     net.eval()
     *layers, profile = net.inference_outputs(paddle.randn([3, 3, 96, 128]))
     assert [tuple(d.shape) for d in layers] == [(3, 24, 32), (3, 12, 16), (3, 6, 8)]
-    assert tuple(profile.shape) == (3, 64 + 128 + 256)  # channel means of the teacher's three taps
+    # the channel means of the teacher's three taps, then its deepest tap over an 8 x 8 grid of cells
+    assert tuple(profile.shape) == (3, 64 + 128 + 256 + 256 * 8 * 8)
     assert anomaly_map([d.numpy() for d in layers], (96, 128)).shape == (3, 96, 128)
     # one sample, and more samples than the 128 channels resized per cv2 call
     assert anomaly_map([np.ones((1, 4, 4), np.float32)], (8, 8)).shape == (1, 8, 8)
