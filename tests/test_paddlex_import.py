@@ -108,7 +108,9 @@ def test_imported_model_gives_paddleseg_maps(paddleseg_checkpoint, good_images, 
     calibration = card.calibration
     assert calibration.details["n_images"] == 6 and calibration.source == "imported_good_quantile"
     assert calibration.threshold == pytest.approx(np.quantile(good_scores, 0.99), rel=1e-5)
-    assert calibration.details["n_ood_reference"] == 6 and len(calibration.ood.mean) == 448
+    # the in-distribution check (issue 25): over the 8 x 8 cells of the deepest tap (256 channels)
+    assert calibration.details["n_ood_reference"] == 6 and len(calibration.ood.mean) == 256
+    assert calibration.ood.cells == 64
 
 
 def test_inference_directories_and_foreign_files_are_refused(good_images, tmp_path):
