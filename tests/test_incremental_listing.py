@@ -7,7 +7,7 @@ import gzip
 import logging
 import os
 import sys
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import boto3
@@ -196,3 +196,32 @@ def test_the_audit_lists_the_days_since_its_last_run(tmp_path):
     rows = audit.input_rows(cfg, items)
     assert rows["day"].to_pylist() == ["2026-12-02"]
     assert audit.source_root(cfg) == str(tmp_path / "src")
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_dated_audit_lists_only_recent_days_and_warns_of_a_missing_one(model, tmp_path):
+    """Night 1 (no finished run) takes every day folder; night 2 lists yesterday and today only:
+    today's folder does not exist yet (a warning and listing.days.missing, exit as usual), a day
+    older than the look-back is not listed; night 3 takes today's folder once it exists."""
+    now = datetime.now(timezone.utc)
+    today, yesterday = now.date(), now.date() - timedelta(days=1)
+    src = tmp_path / "src"
+    _images(src / (today - timedelta(days=2)).isoformat() / "cam1", ["a.png"])
+    _images(src / yesterday.isoformat() / "cam1", ["b.png"], seed=1)
+    cfg = AuditConfig(source=str(src / "{date}"), output=str(tmp_path / "audit"), models=str(model),
+                      settle_minutes=0, partitions=["day", "camera"], alert=audit.AlertConfig(anomaly_rate=1.0))
+    first = audit.run_audit(cfg, now=now, verbose=False)
+    assert first.summary["listing"]["new"] == 2 and first.summary["totals"]["ok"] == 2
+    assert first.summary["listing"]["days"]["listed"] == 2 and first.summary["listing"]["days"]["missing"] == []
+    _images(src / (today - timedelta(days=3)).isoformat() / "cam1", ["late.png"], seed=2)  # before the look-back
+    second = audit.run_audit(cfg, now=now + timedelta(minutes=30), verbose=False)
+    listing = second.summary["listing"]
+    assert listing["days"] == {"first": yesterday.isoformat(), "last": today.isoformat(), "listed": 1,
+                               "missing": [today.isoformat()]}
+    assert listing["listed"] == 1 and listing["seen"] == 1 and second.summary["totals"]["inputs"] == 0
+    assert any("do not exist (yet)" in w and today.isoformat() in w for w in second.summary["warnings"])
+    _images(src / today.isoformat() / "cam2", ["c.png"], seed=3)
+    third = audit.run_audit(cfg, now=now + timedelta(minutes=60), verbose=False)
+    assert third.summary["listing"]["new"] == 1 and third.summary["totals"]["ok"] == 1
+    rows = pq.read_table(tmp_path / "audit" / "runs" / third.run_id / "inputs.parquet")
+    assert rows["day"].to_pylist() == [today.isoformat()] and rows["camera"].to_pylist() == ["cam2"]
