@@ -225,3 +225,24 @@ def test_a_dated_audit_lists_only_recent_days_and_warns_of_a_missing_one(model, 
     assert third.summary["listing"]["new"] == 1 and third.summary["totals"]["ok"] == 1
     rows = pq.read_table(tmp_path / "audit" / "runs" / third.run_id / "inputs.parquet")
     assert rows["day"].to_pylist() == [today.isoformat()] and rows["camera"].to_pylist() == ["cam2"]
+
+
+def test_the_audit_takes_inventory_manifests_with_their_versions(s3_env, tmp_path):
+    """manifests: a folder of S3 Inventory CSVs: found by the audit's listing, and each entry's
+    input_version (in the run's inputs.parquet) is the listing's, so the scorer HEADs none."""
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for name in ("cam1/a.png", "cam2/b.png"):
+        s3.put_object(Bucket=s3_env, Key=f"line3/{name}", Body=b"png")
+    listed = list_inputs(f"s3://{s3_env}/line3/", [])
+    rows = _inventory(s3, s3_env, "line3/")
+    (tmp_path / "inv").mkdir()
+    (tmp_path / "inv" / "part-0.csv").write_text("".join(
+        f'"{b}","{k}","{n}","{t.strftime("%Y-%m-%dT%H:%M:%S.000Z")}"\n' for b, k, n, t in rows))
+    cfg = AuditConfig(manifests=str(tmp_path / "inv"), output=str(tmp_path / "out"), models=str(tmp_path),
+                      root=f"s3://{s3_env}/line3", partitions=["camera"])
+    items = audit.list_items(cfg)
+    assert [Path(f.uri).name for f in items] == ["part-0.csv"]
+    inputs = audit.input_rows(cfg, items)
+    assert inputs["image_uri"].to_pylist() == listed["image_uri"].to_pylist()
+    assert inputs["input_version"].to_pylist() == listed["input_version"].to_pylist()
+    assert inputs["camera"].to_pylist() == ["cam1", "cam2"]

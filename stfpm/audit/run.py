@@ -33,8 +33,10 @@ twice, and the state (with the ledger) advances only after audit.json and report
 written.
 
 Manifest mode (`manifests:` instead of `source:`): a manifest file, or a folder/prefix of
-them (.txt with one URI per line, or .parquet with an image_uri column, as `stfpm score`
-reads them); the entries of every manifest the ledger does not hold yet are scored.
+them (.txt with one URI per line, .parquet with an image_uri column, an S3 Inventory .csv or
+.parquet, as `stfpm score` reads them); the entries of every manifest the ledger does not hold
+yet are scored. A manifest with size and modification time (ours, an inventory) gives each
+entry its input_version, so the scorer looks none up.
 Partitions come from a Parquet manifest's columns of the same name, else from the entries'
 folder levels below `root`.
 
@@ -88,7 +90,7 @@ LOCK = "_audit.lock"      # held while a run is going: a second audit of the sam
 LOCK_STALE_HOURS = 12     # a lock older than this (its audit was killed on another machine) is taken over
 EXIT_LOCKED = 5
 SEEN = "seen.parquet"     # runs/<run_id>/: the ledger, (image_uri, input_version) of every item taken so far
-MANIFEST_EXTENSIONS = (".txt", ".lst", ".parquet")
+MANIFEST_EXTENSIONS = (".txt", ".lst", ".parquet", ".csv", ".csv.gz")  # .csv: S3 Inventory
 
 
 # ------------------------------------------------------------------------------ arrivals

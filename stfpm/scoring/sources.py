@@ -100,8 +100,8 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
 
 def _inputs_of(source: str, partitions: list[str], extensions, exclude: str | None, allow_roots: list[str] | None,
                root: str | None = None, missing_ok: bool = False) -> pa.Table | None:
-    """list_inputs of a source without {date}, not yet sorted; partitions count from `root`
-    (default: the folder source, or the manifest entries' common folder). None when the
+    """list_inputs of a source without {date}, not yet sorted; partitions count from `root` for
+    a folder (default: the folder itself), from the entries' common folder for a manifest. None when the
     source does not exist and `missing_ok`."""
     fs, path = filesystem_for(source)
     with errors_name(source):  # wrong credentials: one line naming the source
@@ -135,7 +135,7 @@ def _inputs_of(source: str, partitions: list[str], extensions, exclude: str | No
             versions = pc.coalesce(versions, pa.array([f.version for f in found], pa.string()).take(position))
             sizes = pc.coalesce(sizes, pa.array([f.size for f in found], pa.int64()).take(position))
         root_uri = common_folder(uris)
-    root_uri = root or root_uri
+    root_uri = root if root and info.type == pafs.FileType.Directory else root_uri  # a manifest: its entries'
     columns = {"image_uri": uris, "input_version": versions, "size_bytes": sizes}
     for i, name in enumerate(partitions):
         columns[name] = extra[name] if name in extra else path_levels(uris, root_uri, i)
