@@ -246,3 +246,30 @@ def test_the_audit_takes_inventory_manifests_with_their_versions(s3_env, tmp_pat
     assert inputs["image_uri"].to_pylist() == listed["image_uri"].to_pylist()
     assert inputs["input_version"].to_pylist() == listed["input_version"].to_pylist()
     assert inputs["camera"].to_pylist() == ["cam1", "cam2"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_dated_s3_source_scored_by_stfpm_score(model, s3_env, tmp_path):
+    """`stfpm score` with {date} on S3: --dates lists that day; the next run's default days start
+    at the last finished run's day (_SUCCESS), so the old day is not listed again at all."""
+    from typer.testing import CliRunner
+
+    from stfpm.cli import app
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    rng = np.random.default_rng(0)
+    for name in ("cam1/a.png", "cam2/b.png"):
+        s3.put_object(Bucket=s3_env, Key=f"line3/2026-06-15/{name}", Body=encode(texture(rng)))
+    s3.put_object(Bucket=s3_env, Key="line3/2026-06-14/cam1/old.png", Body=encode(texture(rng)))
+    source, out = f"s3://{s3_env}/line3/{{date}}/", str(tmp_path / "out")
+    result = CliRunner().invoke(app, ["score", str(model), source, out, "--partitions", "day,camera",
+                                      "--dates", "2026-06-15"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(Path(out) / "scores")
+    assert sorted(table["image_uri"].to_pylist()) == [f"s3://{s3_env}/line3/2026-06-15/{n}"
+                                                      for n in ("cam1/a.png", "cam2/b.png")]
+    assert set(table["day"].to_pylist()) == {"2026-06-15"} and set(table["status"].to_pylist()) == {"ok"}
+    again = score(str(model), source, out, verbose=False)  # yesterday and today (UTC): no such folders
+    assert again["counts"]["listed"] == 0
+    bad = CliRunner().invoke(app, ["score", str(model), source, out, "--dates", "2026-12-3x"])
+    assert bad.exit_code == 2 and "--dates must be a day" in bad.output
