@@ -34,7 +34,8 @@ _PROBE = date(2031, 12, 29)  # every field distinct (day > 12), so a format that
 
 
 def has_date(uri: str | None) -> bool:
-    return bool(uri) and "{" in uri
+    """Whether `uri` is a date template (DateTemplate.parse then checks the rest of it)."""
+    return bool(uri) and DATE_FIELD.search(uri) is not None
 
 
 @dataclass(frozen=True)
