@@ -120,7 +120,9 @@ def test_s3_inventory_manifests_give_the_listings_input_version(s3_env, tmp_path
     for k, name in enumerate(["a.png", "b c.png", "d+e.png"]):  # keys an inventory CSV URL-encodes
         s3.put_object(Bucket=s3_env, Key=f"line3/2026-12-03/{name}", Body=b"x" * (k + 1))
     listed = list_inputs(f"s3://{s3_env}/line3/2026-12-03/", [])
+    s3.put_object(Bucket=s3_env, Key="line3/2026-12-03/notes.txt", Body=b"not an image")  # an inventory lists it
     rows = _inventory(s3, s3_env, "line3/")
+    assert len(rows) == 4
     from urllib.parse import quote_plus
 
     csv = "".join(f'"{b}","{quote_plus(k)}","{n}","{t.strftime("%Y-%m-%dT%H:%M:%S.000Z")}","etag","STANDARD"\n'

@@ -162,7 +162,7 @@ def input_rows(cfg: AuditConfig, items: list[Listed]) -> pa.Table:
         root = cfg.root.rstrip("/") if cfg.root and is_s3(cfg.root) else (
             filesystem_for(cfg.root)[1] if cfg.root else None)
         for manifest in sorted(items, key=lambda m: m.arrived):
-            uris, extra = read_manifest(manifest.uri)
+            uris, extra = read_manifest(manifest.uri, cfg.scoring.extensions or IMAGE_EXTENSIONS)
             uris, extra = uris.to_pylist(), {k: v.to_pylist() for k, v in extra.items()}
             versions = extra.get("input_version") or [None] * len(uris)  # a manifest with size and mtime
             for j, uri in enumerate(uris):

@@ -124,7 +124,7 @@ def _inputs_of(source: str, partitions: list[str], extensions, exclude: str | No
         versions = pa.array([f.version for f in listed], pa.string())
         sizes = pa.array([f.size for f in listed], pa.int64())
     else:
-        uris, extra = read_manifest(source)
+        uris, extra = read_manifest(source, extensions)
         versions = extra.pop("input_version", None)  # e.g. the audit's, from its listing
         versions = pa.nulls(len(uris), pa.string()) if versions is None else versions
         sizes = pa.nulls(len(uris), pa.int64())
@@ -324,21 +324,23 @@ def s3_files(fs: pafs.FileSystem, root: str, workers: int | None = None,
     return files
 
 
-def read_manifest(uri: str) -> tuple[pa.Array, dict[str, pa.Array]]:
+def read_manifest(uri: str, extensions=IMAGE_EXTENSIONS) -> tuple[pa.Array, dict[str, pa.Array]]:
     """A manifest's entries (URIs resolved: relative ones against its folder, local paths
     normalised) and, for a Parquet or CSV manifest, its other columns as strings, as Arrow
     arrays. A manifest that carries each entry's size and modification time (`size` +
     `mtime`, or an S3 Inventory's `size` + `last_modified_date`) gets its `input_version`
-    from them, exactly as a listing makes it (`manifest_versions`): no HEAD or stat per entry."""
+    from them, exactly as a listing makes it (`manifest_versions`): no HEAD or stat per entry.
+    An S3 Inventory lists every object of its bucket or prefix: only its keys ending in one of
+    `extensions` are entries (the entries of other manifests are all kept)."""
     base = parent_uri(uri)
     lower = uri.lower()
     if lower.endswith((".csv", ".csv.gz")):
-        return read_inventory_csv(uri)
+        return read_inventory_csv(uri, extensions)
     if lower.endswith(".parquet"):
         table = pq.read_table(pa.BufferReader(read_bytes(uri)))
         column = next((c for c in MANIFEST_URI_COLUMNS if c in table.column_names), None)
         if column is None and {"bucket", "key"} <= set(table.column_names):  # an S3 Inventory in Parquet
-            return _inventory_entries(uri, table)
+            return _inventory_entries(uri, table, extensions)
         if column is None:
             raise ValueError(f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_URI_COLUMNS} "
                              "(or bucket and key, as an S3 Inventory has)")
@@ -420,7 +422,7 @@ def _iso_ns(times: pa.Array) -> pa.Array:
     return pa.array([one(t) for t in times.to_pylist()], pa.int64())
 
 
-def read_inventory_csv(uri: str) -> tuple[pa.Array, dict[str, pa.Array]]:
+def read_inventory_csv(uri: str, extensions=IMAGE_EXTENSIONS) -> tuple[pa.Array, dict[str, pa.Array]]:
     """An S3 Inventory CSV (`.csv` or `.csv.gz`) whose fileSchema starts with "Bucket, Key, Size,
     LastModifiedDate" (the inventory's optional fields Size and Last modified), or any CSV
     with a header row naming bucket, key, size and last_modified_date. Keys are URL-encoded
@@ -461,7 +463,7 @@ def read_inventory_csv(uri: str) -> tuple[pa.Array, dict[str, pa.Array]]:
         decoded = pa.array([unquote_plus(k) for k in keys.take(encoded).to_pylist()], pa.string())
         position = pc.index_in(pa.array(np.arange(len(keys)), pa.int64()), value_set=encoded.cast(pa.int64()))
         keys = pc.if_else(pc.is_null(position), keys, decoded.take(position))
-    return _inventory_entries(uri, table.set_column(table.column_names.index("key"), "key", keys))
+    return _inventory_entries(uri, table.set_column(table.column_names.index("key"), "key", keys), extensions)
 
 
 def _csv_width(first_line: str) -> int:
@@ -470,8 +472,16 @@ def _csv_width(first_line: str) -> int:
     return max(4, len(next(csv.reader([first_line]), [])))
 
 
-def _inventory_entries(uri: str, table: pa.Table) -> tuple[pa.Array, dict[str, pa.Array]]:
-    """The s3://bucket/key entries of an S3 Inventory table and their input_version."""
+def _inventory_entries(uri: str, table: pa.Table, extensions) -> tuple[pa.Array, dict[str, pa.Array]]:
+    """The s3://bucket/key entries of an S3 Inventory table whose key ends in one of
+    `extensions` (case-insensitive), and their input_version."""
+    lower = pc.utf8_lower(table["key"].combine_chunks().cast(pa.string()))
+    image = None
+    for ending in extensions:
+        term = pc.ends_with(lower, ending.lower())
+        image = term if image is None else pc.or_(image, term)
+    if image is not None:
+        table = table.filter(pc.fill_null(pc.or_(image, pc.equal(lower, "")), True))  # no key: refused below
     bucket, key = table["bucket"].combine_chunks().cast(pa.string()), table["key"].combine_chunks().cast(pa.string())
     bad = pc.or_(pc.fill_null(pc.equal(bucket, ""), True), pc.fill_null(pc.equal(key, ""), True))
     if pc.any(bad).as_py():
