@@ -242,8 +242,8 @@ def import_paddlex(path: Path = typer.Argument(..., help="PaddleX/PaddleSeg STFP
 def score(model: str = typer.Argument(..., help="Model directory (local or s3://) or a registry YAML "
                                       "mapping category -> model directory"),
           source: str = typer.Argument(..., help="Folder, s3://bucket/prefix, manifest (.parquet, S3 Inventory "
-                                       ".csv, or text with one URI per line) or one image; a {date} in it "
-                                       "(s3://b/line3/{date}/) lists only the days of --dates"),
+                                       ".csv, or text with one URI per line) or one image; with {date} in it "
+                                       "(s3://b/line3/{date}/) only some days' folders are listed (--dates)"),
           output: str = typer.Argument(..., help="Output folder or s3:// prefix (scores/, maps/, _SUCCESS)"),
           partitions: Optional[str] = typer.Option(None, help="Names of the folder levels under SOURCE, kept "
                                                    "as columns, e.g. category,line,date (a registry needs category)"),
