@@ -241,8 +241,9 @@ def import_paddlex(path: Path = typer.Argument(..., help="PaddleX/PaddleSeg STFP
 @_user_errors
 def score(model: str = typer.Argument(..., help="Model directory (local or s3://) or a registry YAML "
                                       "mapping category -> model directory"),
-          source: str = typer.Argument(..., help="Folder, s3://bucket/prefix, manifest (.parquet, or text "
-                                       "with one URI per line) or one image"),
+          source: str = typer.Argument(..., help="Folder, s3://bucket/prefix, manifest (.parquet, S3 Inventory "
+                                       ".csv, or text with one URI per line) or one image; with {date} in it "
+                                       "(s3://b/line3/{date}/) only some days' folders are listed (--dates)"),
           output: str = typer.Argument(..., help="Output folder or s3:// prefix (scores/, maps/, _SUCCESS)"),
           partitions: Optional[str] = typer.Option(None, help="Names of the folder levels under SOURCE, kept "
                                                    "as columns, e.g. category,line,date (a registry needs category)"),
@@ -266,21 +267,29 @@ def score(model: str = typer.Argument(..., help="Model directory (local or s3://
                                                          "under this folder (repeatable; symlinks resolved); "
                                                          "default: a folder SOURCE itself (symlinks out of it "
                                                          "are not followed), else any file the workers can read"),
+          dates: Optional[str] = typer.Option(None, help="A SOURCE with {date}: the days to list, DAY or "
+                                              "FIRST..LAST (default: from the last finished run's day less "
+                                              "--lookback-days to today; before any, every day folder)"),
+          lookback_days: int = typer.Option(1, help="A SOURCE with {date}: days before the last run's also "
+                                            "listed again, for late arrivals"),
           fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Each actor also reads, decodes "
                                                "and writes maps; default: fused on the local Ray score starts "
                                                "itself (no GPUs), else decoding and maps in CPU tasks any node "
                                                "can run")):
     """Score every image of SOURCE on Ray Data: a Parquet score table and anomaly maps in OUTPUT."""
     from stfpm.scoring import score as run_score
+    from stfpm.scoring.dates import parse_days
     from stfpm.storage import set_s3_environment
 
     set_s3_environment(s3_endpoint, s3_region)
     options = {"extensions": tuple(e.strip() for e in ext.split(","))} if ext else {}
+    if dates:
+        options["dates"] = parse_days(dates)
     summary = run_score(model, source, output, partitions=partitions.split(",") if partitions else None,
                         batch_size=batch_size, actors=actors, gpus_per_actor=gpus_per_actor,
                         cpus_per_actor=cpus_per_actor, threads_per_actor=threads_per_actor, threshold=threshold,
                         overlays=overlays, ray_address=ray_address, run_id=run_id, allow_roots=allow_root or None,
-                        fused=fused, **options)
+                        fused=fused, lookback_days=lookback_days, **options)
     typer.echo(f"table: {summary['output']['scores']}  maps: {summary['output']['maps']}  "
                f"summary: {summary['output']['root']}/_SUCCESS")
 

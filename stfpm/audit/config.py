@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import yaml
 
+from stfpm.scoring.dates import DateTemplate, has_date
 from stfpm.scoring.table import table_schema
 from stfpm.errors import UserError
 from stfpm.storage import filesystem_for, is_s3, read_bytes, refuse_credentials
@@ -128,6 +129,7 @@ class AuditConfig:
     partitions: list | None = None      # folder levels under source/root, e.g. [category, line]
     settle_minutes: float = 15
     first_run_since: str | None = None  # inputs that arrived before it are never taken
+    lookback_days: int = 1              # a {date} source: days before the last run's also listed (late arrivals)
     ray_address: str | None = None      # default: the job's cluster, else a local Ray
     s3: dict = field(default_factory=dict)   # endpoint, region (credentials: the AWS chain)
     alert: AlertConfig = field(default_factory=AlertConfig)
@@ -137,12 +139,19 @@ class AuditConfig:
     def __post_init__(self):
         _check(self, {"output": "text", "models": "text", "source": "text or null", "manifests": "text or null",
                       "root": "text or null", "partitions": "names or null", "settle_minutes": "minutes",
-                      "first_run_since": "time or null", "ray_address": "text or null", "s3": "s3"})
+                      "first_run_since": "time or null", "ray_address": "text or null", "s3": "s3",
+                      "lookback_days": "count"})
         for name, nested in (("alert", AlertConfig), ("report", ReportConfig), ("scoring", ScoringConfig)):
             if not isinstance(getattr(self, name), nested):
                 raise UserError(f"{name} must be a mapping of its settings, got {getattr(self, name)!r}")
         for name in ("output", "models", "source", "manifests", "root"):  # before anything is written or logged
             refuse_credentials(getattr(self, name) or "", name)
+        for name in ("source", "manifests"):  # a {date} template is checked now (exit 2), not at night
+            if has_date(getattr(self, name)):
+                try:
+                    DateTemplate.parse(getattr(self, name))
+                except UserError as e:
+                    raise UserError(f"{name}: {e}") from None
         self.source = self.source.rstrip("/") if self.source else self.source
         self.manifests = self.manifests.rstrip("/") if self.manifests else self.manifests
         if (self.source is None) == (self.manifests is None):
@@ -160,6 +169,7 @@ class AuditConfig:
         """The models and the input exist (local paths; s3:// ones are found when read)."""
         for name in ("models", "source", "manifests", "root"):
             value = getattr(self, name)
+            value = DateTemplate.parse(value).root if has_date(value) and name != "models" else value
             if value and not is_s3(value) and not os.path.exists(filesystem_for(value)[1]):
                 raise UserError(f"{name}: {value} does not exist")
         if not is_s3(self.output) and os.path.exists(filesystem_for(self.output)[1]) \

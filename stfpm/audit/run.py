@@ -33,8 +33,10 @@ twice, and the state (with the ledger) advances only after audit.json and report
 written.
 
 Manifest mode (`manifests:` instead of `source:`): a manifest file, or a folder/prefix of
-them (.txt with one URI per line, or .parquet with an image_uri column, as `stfpm score`
-reads them); the entries of every manifest the ledger does not hold yet are scored.
+them (.txt with one URI per line, .parquet with an image_uri column, an S3 Inventory .csv or
+.parquet, as `stfpm score` reads them); the entries of every manifest the ledger does not hold
+yet are scored. A manifest with size and modification time (ours, an inventory) gives each
+entry its input_version, so the scorer looks none up.
 Partitions come from a Parquet manifest's columns of the same name, else from the entries'
 folder levels below `root`.
 
@@ -55,7 +57,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,6 +71,7 @@ from stfpm.audit.report import render_report
 from stfpm.audit.summary import one_row_per_input, summarize
 from stfpm.audit.trend import collect_trend
 from stfpm.data.images import IMAGE_EXTENSIONS
+from stfpm.scoring.dates import DateTemplate, days_to_list, has_date
 from stfpm.scoring.plan import new_run_id
 from stfpm.scoring.sources import Listed, list_files, path_level, read_manifest
 from stfpm.scoring.table import TRANSIENT_ERROR
@@ -87,7 +90,7 @@ LOCK = "_audit.lock"      # held while a run is going: a second audit of the sam
 LOCK_STALE_HOURS = 12     # a lock older than this (its audit was killed on another machine) is taken over
 EXIT_LOCKED = 5
 SEEN = "seen.parquet"     # runs/<run_id>/: the ledger, (image_uri, input_version) of every item taken so far
-MANIFEST_EXTENSIONS = (".txt", ".lst", ".parquet")
+MANIFEST_EXTENSIONS = (".txt", ".lst", ".parquet", ".csv", ".csv.gz")  # .csv: S3 Inventory
 
 
 # ------------------------------------------------------------------------------ arrivals
@@ -96,12 +99,45 @@ def in_window(t: datetime, since: datetime | None, until: datetime) -> bool:
     return (since is None or t > since) and t <= until
 
 
-def list_items(cfg: AuditConfig) -> list[Listed]:
-    """What the audit lists each night: the images of `source`, or the manifest files of `manifests`."""
-    if cfg.source is not None:
-        return list_files(cfg.source, cfg.scoring.extensions or IMAGE_EXTENSIONS, exclude=cfg.output,
-                          roots=cfg.scoring.allow_roots)
-    return list_files(cfg.manifests, MANIFEST_EXTENSIONS, exclude=cfg.output)
+def list_items(cfg: AuditConfig, days: list[date] | None = None, missing: list[str] | None = None) -> list[Listed]:
+    """What the audit lists each night: the images of `source`, or the manifest files of
+    `manifests`. A `{date}` in either (stfpm.scoring.dates) lists the folder of each of `days`
+    (default: every day folder that exists); a day folder that does not exist lists nothing
+    and its day goes to `missing`."""
+    def listed(uri: str) -> list[Listed]:
+        if cfg.source is not None:
+            return list_files(uri, cfg.scoring.extensions or IMAGE_EXTENSIONS, exclude=cfg.output,
+                              roots=cfg.scoring.allow_roots)
+        return list_files(uri, MANIFEST_EXTENSIONS, exclude=cfg.output)
+
+    if not has_date(cfg.input):
+        return listed(cfg.input)
+    template = DateTemplate.parse(cfg.input)
+    items = []
+    for day in template.existing_days() if days is None else days:
+        try:
+            items.extend(listed(template.uri(day)))
+        except FileNotFoundError:
+            if missing is not None:
+                missing.append(day.isoformat())
+    return items
+
+
+def days_of_night(cfg: AuditConfig, last: dict | None, now: datetime) -> list[date] | None:
+    """The days a dated source lists tonight (stfpm.scoring.dates.days_to_list): from the day of
+    the last finished run's cut-off less `lookback_days` to today, or every day folder before
+    the first finished run. None for a source without {date}."""
+    if not has_date(cfg.input):
+        return None
+    since = parse_time(cfg.first_run_since) if cfg.first_run_since else None
+    return days_to_list(DateTemplate.parse(cfg.input), parse_time(last["until"]) if last else None, now,
+                        cfg.lookback_days, since)
+
+
+def source_root(cfg: AuditConfig) -> str:
+    """The folder partitions count from: `source` (its template's root when dated)."""
+    source = DateTemplate.parse(cfg.source).root if has_date(cfg.source) else cfg.source
+    return source.rstrip("/") if is_s3(source) else filesystem_for(source)[1]
 
 
 def list_arrivals(cfg: AuditConfig, since: datetime | None, until: datetime) -> pa.Table:
@@ -117,7 +153,7 @@ def input_rows(cfg: AuditConfig, items: list[Listed]) -> pa.Table:
     partitions = cfg.partitions or []
     rows: dict[str, dict] = {}
     if cfg.source is not None:
-        root = cfg.source.rstrip("/") if is_s3(cfg.source) else filesystem_for(cfg.source)[1]
+        root = source_root(cfg)
         for f in items:
             rows[f.uri] = {"image_uri": f.uri, "input_version": f.version, "size_bytes": f.size,
                            "arrived_at": f.arrived,
@@ -126,8 +162,9 @@ def input_rows(cfg: AuditConfig, items: list[Listed]) -> pa.Table:
         root = cfg.root.rstrip("/") if cfg.root and is_s3(cfg.root) else (
             filesystem_for(cfg.root)[1] if cfg.root else None)
         for manifest in sorted(items, key=lambda m: m.arrived):
-            uris, extra = read_manifest(manifest.uri)
+            uris, extra = read_manifest(manifest.uri, cfg.scoring.extensions or IMAGE_EXTENSIONS)
             uris, extra = uris.to_pylist(), {k: v.to_pylist() for k, v in extra.items()}
+            versions = extra.get("input_version") or [None] * len(uris)  # a manifest with size and mtime
             for j, uri in enumerate(uris):
                 values = {}
                 for i, p in enumerate(partitions):
@@ -138,7 +175,7 @@ def input_rows(cfg: AuditConfig, items: list[Listed]) -> pa.Table:
                                          "set `root` in the audit config to take it from the folders")
                     else:
                         values[p] = path_level(uri, root, i)
-                rows[uri] = {"image_uri": uri, "input_version": None, "size_bytes": None,
+                rows[uri] = {"image_uri": uri, "input_version": versions[j], "size_bytes": None,
                              "arrived_at": manifest.arrived, **values}
     schema = inputs_schema(partitions)
     ordered = [rows[u] for u in sorted(rows)]
@@ -338,8 +375,17 @@ def _run_audit(cfg: AuditConfig, now: datetime | None, verbose: bool) -> AuditRe
     run_id, run_dir = open_run["run_id"], join_uri(cfg.output, RUNS, open_run["run_id"])
     try:
         seen, legacy_until = read_seen(cfg.output, last)
-        items = list_items(cfg)
+        days, missing_days = days_of_night(cfg, last, now), []
+        items = list_items(cfg, days, missing_days)
         taken, listing, settling = select_new(items, seen, now, cfg.settle_minutes, first_run_since, legacy_until)
+        if days is not None:  # a dated source: which day folders were listed, which do not exist (yet)
+            listing["days"] = {"first": days[0].isoformat() if days else None,
+                               "last": days[-1].isoformat() if days else None,
+                               "listed": len(days) - len(missing_days), "missing": missing_days}
+            if missing_days:
+                warnings.append(f"{len(missing_days)} day folders of {cfg.input} do not exist (yet): "
+                                f"{', '.join(missing_days[:10])}{' ...' if len(missing_days) > 10 else ''}; "
+                                "nothing listed for them (a later night lists them again)")
         if not listing["listed"] and last and last.get("listing", {}).get("listed"):
             warnings.append(f"{cfg.input} lists nothing tonight (the last run listed {last['listing']['listed']}): "
                             "is it mounted? Nothing is lost: what reappears and is not in the ledger is scored")
@@ -398,7 +444,7 @@ def _run_audit(cfg: AuditConfig, now: datetime | None, verbose: bool) -> AuditRe
 def _source_root(cfg: AuditConfig) -> list[str] | None:
     """A local folder source is where its inputs may be read from, unless scoring.allow_roots
     says more: a file symlink out of it becomes an error row, as in `stfpm score`."""
-    return [cfg.source] if cfg.source is not None and not is_s3(cfg.source) else None
+    return [source_root(cfg)] if cfg.source is not None and not is_s3(cfg.source) else None
 
 
 def read_seen(output: str, last: dict | None) -> tuple[set[tuple[str, str]], datetime | None]:

@@ -45,7 +45,7 @@ class Plan:
 
 def plan_run(model: str, source: str, output: str, partitions: list[str] | None = None,
              extensions=IMAGE_EXTENSIONS, threshold: float | None = None, run_id: str | None = None,
-             allow_roots: list[str] | None = None) -> Plan:
+             allow_roots: list[str] | None = None, dates: list | None = None) -> Plan:
     """List the inputs, resolve the model(s) (checking their weights), and leave out what
     OUTPUT's table already settles for the same content and model version: an ok row
     scored with the threshold this run uses, or an error row of kind "input" (the file
@@ -64,7 +64,7 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     reserved = set(table_schema([]).names) | {"size_bytes"}
     if clash := reserved.intersection(partitions):
         raise ValueError(f"partition names {sorted(clash)} are table columns; choose other names")
-    inputs = list_inputs(source, partitions, extensions, exclude=output, allow_roots=allow_roots)
+    inputs = list_inputs(source, partitions, extensions, exclude=output, allow_roots=allow_roots, dates=dates)
     t_list = time.perf_counter() - t0
     n = len(inputs)
     refs = list(models.values())

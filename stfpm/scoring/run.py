@@ -52,7 +52,7 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,13 +62,15 @@ import pyarrow.parquet as pq
 import ray
 
 from stfpm.data.images import IMAGE_EXTENSIONS
+from stfpm.errors import UserError
+from stfpm.scoring.dates import LOOKBACK_DAYS, DateTemplate, days_to_list, has_date, run_started
 from stfpm.scoring.plan import Plan, plan_run
 from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
 from stfpm.scoring.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
 from stfpm.scoring.table import INDEX_SCHEMA, MAPS, SCORES, SUCCESS, winning_rows
 from stfpm.scoring.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
-from stfpm.storage import MODEL_CACHE, check_output, filesystem_for, join_uri, s3_settings, write_bytes
+from stfpm.storage import MODEL_CACHE, check_output, filesystem_for, join_uri, read_bytes, s3_settings, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +133,27 @@ def fused_actor_reservation(actors: int, cpus_per_actor: float, threads_per_acto
     return max(0.0, cluster_cpus - 1) / max(actors, 1), threads
 
 
+def last_listed(output: str) -> datetime | None:
+    """When the last finished run into OUTPUT listed its inputs: its run id's time (new_run_id),
+    else its finish time; None without _SUCCESS (no run yet, or the last one did not finish)."""
+    try:
+        done = json.loads(read_bytes(join_uri(output, SUCCESS)))
+    except (FileNotFoundError, ValueError):
+        return None
+    started = run_started(done.get("run_id"))
+    if started is None and done.get("finished_at"):
+        started = datetime.fromisoformat(done["finished_at"])
+    return started
+
+
 def score(model: str, source: str, output: str, *, partitions: list[str] | None = None,
           extensions=IMAGE_EXTENSIONS, batch_size: int = 32, actors: int | str | tuple[int, int] | None = None,
           gpus_per_actor: float = 0, cpus_per_actor: float = 1, threads_per_actor: int | None = None,
           threshold: float | None = None, overlays: bool = False, run_id: str | None = None, ray_address: str | None = None,
           max_pixels: int = 100_000_000, max_bytes: int = MAX_BYTES, wait_for_actors_s: float = 600,
           rows_per_file: int = ROWS_PER_FILE, flush_s: float = FLUSH_S, allow_roots: list[str] | None = None,
-          verbose: bool = True, progress: bool | None = None, fused: bool | None = None) -> dict:
+          verbose: bool = True, progress: bool | None = None, fused: bool | None = None,
+          dates: list[date] | None = None, lookback_days: int = LOOKBACK_DAYS) -> dict:
     """Score every image of SOURCE with MODEL on Ray Data and write OUTPUT (module docstring).
 
     model: a model directory (local or s3://) or a registry YAML (category -> model directory).
@@ -150,6 +166,9 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
         fused: each actor also reads, decodes and writes maps (stages.FusedScoreActor) instead of
         separate CPU tasks doing so. None for both: `choose_layout` (on a local Ray of its own,
         fused actors, one per CPU; else separate stages and one actor).
+    dates, lookback_days: a source with {date} (stfpm.scoring.dates) lists the folders of `dates`;
+        default: from the day the last finished run into OUTPUT listed (_SUCCESS), less
+        lookback_days, to today (UTC); before any finished run, every day folder that exists.
     allow_roots: folders local inputs must lie in (symlinks resolved); default: a folder
         source itself (symlinks out of it are not followed), else anywhere the workers can read.
         Table files are written every rows_per_file rows or flush_s seconds.
@@ -162,7 +181,12 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
     if actors is not None:
         parse_actors(actors)  # a bad pool size fails before any listing
     check_output(output)  # a missing bucket fails now, not after every image is scored
-    plan = plan_run(model, source, output, partitions, extensions, threshold, run_id, allow_roots=allow_roots)
+    if dates is not None and not has_date(source):
+        raise UserError(f"dates apply to a source with {{date}} in it (e.g. s3://bucket/line3/{{date}}/); {source} has none")
+    if has_date(source) and dates is None:
+        dates = days_to_list(DateTemplate.parse(source), last_listed(output), datetime.now(timezone.utc), lookback_days)
+    plan = plan_run(model, source, output, partitions, extensions, threshold, run_id, allow_roots=allow_roots,
+                    dates=dates)
     _delete(join_uri(plan.output, SUCCESS))
     echo(f"{plan.n_listed} inputs listed in {plan.timings['list_s']:.1f}s; {plan.n_skipped} already scored "
          f"with the same model version; {len(plan.pending)} to score")

@@ -28,7 +28,7 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import NamedTuple
 
 import numpy as np
@@ -41,6 +41,7 @@ from stfpm.model.artifact import verify_weights
 from stfpm.model.card import MODEL_JSON, RETRAIN, ModelDirError, check_threshold, parse_card
 from stfpm.model.registry import is_registry, read_registry
 from stfpm.data.images import IMAGE_EXTENSIONS
+from stfpm.scoring.dates import DateTemplate, has_date
 from stfpm.storage import (MODEL_CACHE, errors_name, filesystem_for, is_http, is_s3, join_uri, parent_uri, printable_path,
                            read_bytes, readable_path, resolve_entry)
 
@@ -57,7 +58,8 @@ def _uri(fs: pafs.FileSystem, path: str) -> str:
 # ---------------------------------------------------------------------------------- inputs
 
 def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
-                exclude: str | None = None, allow_roots: list[str] | None = None) -> pa.Table:
+                exclude: str | None = None, allow_roots: list[str] | None = None,
+                dates: list[date] | None = None) -> pa.Table:
     """The inputs of `source` as a table sorted by image_uri, one row per distinct URI:
     image_uri, input_version (Listed.version; null when the entry cannot be stat'ed),
     size_bytes (null when unknown), one string column per partition name, and
@@ -65,19 +67,56 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
     `exclude` is a URI prefix to skip (the output of the run). With `allow_roots`, a local
     input whose real path (symlinks resolved) is not under one of these folders is refused.
     A manifest goes from its file to Arrow arrays without a Python object per entry (only
-    entries without an input_version are looked up, one by one)."""
-    fs, root = filesystem_for(source)
+    entries with neither an input_version nor a size and mtime are looked up, one by one).
+
+    A source with `{date}` (stfpm.scoring.dates) lists the folder (or manifest) of each day
+    of `dates` (default: every day folder that exists); partitions count from the template's
+    root, and a day whose folder does not exist is logged and lists nothing."""
+    if not has_date(source):
+        return distinct_sorted(_inputs_of(source, partitions, extensions, exclude, allow_roots), "image_uri")
+    template = DateTemplate.parse(source)
+    root = template.root if is_s3(template.root) else filesystem_for(template.root)[1]
+    if allow_roots is None and not is_s3(source):  # as for a folder source: its root
+        allow_roots = [root]
+    days = template.existing_days() if dates is None else dates
+    tables, missing = [], []
+    for day in days:
+        with errors_name(template.uri(day)):
+            found = _inputs_of(template.uri(day), partitions, extensions, exclude, allow_roots, root=root,
+                               missing_ok=True)
+        if found is None:
+            missing.append(day.isoformat())
+        else:
+            tables.append(found)
+    if missing:
+        logger.warning(f"warning: {len(missing)} of {len(days)} day folders of {source} do not exist (yet), "
+                       f"nothing listed for them: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if not tables:
+        return pa.table({"image_uri": pa.array([], pa.string()), "input_version": pa.array([], pa.string()),
+                         "size_bytes": pa.array([], pa.int64()), **{p: pa.array([], pa.string()) for p in partitions},
+                         "_input_error": pa.array([], pa.string())})
+    return distinct_sorted(pa.concat_tables(tables, promote_options="permissive"), "image_uri")
+
+
+def _inputs_of(source: str, partitions: list[str], extensions, exclude: str | None, allow_roots: list[str] | None,
+               root: str | None = None, missing_ok: bool = False) -> pa.Table | None:
+    """list_inputs of a source without {date}, not yet sorted; partitions count from `root` for
+    a folder (default: the folder itself), from the entries' common folder for a manifest. None when the
+    source does not exist and `missing_ok`."""
+    fs, path = filesystem_for(source)
     with errors_name(source):  # wrong credentials: one line naming the source
-        info = fs.get_file_info(root.rstrip("/"))
+        info = fs.get_file_info(path.rstrip("/"))
     if info.type == pafs.FileType.NotFound:
+        if missing_ok:
+            return None
         raise FileNotFoundError(f"{source}: no such directory, prefix, manifest or image")
     extra: dict[str, pa.Array] = {}
     if info.type == pafs.FileType.Directory or info.path.lower().endswith(tuple(extensions)):
         if info.type == pafs.FileType.Directory:
             with errors_name(source):
-                listed, root_uri = list_files(source, extensions, exclude, allow_roots), _uri(fs, root.rstrip("/"))
+                listed, root_uri = list_files(source, extensions, exclude, allow_roots), _uri(fs, path.rstrip("/"))
             if allow_roots is None and not is_s3(source):  # symlinks out of a folder source: opt-in (allow_roots)
-                allow_roots = [root]
+                allow_roots = [path]
         else:
             listed = list_files(source, extensions)
             root_uri = parent_uri(listed[0].uri) if listed else parent_uri(source)
@@ -85,7 +124,7 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
         versions = pa.array([f.version for f in listed], pa.string())
         sizes = pa.array([f.size for f in listed], pa.int64())
     else:
-        uris, extra = read_manifest(source)
+        uris, extra = read_manifest(source, extensions)
         versions = extra.pop("input_version", None)  # e.g. the audit's, from its listing
         versions = pa.nulls(len(uris), pa.string()) if versions is None else versions
         sizes = pa.nulls(len(uris), pa.int64())
@@ -96,6 +135,7 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
             versions = pc.coalesce(versions, pa.array([f.version for f in found], pa.string()).take(position))
             sizes = pc.coalesce(sizes, pa.array([f.size for f in found], pa.int64()).take(position))
         root_uri = common_folder(uris)
+    root_uri = root if root and info.type == pafs.FileType.Directory else root_uri  # a manifest: its entries'
     columns = {"image_uri": uris, "input_version": versions, "size_bytes": sizes}
     for i, name in enumerate(partitions):
         columns[name] = extra[name] if name in extra else path_levels(uris, root_uri, i)
@@ -103,7 +143,7 @@ def list_inputs(source: str, partitions: list[str], extensions=IMAGE_EXTENSIONS,
     columns["_input_error"] = pa.nulls(len(uris), pa.string()) if inside is None else pa.array(
         [None if allowed(uri, inside) else "read: outside the folders inputs may be read from (allow_roots)"
          for uri in uris.to_pylist()], pa.string())
-    return distinct_sorted(pa.table(columns), "image_uri")
+    return pa.table(columns)
 
 
 def distinct_sorted(table: pa.Table, key: str) -> pa.Table:
@@ -284,25 +324,172 @@ def s3_files(fs: pafs.FileSystem, root: str, workers: int | None = None,
     return files
 
 
-def read_manifest(uri: str) -> tuple[pa.Array, dict[str, pa.Array]]:
+def read_manifest(uri: str, extensions=IMAGE_EXTENSIONS) -> tuple[pa.Array, dict[str, pa.Array]]:
     """A manifest's entries (URIs resolved: relative ones against its folder, local paths
-    normalised) and, for a Parquet manifest, its other columns as strings, as Arrow arrays."""
+    normalised) and, for a Parquet or CSV manifest, its other columns as strings, as Arrow
+    arrays. A manifest that carries each entry's size and modification time (`size` +
+    `mtime`, or an S3 Inventory's `size` + `last_modified_date`) gets its `input_version`
+    from them, exactly as a listing makes it (`manifest_versions`): no HEAD or stat per entry.
+    An S3 Inventory lists every object of its bucket or prefix: only its keys ending in one of
+    `extensions` are entries (the entries of other manifests are all kept)."""
     base = parent_uri(uri)
-    if uri.lower().endswith(".parquet"):
+    lower = uri.lower()
+    if lower.endswith((".csv", ".csv.gz")):
+        return read_inventory_csv(uri, extensions)
+    if lower.endswith(".parquet"):
         table = pq.read_table(pa.BufferReader(read_bytes(uri)))
         column = next((c for c in MANIFEST_URI_COLUMNS if c in table.column_names), None)
+        if column is None and {"bucket", "key"} <= set(table.column_names):  # an S3 Inventory in Parquet
+            return _inventory_entries(uri, table, extensions)
         if column is None:
-            raise ValueError(f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_URI_COLUMNS}")
+            raise ValueError(f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_URI_COLUMNS} "
+                             "(or bucket and key, as an S3 Inventory has)")
         entries = table[column].combine_chunks().cast(pa.string())
         if entries.null_count or pc.any(pc.equal(entries, "")).as_py():
             raise ValueError(f"{uri}: the {column!r} column has empty entries")
+        versions = manifest_versions(table, uri)
         extra = {c: table[c].combine_chunks().cast(pa.string())
-                 for c in table.column_names if c not in (column, "image_uri", "size_bytes", "arrived_at")}
+                 for c in table.column_names
+                 if c not in (column, "image_uri", "size_bytes", "arrived_at", *MANIFEST_TIME_COLUMNS, "size")}
+        if versions is not None:
+            extra["input_version"] = pc.coalesce(extra["input_version"], versions) if "input_version" in extra \
+                else versions
         return resolve_entries(entries, base), extra
     text = read_bytes(uri).decode("utf-8", "surrogateescape")  # a non-UTF-8 file name in it is listed escaped
     lines = (line.strip() for line in text.splitlines())
     entries = pa.array([printable_path(line) for line in lines if line and not line.startswith("#")], pa.string())
     return resolve_entries(entries, base), {}
+
+
+MANIFEST_SIZE_COLUMNS = ("size", "size_bytes")
+MANIFEST_TIME_COLUMNS = ("mtime", "last_modified_date")
+INVENTORY_CSV_COLUMNS = ("bucket", "key", "size", "last_modified_date")
+
+
+def manifest_versions(table: pa.Table, uri: str) -> pa.Array | None:
+    """input_version "<size>-<modified, ns since the epoch>" of each entry, as a listing makes it
+    (Listed.version: on S3 the object's LastModified, locally the later of mtime and ctime), from
+    a size column and a modification-time column (a timestamp, an ISO time string, or whole
+    nanoseconds). None when the manifest has no such pair. An entry whose size or time is
+    missing or unreadable gets null: it is looked up like an entry of a plain manifest."""
+    size = next((c for c in MANIFEST_SIZE_COLUMNS if c in table.column_names), None)
+    when = next((c for c in MANIFEST_TIME_COLUMNS if c in table.column_names), None)
+    if size is None or when is None:
+        return None
+    sizes, times = table[size].combine_chunks(), table[when].combine_chunks()
+    if not (pa.types.is_integer(sizes.type) or pa.types.is_string(sizes.type)):
+        raise ValueError(f"{uri}: the {size!r} column must hold whole numbers of bytes, not {sizes.type}")
+    sizes = pa.array([_whole(v) for v in sizes.to_pylist()], pa.int64()) if pa.types.is_string(sizes.type) \
+        else sizes.cast(pa.int64())
+    sizes = pc.if_else(pc.greater_equal(sizes, 0), sizes, pa.scalar(None, pa.int64()))
+    if pa.types.is_timestamp(times.type):
+        ns = times.cast(pa.timestamp("ns", times.type.tz)).cast(pa.int64())
+    elif pa.types.is_integer(times.type):
+        ns = times.cast(pa.int64())
+    elif pa.types.is_string(times.type) or pa.types.is_large_string(times.type):
+        ns = _iso_ns(times.cast(pa.string()))
+    else:
+        raise ValueError(f"{uri}: the {when!r} column must be a timestamp, an ISO time or nanoseconds, "
+                         f"not {times.type}")
+    versions = pc.binary_join_element_wise(sizes.cast(pa.string()), ns.cast(pa.string()), "-")
+    if versions.null_count:
+        logger.warning(f"warning: {uri}: {versions.null_count} entries have no valid {size}/{when}; "
+                       "they are looked up one by one")
+    return versions
+
+
+def _whole(text: str | None) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _iso_ns(times: pa.Array) -> pa.Array:
+    """ISO times ("2026-12-03T02:10:00.000Z"; no offset: UTC) as int64 ns; null where unreadable."""
+    try:
+        return times.cast(pa.timestamp("ns", "UTC")).cast(pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+
+    def one(text):
+        try:
+            t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except (AttributeError, ValueError):
+            return None
+        t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
+    return pa.array([one(t) for t in times.to_pylist()], pa.int64())
+
+
+def read_inventory_csv(uri: str, extensions=IMAGE_EXTENSIONS) -> tuple[pa.Array, dict[str, pa.Array]]:
+    """An S3 Inventory CSV (`.csv` or `.csv.gz`) whose fileSchema starts with "Bucket, Key, Size,
+    LastModifiedDate" (the inventory's optional fields Size and Last modified), or any CSV
+    with a header row naming bucket, key, size and last_modified_date. Keys are URL-encoded
+    in an inventory CSV and are decoded here."""
+    import pyarrow.csv as pcsv
+
+    data = read_bytes(uri)
+    if data[:2] == b"\x1f\x8b":  # still gzip (read_bytes opens some .gz files decompressed already)
+        import gzip
+
+        data = gzip.decompress(data)
+    first = data.split(b"\n", 1)[0].decode("utf-8", "replace").lower()
+    header = all(name in first for name in ("bucket", "key"))
+    names = None if header else list(INVENTORY_CSV_COLUMNS)
+    try:
+        table = pcsv.read_csv(pa.BufferReader(data), read_options=pcsv.ReadOptions(
+            column_names=names if names is None else names + [f"_{k}" for k in range(_csv_width(first) - 4)]),
+            convert_options=pcsv.ConvertOptions(column_types={"bucket": pa.string(), "key": pa.string(),
+                                                               "size": pa.string(),
+                                                               "last_modified_date": pa.string()}))
+    except (pa.ArrowInvalid, ValueError) as e:
+        raise ValueError(f"{uri}: not an S3 Inventory CSV with the columns {', '.join(INVENTORY_CSV_COLUMNS)} "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    table = table.rename_columns([c.strip().lower() for c in table.column_names])
+    missing = [c for c in INVENTORY_CSV_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{uri}: an inventory CSV needs the columns {', '.join(INVENTORY_CSV_COLUMNS)} "
+                         f"(missing {', '.join(missing)})")
+    if not header and len(table) and not pc.any(pc.is_valid(
+            pa.array([_whole(v) for v in table["size"].to_pylist()[:100]], pa.int64()))).as_py():
+        raise ValueError(f"{uri}: the third column is not a size; an inventory CSV's fileSchema must start with "
+                         "Bucket, Key, Size, LastModifiedDate (or give a header row naming them)")
+    keys = table["key"].combine_chunks()
+    encoded = pc.indices_nonzero(pc.fill_null(pc.match_substring_regex(keys, r"[%+]"), False))
+    if len(encoded):
+        from urllib.parse import unquote_plus
+
+        decoded = pa.array([unquote_plus(k) for k in keys.take(encoded).to_pylist()], pa.string())
+        position = pc.index_in(pa.array(np.arange(len(keys)), pa.int64()), value_set=encoded.cast(pa.int64()))
+        keys = pc.if_else(pc.is_null(position), keys, decoded.take(position))
+    return _inventory_entries(uri, table.set_column(table.column_names.index("key"), "key", keys), extensions)
+
+
+def _csv_width(first_line: str) -> int:
+    import csv
+
+    return max(4, len(next(csv.reader([first_line]), [])))
+
+
+def _inventory_entries(uri: str, table: pa.Table, extensions) -> tuple[pa.Array, dict[str, pa.Array]]:
+    """The s3://bucket/key entries of an S3 Inventory table whose key ends in one of
+    `extensions` (case-insensitive), and their input_version."""
+    lower = pc.utf8_lower(table["key"].combine_chunks().cast(pa.string()))
+    image = None
+    for ending in extensions:
+        term = pc.ends_with(lower, ending.lower())
+        image = term if image is None else pc.or_(image, term)
+    if image is not None:
+        table = table.filter(pc.fill_null(pc.or_(image, pc.equal(lower, "")), True))  # no key: refused below
+    bucket, key = table["bucket"].combine_chunks().cast(pa.string()), table["key"].combine_chunks().cast(pa.string())
+    bad = pc.or_(pc.fill_null(pc.equal(bucket, ""), True), pc.fill_null(pc.equal(key, ""), True))
+    if pc.any(bad).as_py():
+        row = pc.indices_nonzero(bad)[0].as_py()
+        raise ValueError(f"{uri}: row {row + 1} has no bucket or key")
+    entries = pc.binary_join_element_wise("s3://", bucket, "/", key, "")
+    versions = manifest_versions(table, uri)
+    return entries, ({} if versions is None else {"input_version": versions})
 
 
 _CLEAN_PATH = r"^/(?:[^/]+/)*[^/]+$"    # absolute, no empty level, no trailing /
