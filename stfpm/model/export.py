@@ -359,7 +359,7 @@ def load_exported(model_dir: str | Path, threads: int | None = None,
     has_profile, threads = export["outputs"] == OUTPUTS, threads or cpu_threads()
     runs = {"paddle_inference": ("onednn",), "onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",)}[fmt]
     if export.get("precision", "fp32") == "int8":
-        runs = ("onnxruntime",)  # OpenVINO pulls PatchCore's float32 nearest-bank search into int8 (bench/int8.py)
+        runs = ("onnxruntime",)  # OpenVINO's compile of it gives PatchCore maps far from ORT's (bench/RESULTS.md)
     engine = runs[0] if engine == "auto" else engine
     if engine not in runs:
         raise ModelDirError(f"exported model {d} ({fmt}) runs on {' or '.join(runs)}, not on {engine}")
