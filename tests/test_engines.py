@@ -177,9 +177,13 @@ def test_an_int8_patchcore_export_runs_without_paddle_and_ranks_like_fp32(models
     card = json.loads((exported / "model.json").read_text())
     assert card["export"]["precision"] == "int8"
     assert card["export"]["int8"]["calibration"]["data"] == str(models / "data")
-    ops = __import__("onnx").load(str(exported / "model.onnx")).graph.node
-    assert sum(n.op_type == "QuantizeLinear" for n in ops) > 10  # the backbone is quantised ...
-    assert [n.op_type for n in ops if n.op_type in ("MatMul", "ReduceMin")] == ["MatMul", "ReduceMin"]  # ... the search not
+    graph = __import__("onnx").load(str(exported / "model.onnx")).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    fed = lambda op: [producer.get(i) for n in graph.node if n.op_type == op for i in n.input]  # noqa: E731
+    assert fed("Conv").count("DequantizeLinear") > 20  # the backbone is quantised ...
+    assert "DequantizeLinear" not in fed("MatMul") + fed("ReduceMin")  # ... the nearest-bank search is not,
+    stem = [n for n in graph.node if n.op_type == "Conv" and graph.input[0].name in n.input]
+    assert len(stem) == 1 and "DequantizeLinear" not in [producer.get(i) for i in stem[0].input]  # nor the stem
     from stfpm.model.inference import Predictor
 
     test_dir = models / "data" / "test"
