@@ -177,6 +177,7 @@ def test_an_int8_patchcore_export_runs_without_paddle_and_ranks_like_fp32(models
     card = json.loads((exported / "model.json").read_text())
     assert card["export"]["precision"] == "int8"
     assert card["export"]["int8"]["calibration"]["data"] == str(models / "data")
+    assert card["export"]["int8"]["calibration"]["inputs"] == 10  # every training image, up to 64
     graph = __import__("onnx").load(str(exported / "model.onnx")).graph
     producer = {out: n.op_type for n in graph.node for out in n.output}
     fed = lambda op: [producer.get(i) for n in graph.node if n.op_type == op for i in n.input]  # noqa: E731
@@ -219,7 +220,7 @@ def test_int8_is_refused_where_it_was_not_adopted(models, tmp_path):
     assert code == 2 and "use --format onnx" in text, text
     code, text = invoke("export", models / "patchcore", "--out", tmp_path / "pc", "--format", "onnx", "--precision",
                         "int8", "--calibration-data", tmp_path / "nowhere")
-    assert code == 2 and "pass --calibration-data DIR" in text, text
+    assert code == 2 and "nowhere: not a dataset folder" in text, text
     code, text = invoke("export", models / "patchcore", "--out", tmp_path / "pc", "--format", "onnx", "--precision",
                         "int4")
     assert code == 2 and "unknown precision 'int4'" in text, text

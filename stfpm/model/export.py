@@ -4,6 +4,8 @@ faster than the dynamic graph on CPU (bench/predict.py). `stfpm export --format 
 that program with paddle2onnx (opset 17) into one `model.onnx`; `--format openvino` converts the
 ONNX graph into OpenVINO IR (`model.xml` + `model.bin`, float32). Both run without Paddle
 (`stfpm.model.engines`); this module imports Paddle only where it writes or runs a program.
+`--format onnx --precision int8` quantises a PatchCore's backbone (`quantize_onnx`; measured on
+the dev sets in bench/RESULTS.md).
 
 The program maps the normalised input (N, 3, S, S) to the per-layer distance maps
 (N, h_i, w_i) (for PatchCore one map, the nearest-bank-patch distances: the bank is in the
@@ -171,8 +173,8 @@ def int8_nodes(graph) -> list[str]:
     """Names of the nodes of an ONNX graph (onnx.ModelProto) that `quantize_onnx` quantises:
     the backbones (the convolutions and every node they depend on) less their stems (the
     convolutions reading the image). Left in float32: the stems, whose BN-folded weights have
-    dead channels that ORT widens the scale of by up to 3000x (measured on PatchCore: screw's
-    image AUROC -0.0084 with the stem in int8, -0.0036 without), and the head that turns
+    dead channels that ORT widens the scale of by up to 3000x (measured on PatchCore, percentile
+    ranges: screw's image AUROC -0.0044 with the stem in int8, -0.0008 without), and the head that turns
     features into maps (STFPM's normalised teacher-student distance, PatchCore's aggregation,
     nearest-bank matrix product and min) and the feature profile."""
     producer = {out: node for node in graph.graph.node for out in node.output}
@@ -190,7 +192,7 @@ def int8_nodes(graph) -> list[str]:
 def quantize_onnx(graph: bytes, calibration, method: str = "percentile") -> bytes:
     """int8 post-training quantisation of a forward's ONNX graph by ONNX Runtime's quantiser:
     QDQ, weights int8 per output channel, activations uint8 (the U8S8 pair ORT's CPU kernels
-    fuse into QLinearConv; int8 activations ran at half their speed on Lite0), ranges calibrated on
+    fuse into QLinearConv; int8 activations ran slower than float32 on Lite0), ranges calibrated on
     `calibration`, an iterable of normalised (N, 3, S, S) float32 batches of good training
     images. Only the backbones past their stems are quantised (`int8_nodes`). `method`: ORT's
     calibrator, "percentile" (ranges at the 0.001 and 99.999 percentiles: on the dev sets it
@@ -278,6 +280,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, format: str = "padd
             raise ModelDirError(f"int8 is offered for {', '.join(INT8_MODELS)} only: on {card.model_name} it moved "
                                 "the dev sets' image AUROC by more than 0.005 (bench/RESULTS.md, issue 28)")
         calibrated_on = calibration_data or (card.training or {}).get("data")
+        if calibration_data is not None and not Path(calibration_data).is_dir():
+            raise ModelDirError(f"--calibration-data {calibration_data}: not a dataset folder")
         if not calibrated_on or not Path(calibrated_on).is_dir():
             raise ModelDirError(f"int8 is calibrated on the model's good training images, but its training data "
                                 f"{calibrated_on!r} (model.json training.data) is not here; pass --calibration-data DIR")
@@ -294,7 +298,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, format: str = "padd
         **({"program": PROGRAM, "params": PARAMS} if fmt == "paddle_inference" else {"files": list(files), "opset": OPSET}),
         "precision": precision,
         **({"int8": {"quantiser": "onnxruntime QDQ, per-channel int8 weights, uint8 activations, backbone past the stem",
-                     "calibration": {"data": str(calibrated_on), "images": INT8_CALIBRATION_IMAGES,
+                     "calibration": {"data": str(calibrated_on), "inputs": len(calibration),
                                      "method": "percentile"}}} if calibration is not None else {}),
         "outputs": OUTPUTS,
         "sha256": {f: sha256_file(out / f) for f in files}, "source_model_dir": str(model_dir)})
