@@ -208,12 +208,16 @@ def predict(model_dir: Path = typer.Argument(..., help="Model directory or expor
 def export(model_dir: Path = typer.Argument(..., help="Model directory from `stfpm train`"),
            out: Path = typer.Option(..., help="Folder for the exported model"),
            format: str = typer.Option("paddle", "--format", help="paddle (inference.json/.pdiparams), onnx "
-                                      "(model.onnx: ONNX Runtime, no Paddle needed) or openvino (model.xml/.bin)")):
+                                      "(model.onnx: ONNX Runtime, no Paddle needed) or openvino (model.xml/.bin)"),
+           precision: str = typer.Option("fp32", help="fp32, or int8 (PatchCore, --format onnx: the backbone "
+                                         "quantised, calibrated on good training images)"),
+           calibration_data: Path = typer.Option(None, help="int8: the dataset whose good training images calibrate "
+                                                 "it (default: the one model.json says the model was trained on)")):
     """Export an inference model (Paddle program, ONNX or OpenVINO IR) with inference.yml and
     model.json."""
     from stfpm.model.export import export_model
 
-    export_model(model_dir, out, format)
+    export_model(model_dir, out, format, precision, calibration_data)
     typer.echo(f"exported to {out}; load it with create_model(model_dir={str(out)!r})")
 
 

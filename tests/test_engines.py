@@ -164,3 +164,67 @@ def test_an_onnx_or_openvino_export_predicts_without_paddle(models, fmt, tmp_pat
             assert got["score"] == pytest.approx(ref["score"], rel=1e-5, abs=1e-6)
             assert got["is_anomaly"] == ref["is_anomaly"]
             assert got["anomaly_map"]["mean"] == pytest.approx(ref["anomaly_map"]["mean"], rel=1e-4)
+
+
+def test_an_int8_patchcore_export_runs_without_paddle_and_ranks_like_fp32(models, tmp_path):
+    """`--precision int8` (PatchCore): model.json records the precision and what it was
+    calibrated on (the training data model.json names); predict runs it without Paddle; its
+    scores order the test images as float32's do (Spearman >= 0.9) and lie within 15% of
+    float32's largest score of them."""
+    exported = tmp_path / "pc_int8"
+    code, text = invoke("export", models / "patchcore", "--out", exported, "--format", "onnx", "--precision", "int8")
+    assert code == 0, text
+    card = json.loads((exported / "model.json").read_text())
+    assert card["export"]["precision"] == "int8"
+    assert card["export"]["int8"]["calibration"]["data"] == str(models / "data")
+    assert card["export"]["int8"]["calibration"]["inputs"] == 10  # every training image, up to 64
+    graph = __import__("onnx").load(str(exported / "model.onnx")).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    fed = lambda op: [producer.get(i) for n in graph.node if n.op_type == op for i in n.input]  # noqa: E731
+    assert fed("Conv").count("DequantizeLinear") > 20  # the backbone is quantised ...
+    assert "DequantizeLinear" not in fed("MatMul") + fed("ReduceMin")  # ... the nearest-bank search is not,
+    stem = [n for n in graph.node if n.op_type == "Conv" and graph.input[0].name in n.input]
+    assert len(stem) == 1 and "DequantizeLinear" not in [producer.get(i) for i in stem[0].input]  # nor the stem
+    from stfpm.model.inference import Predictor
+
+    test_dir = models / "data" / "test"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", NO_PADDLE_PREDICT, "predict", str(exported), str(test_dir),
+                           "--out", str(tmp_path / "int8_out")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "PADDLE-FREE 0" in done.stdout, done.stdout + done.stderr
+    int8 = Predictor.open(exported)
+    assert int8.engine == "onnxruntime"
+    for out in sorted((tmp_path / "int8_out").glob("*.json")):  # the Paddle-free run is this export's
+        res = json.loads(out.read_text())["res"]
+        assert res["score"] == pytest.approx(int8.predict([Path(res["input_path"]).read_bytes()])[0].score, rel=1e-5)
+    images = [p.read_bytes() for p in sorted((models / "data").rglob("*.png")) if "ground_truth" not in p.parts]
+    assert len(images) >= 12  # training and test images: scores from near the bank to far from it
+    ref = np.array([p.score for p in Predictor.open(models / "patchcore", engine="onnxruntime").predict(images)])
+    got = np.array([p.score for p in int8.predict(images)])
+    assert not np.allclose(got, ref, rtol=1e-4)  # it is another forward ...
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(ranks(got), ranks(ref))[0, 1] >= 0.9, (got, ref)  # ... that orders the images alike
+    assert np.abs(got - ref).max() <= 0.15 * ref.max(), (got, ref)
+
+
+def test_int8_is_refused_where_it_was_not_adopted(models, tmp_path):
+    """STFPM (int8 moved its dev-set AUROC too far), a format other than ONNX, calibration data
+    that is not there, and an int8 export on OpenVINO each get a one-line error."""
+    from stfpm.model.card import ModelDirError
+    from stfpm.model.inference import Predictor
+
+    code, text = invoke("export", models / "stfpm", "--out", tmp_path / "st", "--format", "onnx", "--precision", "int8")
+    assert code == 2 and "int8 is offered for PatchCore only" in text, text
+    code, text = invoke("export", models / "patchcore", "--out", tmp_path / "ov", "--format", "openvino",
+                        "--precision", "int8")
+    assert code == 2 and "use --format onnx" in text, text
+    code, text = invoke("export", models / "patchcore", "--out", tmp_path / "pc", "--format", "onnx", "--precision",
+                        "int8", "--calibration-data", tmp_path / "nowhere")
+    assert code == 2 and "nowhere: not a dataset folder" in text, text
+    code, text = invoke("export", models / "patchcore", "--out", tmp_path / "pc", "--format", "onnx", "--precision",
+                        "int4")
+    assert code == 2 and "unknown precision 'int4'" in text, text
+    assert invoke("export", models / "patchcore_tiled", "--out", tmp_path / "pc", "--format", "onnx", "--precision",
+                  "int8", "--calibration-data", models / "data")[0] == 0
+    with pytest.raises(ModelDirError, match="runs on onnxruntime, not on openvino"):
+        Predictor.open(tmp_path / "pc", engine="openvino")
