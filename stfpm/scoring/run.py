@@ -12,7 +12,8 @@ The pieces: plan.py (what to score), stages.py (the per-batch stages), sink.py (
 files and compaction), table.py (the columns, TABLE_DOC); this module runs them.
 
 Output under OUTPUT (local folder or s3://bucket/prefix):
-    scores/part-<hash>.parquet   the score table, table.TABLE_DOC
+    scores/bucket=NN/part-<hash>.parquet   the score table, table.TABLE_DOC, in 16 buckets
+                                 by a hash of image_uri (table.bucket_of)
     maps/<model_version>/<image_id>.png       8-bit anomaly map at the input's size
     overlays/<model_version>/<image_id>.png   (--overlays) heatmap over anomalous inputs
     _SUCCESS                     JSON with counts, timings, stage throughput, models;
@@ -63,7 +64,7 @@ import ray
 
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.scoring.plan import Plan, plan_run
-from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
+from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, move_flat_files, remove_superseded
 from stfpm.scoring.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
 from stfpm.scoring.table import INDEX_SCHEMA, MAPS, SCORES, SUCCESS, winning_rows
 from stfpm.scoring.progress import ScoringProgress
@@ -217,11 +218,13 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
 def finish_run(plan: Plan, totals: dict, layout: dict | None, started: float, written: list[str] = (),
                echo=logger.debug) -> dict:
     """The end of a run: compaction of the files this run wrote and of those that held rows of
-    its inputs (plan.table_files), never the table's whole history; the table's counts from
-    a few of its columns; _SUCCESS. Returns the summary."""
+    its inputs (plan.table_files), never the table's whole history; a flat table's rows
+    moved into bucket folders (once, sink.move_flat_files); the table's counts from a few of
+    its columns; _SUCCESS. Returns the summary."""
     t0 = time.perf_counter()
     scores = join_uri(plan.output, SCORES)
     removed = remove_superseded(scores, None if plan.table_files is None else sorted({*plan.table_files, *written}))
+    move_flat_files(scores)  # a table written before buckets: once
     counts = table_counts(scores, [ref.version for ref in plan.models.values()])
     plan.timings["compact_s"] = time.perf_counter() - t0
     plan.timings["total_s"] = time.perf_counter() - started

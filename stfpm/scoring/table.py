@@ -15,6 +15,8 @@ from stfpm.model.score_scale import ScoreScale
 from stfpm.storage import filesystem_for, join_uri, read_bytes
 
 SCORES, MAPS, OVERLAYS, SUCCESS = "scores", "maps", "overlays", "_SUCCESS"
+BUCKET, BUCKETS = "bucket", 16  # scores/bucket=NN/: the first hex digit of image_id (docs/design.md §11)
+HEX = pa.array(list("0123456789abcdef"), pa.string())
 
 TABLE_DOC = """\
 column         type                 meaning
@@ -73,6 +75,72 @@ INDEX_SCHEMA = pa.schema([("image_uri", pa.string()), ("input_version", pa.strin
                           ("model_name", pa.string()), ("model_version", pa.string()), ("status", pa.string()),
                           ("error_kind", pa.string()), ("threshold", pa.float64()),
                           ("scored_at", pa.timestamp("us", tz="UTC"))])
+
+
+def bucket_of(image_ids: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Each row's bucket (int32, 0..BUCKETS-1): the first hex digit of its image_id, so a
+    hash of image_uri: every row of an input lies in one bucket, whichever run wrote it."""
+    first = pc.utf8_slice_codeunits(image_ids, 0, 1)
+    found = pc.index_in(first, value_set=HEX)
+    return pc.fill_null(found, 0).cast(pa.int32())
+
+
+def bucket_folder(bucket: int) -> str:
+    """The hive-style folder of a bucket under scores/ (pandas, DuckDB and Spark read it as a column)."""
+    return f"{BUCKET}={bucket:02d}"
+
+
+def table_files(scores_uri: str) -> list[str]:
+    """The table's Parquet files (filesystem paths, sorted), in bucket folders or (a table
+    written before buckets) at the top; names starting with "." or "_" (temp files) left out."""
+    fs, path = filesystem_for(scores_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
+
+
+def is_bucketed(file: str) -> bool:
+    return file.rsplit("/", 2)[-2].startswith(BUCKET + "=")
+
+
+def shards(files: Sequence[str]) -> list[list[str]]:
+    """`files` in groups that each hold every row of their inputs: one group per bucket
+    folder; all of them as one group when some file lies outside the bucket folders (a flat
+    table written before buckets, until a run moves its rows, sink.move_flat_files)."""
+    if not all(is_bucketed(f) for f in files):
+        return [list(files)] if files else []
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        groups.setdefault(f.rsplit("/", 1)[0], []).append(f)
+    return [groups[k] for k in sorted(groups)]
+
+
+def scan_shards(scores_uri: str, columns: Sequence[str] | None = None, filter=None,
+                schema: pa.Schema | None = None):
+    """The table's rows shard by shard (shards), each a pa.Table of `columns` (default: all)
+    whose rows pass `filter` (a pyarrow.dataset expression, applied in the scan). The schema
+    is `schema`, else the table's (as pyarrow.dataset infers it for the whole folder), so
+    every shard has the same columns. Memory: one shard's rows at a time."""
+    fs, path = filesystem_for(scores_uri)
+    files = table_files(scores_uri)
+    if not files:
+        return
+    if schema is None:
+        schema = pads.dataset(path, filesystem=fs, format="parquet").schema
+    for group in shards(files):
+        yield pads.dataset(group, filesystem=fs, format="parquet", schema=schema).to_table(
+            columns=list(columns) if columns is not None else None, filter=filter)
+
+
+class TableShards:
+    """A score table read shard by shard whenever it is iterated (scan_shards): the whole
+    table is never held at once. Iterating twice reads the table twice."""
+
+    def __init__(self, scores_uri: str, columns: Sequence[str] | None = None, filter=None):
+        self.scores_uri, self.columns, self.filter = scores_uri, columns, filter
+
+    def __iter__(self):
+        return scan_shards(self.scores_uri, self.columns, self.filter)
 
 
 def read_index(scores_uri: str, files: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
@@ -177,21 +245,50 @@ def success_versions(output: str) -> list[str]:
 
 
 def read_scores(output: str, latest: bool = True):
-    """OUTPUT's score table as a pandas DataFrame. latest=True (the default): one row per
-    input, scored by the model version(s) of the last finished run (latest_rows; _SUCCESS
-    says which); latest=False: every row kept, one per input and model version."""
-    fs, path = filesystem_for(join_uri(output, SCORES))
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    if latest:
-        versions = success_versions(output)
-        found = pads.field("model_version")
-        table = dataset.to_table(filter=found.is_null() | found.isin(sorted(set(versions))))
-        rows = winning_rows(table, ["image_uri"])
-        if len(rows) < len(table):
-            table = table.take(pa.array(rows, pa.int64()))
-    else:
-        table = dataset.to_table()
-    return table.sort_by("image_uri").to_pandas(self_destruct=True, split_blocks=True)
+    """OUTPUT's score table as a pandas DataFrame sorted by image_uri. latest=True (the
+    default): one row per input, scored by the model version(s) of the last finished run
+    (latest_rows; _SUCCESS says which); latest=False: every row kept, one per input and model
+    version. Read bucket by bucket (scan_shards, the filter in the scan), so besides the
+    result only one bucket's rows are held; the sort moves one column at a time."""
+    scores = join_uri(output, SCORES)
+    found = pads.field("model_version")
+    scan = found.is_null() | found.isin(sorted(set(success_versions(output)))) if latest else None
+    parts = []
+    for shard in scan_shards(scores, filter=scan):
+        if latest:
+            rows = winning_rows(shard, ["image_uri"])
+            if len(rows) < len(shard):
+                shard = shard.take(pa.array(rows, pa.int64()))
+        parts.append(shard)
+    if not parts:
+        fs, path = filesystem_for(scores)
+        parts = [pads.dataset(path, filesystem=fs, format="parquet").to_table(filter=scan)]
+    return _sorted_frame(parts, "image_uri")
+
+
+def _sorted_frame(parts: list[pa.Table], key: str):
+    """The tables `parts` (emptied: the caller gives them up) as one pandas DataFrame sorted
+    by `key`, each column moved and converted on its own: one column's copy at a time
+    instead of the whole table's."""
+    import pandas as pd
+
+    table = pa.concat_tables(parts)
+    parts.clear()
+    order = pc.sort_indices(table[key])
+    names, columns = table.column_names, dict(zip(table.column_names, table.columns))
+    index = pd.RangeIndex(table.num_rows)
+    del table
+    frame = {}
+    pool = pa.default_memory_pool()
+    for name in names:
+        column = columns.pop(name)
+        if pa.types.is_string(column.type):  # pandas keeps strings as large_string: one copy, not two
+            column = column.cast(pa.large_string())
+        column = pa.table({name: column.take(order)})
+        frame[name] = column.to_pandas(self_destruct=True, split_blocks=True)[name]
+        del column
+        pool.release_unused()  # the freed copies go back to the OS before the next column's
+    return pd.DataFrame(frame, index=index, copy=False)
 
 
 # ---------------------------------------------------------------- the pipeline's row batches

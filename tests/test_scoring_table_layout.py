@@ -1,0 +1,140 @@
+"""The score table's layout (issue 23, item 3): scores/bucket=NN/ folders by a hash of
+image_uri, so every row of an input lies in one bucket and the readers go bucket by bucket;
+a flat table written before buckets is read as it is and moved into buckets by the first
+run that ends in it (once, and a move killed midway is finished by the next)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_scoring import encode, make_model, texture  # noqa: E402
+
+from stfpm.scoring import read_scores  # noqa: E402
+from stfpm.scoring.plan import plan_run  # noqa: E402
+from stfpm.scoring.run import finish_run  # noqa: E402
+from stfpm.scoring.sink import by_bucket, merge_stats, move_flat_files, write_file, write_table_file  # noqa: E402
+from stfpm.scoring.table import BUCKETS, bucket_of, image_id, read_index, scan_shards, set_columns  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("layout") / "model", seed=0)
+
+
+def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for p in paths:
+        p.write_bytes(encode(texture(rng)))
+    return paths
+
+
+def _rows(plan, score: float = 0.25) -> pa.Table:
+    n = len(plan.pending)
+    none = lambda kind: ([None] * n, kind)  # noqa: E731
+    return set_columns(plan.pending, status=(["ok"] * n, pa.string()), error=none(pa.string()),
+                       error_kind=none(pa.string()), raw_score=([score] * n, pa.float64()),
+                       score=([score] * n, pa.float64()), is_anomaly=([False] * n, pa.bool_()),
+                       threshold=([plan.models[None].threshold] * n, pa.float64()), ood=none(pa.bool_()),
+                       ood_score=none(pa.float64()), device=(["cpu"] * n, pa.string()),
+                       width=([64] * n, pa.int32()), height=([64] * n, pa.int32()),
+                       map_uri=none(pa.string()), overlay_uri=none(pa.string()))
+
+
+def _files(scores: Path) -> tuple[list[Path], list[Path]]:
+    """(files at the top of scores/, files in bucket folders)."""
+    files = sorted(scores.rglob("*.parquet"))
+    return [f for f in files if f.parent == scores], [f for f in files if f.parent != scores]
+
+
+def _flat_table(model: Path, data: Path, out: Path) -> pa.Table:
+    """A table written the way the code before buckets wrote it: part files at the top of
+    scores/, and its _SUCCESS."""
+    plan = plan_run(str(model), str(data), str(out))
+    staged = out / "staged"
+    write_table_file(_rows(plan), str(staged), plan.run_id, plan.schema)
+    rows = pq.read_table(staged).drop_columns(["bucket"]).sort_by("image_uri")
+    (out / "scores").mkdir(parents=True)
+    for i in range(0, len(rows), 2):
+        pq.write_table(rows.slice(i, 2), out / "scores" / f"part-{i:024x}.parquet", compression="zstd")
+    for f in sorted(staged.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() else f.rmdir()
+    staged.rmdir()
+    (out / "_SUCCESS").write_text(json.dumps({"models": {"model": {"model_version": plan.models[None].version}}}))
+    return rows
+
+
+def test_rows_lie_in_the_bucket_of_their_uri_and_pandas_reads_the_folders(model, tmp_path):
+    _images(tmp_path / "data", 12)
+    out = tmp_path / "out"
+    plan = plan_run(str(model), str(tmp_path / "data"), str(out))
+    stats = write_table_file(_rows(plan), str(out / "scores"), plan.run_id, plan.schema)
+    top, bucketed = _files(out / "scores")
+    assert not top and len(bucketed) == stats["files"] == len(stats["paths"]) > 1
+    for f in bucketed:  # every row in the folder of the first hex digit of sha256(image_uri)
+        uris = pq.read_table(f)["image_uri"].to_pylist()
+        assert {f"bucket={int(image_id(u)[0], 16):02d}" for u in uris} == {f.parent.name}
+    frame = pd.read_parquet(out / "scores")  # hive-style folders: pandas adds the bucket column
+    assert len(frame) == 12 and sorted(frame.image_uri) == sorted(plan.pending["image_uri"].to_pylist())
+    assert sorted(set(frame.bucket.astype(int))) == sorted({int(f.parent.name[7:]) for f in bucketed})
+    shards = list(scan_shards(str(out / "scores"), columns=["image_uri"]))
+    assert len(shards) == len(bucketed) and sum(map(len, shards)) == 12
+    ids = pa.array([image_id(str(i)) for i in range(200)])
+    assert set(bucket_of(ids).to_pylist()) == set(range(BUCKETS))
+
+
+def test_a_flat_table_is_read_as_it_is_then_moved_into_buckets(model, tmp_path):
+    data = tmp_path / "data"
+    paths = _images(data, 6)
+    out = tmp_path / "out"
+    flat = _flat_table(model, data, out)
+    top, bucketed = _files(out / "scores")
+    assert len(top) == 3 and not bucketed
+    # read as it is: the latest view, every row, the plan
+    latest = read_scores(str(out))
+    assert latest.image_uri.tolist() == flat["image_uri"].to_pylist() and (latest.score == 0.25).all()
+    assert len(read_scores(str(out), latest=False)) == 6
+    assert len(list(scan_shards(str(out / "scores")))) == 1  # the flat files are one shard
+    again = plan_run(str(model), str(data), str(out))
+    assert len(again.pending) == 0 and again.n_skipped == 6
+
+    # a replaced file: the next run scores it, and its end moves the flat rows into buckets
+    time.sleep(0.01)
+    paths[2].write_bytes(encode(texture(np.random.default_rng(7))))
+    run = plan_run(str(model), str(data), str(out))
+    assert run.pending["image_uri"].to_pylist() == [str(paths[2])]
+    written = write_table_file(_rows(run, score=0.75), str(out / "scores"), run.run_id, run.schema)["paths"]
+    summary = finish_run(run, merge_stats([]), None, time.perf_counter(), written)
+    top, bucketed = _files(out / "scores")
+    assert not top and bucketed
+    assert summary["counts"]["table_rows"] == 6 and summary["counts"]["superseded_rows_removed"] == 1
+    latest = read_scores(str(out))
+    assert latest.image_uri.tolist() == flat["image_uri"].to_pylist()
+    assert latest.set_index("image_uri").score.to_dict() == {str(p): 0.75 if p == paths[2] else 0.25 for p in paths}
+    assert len(read_index(str(out / "scores"))) == 6 and len(pd.read_parquet(out / "scores")) == 6
+    assert len(plan_run(str(model), str(data), str(out)).pending) == 0  # nothing to score again
+
+
+def test_a_move_killed_midway_is_finished_without_duplicates(model, tmp_path):
+    _images(tmp_path / "data", 6)
+    out = tmp_path / "out"
+    flat = _flat_table(model, tmp_path / "data", out)
+    top, _ = _files(out / "scores")
+    for _, rows in by_bucket(pq.read_table(top[0])):  # killed after writing one file's rows, before deleting it
+        write_file(rows, str(out / "scores"))
+    assert len(pq.read_table(out / "scores")) == 8  # the copies, for now
+    assert move_flat_files(str(out / "scores")) == 3
+    top, bucketed = _files(out / "scores")
+    table = pq.read_table(out / "scores").drop_columns(["bucket"]).sort_by("image_uri")
+    assert not top and table.equals(flat)
+    assert move_flat_files(str(out / "scores")) == 0
