@@ -1,4 +1,4 @@
-"""The score table's layout (issue 23, item 3): scores/bucket=NN/ folders by a hash of
+"""The score table's layout (issue 23, item 3): scores/bucket=NN/ folders by CRC-32 of
 image_uri, so every row of an input lies in one bucket and the readers go bucket by bucket;
 a flat table written before buckets is read as it is and moved into buckets by the first
 run that ends in it (once, and a move killed midway is finished by the next)."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from stfpm.scoring import read_scores  # noqa: E402
 from stfpm.scoring.plan import plan_run  # noqa: E402
 from stfpm.scoring.run import finish_run  # noqa: E402
 from stfpm.scoring.sink import by_bucket, merge_stats, move_flat_files, write_file, write_table_file  # noqa: E402
-from stfpm.scoring.table import BUCKETS, bucket_of, image_id, read_index, scan_shards, set_columns  # noqa: E402
+from stfpm.scoring.table import BUCKETS, bucket_of, read_index, scan_shards, set_columns  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +82,17 @@ def test_rows_lie_in_the_bucket_of_their_uri_and_pandas_reads_the_folders(model,
     stats = write_table_file(_rows(plan), str(out / "scores"), plan.run_id, plan.schema)
     top, bucketed = _files(out / "scores")
     assert not top and len(bucketed) == stats["files"] == len(stats["paths"]) > 1
-    for f in bucketed:  # every row in the folder of the first hex digit of sha256(image_uri)
+    for f in bucketed:  # every row in the folder of its URI's CRC-32's top 4 bits
         uris = pq.read_table(f)["image_uri"].to_pylist()
-        assert {f"bucket={int(image_id(u)[0], 16):02d}" for u in uris} == {f.parent.name}
+        assert {f"bucket={zlib.crc32(u.encode()) >> 28:02d}" for u in uris} == {f.parent.name}
     frame = pd.read_parquet(out / "scores")  # hive-style folders: pandas adds the bucket column
     assert len(frame) == 12 and sorted(frame.image_uri) == sorted(plan.pending["image_uri"].to_pylist())
     assert sorted(set(frame.bucket.astype(int))) == sorted({int(f.parent.name[7:]) for f in bucketed})
     shards = list(scan_shards(str(out / "scores"), columns=["image_uri"]))
     assert len(shards) == len(bucketed) and sum(map(len, shards)) == 12
-    ids = pa.array([image_id(str(i)) for i in range(200)])
-    assert set(bucket_of(ids).to_pylist()) == set(range(BUCKETS))
+    uris = pa.chunked_array([[f"s3://b/{i}.png" for i in range(100)], [f"/d/{i}.png" for i in range(100)]])
+    assert bucket_of(uris).tolist() == [zlib.crc32(u.encode()) >> 28 for u in uris.to_pylist()]
+    assert set(bucket_of(uris, chunk=7).tolist()) == set(range(BUCKETS))
 
 
 def test_a_flat_table_is_read_as_it_is_then_moved_into_buckets(model, tmp_path):

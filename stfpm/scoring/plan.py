@@ -15,7 +15,8 @@ import pyarrow.fs as pafs
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.model.registry import is_registry
 from stfpm.scoring.sources import CATEGORY, ModelRef, list_inputs, resolve_models
-from stfpm.scoring.table import BUCKET, INDEX_SCHEMA, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns, table_schema
+from stfpm.scoring.table import (BUCKET, INDEX_SCHEMA, bucket_of, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns,
+                                 is_bucketed, shards, table_files, table_schema)
 from stfpm.storage import filesystem_for, is_s3, join_uri
 
 
@@ -76,10 +77,12 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     inputs = inputs.append_column("model_version", per_input([r.version for r in refs], pa.string()))
     inputs = inputs.append_column("_row", pa.array(np.arange(n), pa.int64()))
     scores = join_uri(output, SCORES)
-    done = settled(scores, {r.version: r.threshold for r in refs})
     keys = inputs.select(["image_uri", "input_version", "model_version", "_row"])
-    rows = _not_settled(keys, done)["_row"].combine_chunks()
-    pending = inputs.take(rows.take(pc.sort_indices(rows)))  # in image_uri order, as listed
+    rows, to_compact = pending_rows(scores, join_uri(output, SUCCESS), keys,
+                                     {r.version: r.threshold for r in refs})
+    del keys
+    pending = inputs.take(rows)  # in image_uri order, as listed
+    del inputs
     which = which.take(pending["_row"])
     per_input = lambda values, kind: pa.array(values, kind).take(which)  # noqa: E731
     known = ", ".join(sorted(str(k) for k in models))
@@ -95,7 +98,6 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     errors = pc.coalesce(refused, unknown)
     kinds = pc.if_else(pc.is_valid(refused), INPUT_ERROR,
                        pc.if_else(no_model, TRANSIENT_ERROR, pa.scalar(None, pa.string())))
-    table_files = _files_to_compact(scores, join_uri(output, SUCCESS), pending["image_uri"])
     pending = drop_columns(pending, "_input_error", "_row", "model_version")
     columns = {"model_name": per_input([r.name for r in refs], pa.string()),
                "model_version": per_input([r.version for r in refs], pa.string()),
@@ -109,28 +111,65 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
         pending = pending.append_column(pa.field(name, values.type), values)
     run_id = run_id or new_run_id()
     return Plan(output=output, run_id=run_id, models=models, partitions=partitions, pending=pending,
-                n_listed=n, n_skipped=n - len(pending), table_files=table_files,
+                n_listed=n, n_skipped=n - len(pending), table_files=to_compact,
                 timings={"list_s": t_list, "plan_s": time.perf_counter() - t0})
 
 
-def settled(scores_uri: str, thresholds: dict[str, float]) -> pa.Table:
-    """(image_uri, input_version, model_version) of the rows of the table that settle their
-    input (plan_run): ok rows scored with the threshold this run uses for their model
-    version, and error rows of kind "input". The filter runs in the scan: only these rows'
-    three columns are held."""
-    empty = pa.table({c: pa.array([], pa.string()) for c in ("image_uri", "input_version", "model_version")})
-    fs, path = filesystem_for(scores_uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return empty
-    version, threshold = pads.field("model_version"), pads.field("threshold")
-    same = None
-    for v, t in thresholds.items():
-        term = (version == v) & (threshold == t)
-        same = term if same is None else same | term
-    ok = pads.field("status") == "ok"
-    settles = (ok & same if same is not None else pads.scalar(False)) | (pads.field("error_kind") == INPUT_ERROR)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
-    return dataset.to_table(columns=empty.column_names, filter=settles)
+def pending_rows(scores_uri: str, success_uri: str, keys: pa.Table,
+                 thresholds: dict[str, float]) -> tuple[pa.Array, list[str] | None]:
+    """(`_row` of the inputs `keys` that the table does not settle (settles), ascending; the
+    table files the end of the run must compact besides its own: those holding a row of an
+    input it scores, or None for the whole table when the last run did not finish (no
+    _SUCCESS: it is deleted when a run starts, written when it ends, so superseded rows may
+    be anywhere)). Bucket by bucket: the inputs of a bucket (table.bucket_of) against that
+    bucket's rows, one scan of the columns that decide each, so the driver holds one
+    bucket's keys at a time, not the table's (a flat table written before buckets is one
+    shard)."""
+    fs, _ = filesystem_for(scores_uri)
+    groups = shards(table_files(scores_uri))
+    if not groups:
+        return keys["_row"].combine_chunks(), []
+    success_fs, success_path = filesystem_for(success_uri)
+    finished = success_fs.get_file_info(success_path).type == pafs.FileType.File
+    if len(groups) == 1 and not is_bucketed(groups[0][0]):
+        shard_of = {0: groups[0]}
+        buckets = np.zeros(len(keys), np.int8)
+    else:
+        shard_of = {int(g[0].rsplit("/", 2)[-2].split("=", 1)[1]): g for g in groups}
+        buckets = bucket_of(keys["image_uri"])
+    found, compact = [], set()
+    for bucket in np.unique(buckets):
+        mine = keys.take(pa.array(np.flatnonzero(buckets == bucket), pa.int64()))
+        files = shard_of.get(int(bucket))
+        if files is None:  # no row of this bucket in the table yet
+            found.append(mine["_row"].combine_chunks())
+            continue
+        dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
+        index = dataset.to_table(columns=[*SETTLE_COLUMNS, "__fragment_index"])
+        done = index.filter(settles(index, thresholds)).select(["image_uri", "input_version", "model_version"])
+        todo = _not_settled(mine, done)
+        found.append(todo["_row"].combine_chunks())
+        if finished and len(todo):
+            held = pc.is_in(index["image_uri"], value_set=todo["image_uri"].combine_chunks())
+            compact.update(dataset.files[i] for i in pc.unique(index["__fragment_index"].filter(held)).to_pylist())
+        del index, done, todo, mine
+    rows = pa.concat_arrays(found)
+    return rows.take(pc.sort_indices(rows)), sorted(compact) if finished else None
+
+
+SETTLE_COLUMNS = ["image_uri", "input_version", "model_version", "status", "threshold", "error_kind"]
+
+
+def settles(index: pa.Table, thresholds: dict[str, float]) -> pa.ChunkedArray:
+    """Which rows of the table (SETTLE_COLUMNS) settle their input (plan_run): ok rows scored
+    with the threshold this run uses for their model version, and error rows of kind "input"."""
+    ok = pc.fill_null(pc.equal(index["status"], "ok"), False)
+    same = pa.chunked_array([pa.array(np.zeros(len(index), bool))])
+    for version, threshold in thresholds.items():
+        term = pc.and_(pc.equal(index["model_version"], version), pc.equal(index["threshold"], threshold))
+        same = pc.or_(same, pc.fill_null(term, False))
+    bad_file = pc.fill_null(pc.equal(index["error_kind"], INPUT_ERROR), False)
+    return pc.or_(pc.and_(ok, same), bad_file)
 
 
 def _not_settled(inputs: pa.Table, done: pa.Table) -> pa.Table:
@@ -145,21 +184,3 @@ def _not_settled(inputs: pa.Table, done: pa.Table) -> pa.Table:
         pending = pending.join(any_version, keys=["image_uri", "model_version"], join_type="left anti",
                                use_threads=False)
     return pending
-
-
-def _files_to_compact(scores_uri: str, success_uri: str, pending_uris: pa.ChunkedArray) -> list[str] | None:
-    """The table files the end of the run must compact besides its own (sink.remove_superseded):
-    those holding a row of an input this run scores. None (the whole table) when the last run
-    did not finish (no _SUCCESS: it is deleted when a run starts, written when it ends), as it
-    may have left superseded rows anywhere."""
-    fs, path = filesystem_for(scores_uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    if filesystem_for(success_uri)[0].get_file_info(filesystem_for(success_uri)[1]).type != pafs.FileType.File:
-        return None
-    if not len(pending_uris):
-        return []
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
-    found = dataset.to_table(columns=["__fragment_index"],
-                             filter=pads.field("image_uri").isin(pending_uris.combine_chunks()))
-    return sorted(dataset.files[i] for i in pc.unique(found["__fragment_index"]).to_pylist())

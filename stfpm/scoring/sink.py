@@ -51,7 +51,7 @@ class TableWriter:
         if not len(batch):
             return
         now = time.monotonic()
-        for bucket, rows in by_bucket(with_image_ids(batch)):
+        for bucket, rows in by_bucket(batch):
             self.since.setdefault(bucket, now)
             self.buffers.setdefault(bucket, []).append(rows)
             if sum(map(len, self.buffers[bucket])) >= self.rows_per_file:
@@ -84,8 +84,10 @@ class TableWriter:
 
 
 def by_bucket(rows: pa.Table):
-    """(bucket, rows of that bucket) for each bucket `rows` hold (table.bucket_of of their image_id)."""
-    buckets = bucket_of(rows["image_id"]).to_numpy(zero_copy_only=False)
+    """(bucket, rows of that bucket) for each bucket `rows` hold (table.bucket_of of their image_uri)."""
+    if not len(rows):
+        return
+    buckets = bucket_of(rows["image_uri"])
     if (buckets == buckets[0]).all():
         yield int(buckets[0]), rows
         return
@@ -99,11 +101,11 @@ def by_bucket(rows: pa.Table):
 
 
 def table_file_name(table: pa.Table) -> str:
-    """part-<hash of its rows' (image_id, model_version, run_id)>.parquet: the same rows, the
+    """part-<hash of its rows' (image_uri, model_version, run_id)>.parquet: the same rows, the
     same name (a re-write of a run's rows replaces its file); another run's rows of the same
     inputs, another name (they never replace an earlier row unseen: compaction decides)."""
     runs = table["run_id"] if "run_id" in table.column_names else pa.nulls(len(table), pa.string())
-    keys = sorted(zip(table["image_id"].to_pylist(), table["model_version"].to_pylist(), runs.to_pylist()),
+    keys = sorted(zip(table["image_uri"].to_pylist(), table["model_version"].to_pylist(), runs.to_pylist()),
                   key=repr)
     return "part-" + hashlib.sha256(repr(keys).encode()).hexdigest()[:24] + ".parquet"
 
@@ -215,8 +217,6 @@ def move_flat_files(scores_uri: str) -> int:
     flat = [f for f in table_files(scores_uri) if not is_bucketed(f)]
     for file in flat:
         table = pq.read_table(file, filesystem=fs)
-        if "image_id" not in table.column_names:
-            table = with_image_ids(table)
         for _, rows in by_bucket(table):
             write_file(rows, scores_uri)
         fs.delete_file(file)
