@@ -259,6 +259,7 @@ def read_scores(output: str, latest: bool = True):
     scores = join_uri(output, SCORES)
     found = pads.field("model_version")
     scan = found.is_null() | found.isin(sorted(set(success_versions(output)))) if latest else None
+    pool = pa.default_memory_pool()
     parts = []
     for shard in scan_shards(scores, filter=scan):
         if latest:
@@ -266,13 +267,14 @@ def read_scores(output: str, latest: bool = True):
             if len(rows) < len(shard):
                 shard = shard.take(pa.array(rows, pa.int64()))
         parts.append(shard)
+        pool.release_unused()  # a bucket's scan buffers, before the next bucket's
     if not parts:
         fs, path = filesystem_for(scores)
         parts = [pads.dataset(path, filesystem=fs, format="parquet").to_table(filter=scan)]
-    return _sorted_frame(parts, "image_uri")
+    return _sorted_frame(parts, "image_uri", pool)
 
 
-def _sorted_frame(parts: list[pa.Table], key: str):
+def _sorted_frame(parts: list[pa.Table], key: str, pool: pa.MemoryPool):
     """The tables `parts` (emptied: the caller gives them up) as one pandas DataFrame sorted
     by `key`, each column moved and converted on its own: one column's copy at a time
     instead of the whole table's."""
@@ -285,15 +287,11 @@ def _sorted_frame(parts: list[pa.Table], key: str):
     index = pd.RangeIndex(table.num_rows)
     del table
     frame = {}
-    pool = pa.default_memory_pool()
     for name in names:
-        column = columns.pop(name)
-        if pa.types.is_string(column.type):  # pandas keeps strings as large_string: one copy, not two
-            column = column.cast(pa.large_string())
-        column = pa.table({name: column.take(order)})
+        column = pa.table({name: columns.pop(name).take(order)})
         frame[name] = column.to_pandas(self_destruct=True, split_blocks=True)[name]
         del column
-        pool.release_unused()  # the freed copies go back to the OS before the next column's
+        pool.release_unused()  # the source column's buffers, before the next column's copy
     return pd.DataFrame(frame, index=index, copy=False)
 
 
