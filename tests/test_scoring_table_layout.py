@@ -46,7 +46,7 @@ def _rows(plan, score: float = 0.25) -> pa.Table:
     return set_columns(plan.pending, status=(["ok"] * n, pa.string()), error=none(pa.string()),
                        error_kind=none(pa.string()), raw_score=([score] * n, pa.float64()),
                        score=([score] * n, pa.float64()), is_anomaly=([False] * n, pa.bool_()),
-                       threshold=([plan.models[None].threshold] * n, pa.float64()), ood=none(pa.bool_()),
+                       threshold=([next(iter(plan.models.values())).threshold] * n, pa.float64()), ood=none(pa.bool_()),
                        ood_score=none(pa.float64()), device=(["cpu"] * n, pa.string()),
                        width=([64] * n, pa.int32()), height=([64] * n, pa.int32()),
                        map_uri=none(pa.string()), overlay_uri=none(pa.string()))
@@ -140,3 +140,41 @@ def test_a_move_killed_midway_is_finished_without_duplicates(model, tmp_path):
     table = pq.read_table(out / "scores").drop_columns(["bucket"]).sort_by("image_uri")
     assert not top and table.equals(flat)
     assert move_flat_files(str(out / "scores")) == 0
+
+
+def test_the_plan_settles_each_input_by_its_own_models_rows(model, tmp_path):
+    """A registry: an input is settled only by a row of its category's model version (the
+    plan's anti-joins run per model, bucket by bucket); a category without a model is never
+    settled."""
+    other = make_model(tmp_path / "models" / "b-model", seed=1)
+    registry = tmp_path / "models" / "registry.yaml"
+    registry.write_text(f"models:\n  a: {model}\n  b: {other}\n")
+    for category, n in (("a", 5), ("b", 5), ("c", 2)):
+        _images(tmp_path / "data" / category, n, seed=ord(category))
+    out = tmp_path / "out"
+    args = (str(registry), str(tmp_path / "data"), str(out))
+    first = plan_run(*args)
+    assert len(first.pending) == 12
+    rows = _registry_rows(first)
+    category = pa.array(first.pending["category"].to_pylist())
+    write_table_file(rows.filter(pa.compute.equal(category, "a")), str(out / "scores"), first.run_id, first.schema)
+    (out / "_SUCCESS").write_text("{}")
+    again = plan_run(*args)
+    assert sorted(set(again.pending["category"].to_pylist())) == ["b", "c"] and len(again.pending) == 7
+    # b's inputs scored by a's model version: not b's rows, still pending
+    wrong = rows.filter(pa.compute.equal(category, "b"))
+    wrong = wrong.set_column(wrong.column_names.index("model_version"), "model_version",
+                             pa.array([first.models["a"].version] * len(wrong)))
+    write_table_file(wrong, str(out / "scores"), "r2", first.schema)
+    assert len(plan_run(*args).pending) == 7
+    write_table_file(rows.filter(pa.compute.invert(pa.compute.equal(category, "a"))), str(out / "scores"), "r3",
+                     first.schema)
+    last = plan_run(*args)
+    assert last.pending["category"].to_pylist() == ["c", "c"] and last.n_skipped == 10
+
+
+def _registry_rows(plan) -> pa.Table:
+    """ok rows for every pending input, each at its own model's threshold."""
+    rows = _rows(plan)
+    thresholds = [plan.models[c].threshold if c in plan.models else None for c in plan.pending["category"].to_pylist()]
+    return rows.set_column(rows.column_names.index("threshold"), "threshold", pa.array(thresholds, pa.float64()))
