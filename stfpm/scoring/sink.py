@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stfpm.scoring.table import (BUCKETS, INPUT_ERROR, TRANSIENT_ERROR, bucket_folder, bucket_of, codes, is_bucketed,
-                                 read_index, set_columns, table_files, winning_rows, with_image_ids)
+                                 read_index, set_columns, shards, table_files, winning_rows, with_image_ids)
 from stfpm.storage import filesystem_for, is_s3, join_uri, write_bytes
 
 ROWS_PER_FILE = 4096
@@ -174,7 +174,14 @@ def remove_superseded(scores_uri: str, files: Sequence[str] | None = None) -> in
     superseded rows are rewritten without them (idempotent, so a run killed here is finished
     by the next). `files`: only these files are looked at (a run's own files and those that
     held earlier rows of its inputs, Plan.table_files), so the cost is the run's, not the
-    table's history; None: the whole table. Returns the number of rows removed."""
+    table's history; None: the whole table. Bucket by bucket (an input's rows are all in one).
+    Returns the number of rows removed."""
+    groups = shards(table_files(scores_uri) if files is None else sorted(files))
+    return sum(_remove_superseded(scores_uri, group) for group in groups)
+
+
+def _remove_superseded(scores_uri: str, files: list[str]) -> int:
+    """remove_superseded among the rows of `files` (every row of their inputs)."""
     index = read_index(scores_uri, files, ["image_uri", "input_version", "model_version", "status", "scored_at"])
     if not len(index):
         return 0
