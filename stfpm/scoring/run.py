@@ -57,6 +57,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -65,7 +66,7 @@ from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.scoring.plan import Plan, plan_run
 from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, move_flat_files, remove_superseded
 from stfpm.scoring.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
-from stfpm.scoring.table import INDEX_SCHEMA, MAPS, SCORES, SUCCESS, scan_shards, winning_rows
+from stfpm.scoring.table import INDEX_SCHEMA, MAPS, SCORES, SUCCESS, shards, table_files, winning_rows
 from stfpm.scoring.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
 from stfpm.storage import MODEL_CACHE, check_output, filesystem_for, join_uri, s3_settings, write_bytes
@@ -238,9 +239,11 @@ def table_counts(scores_uri: str, versions: list[str]) -> dict:
     bucket by bucket (an input's rows are all in one), reading only the columns that decide."""
     counts = dict.fromkeys(("table_rows", "table_ok", "table_error", "latest_rows", "latest_ok", "latest_error"), 0)
     count = lambda column, value: int(pc.sum(pc.equal(column, value)).as_py() or 0)  # noqa: E731
-    wanted = pa.array(sorted(set(versions)), pa.string())
-    for shard in scan_shards(scores_uri, ["image_uri", "input_version", "status", "scored_at", "model_version"],
-                             schema=INDEX_SCHEMA):
+    wanted = sorted(set(versions))
+    fs, _ = filesystem_for(scores_uri)
+    for group in shards(table_files(scores_uri)):
+        dataset = pads.dataset(group, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
+        shard = dataset.to_table(columns=["status", "model_version"])
         status, found = shard["status"], shard["model_version"]
         counts["table_rows"] += len(shard)
         counts["table_ok"] += count(status, "ok")
@@ -250,7 +253,9 @@ def table_counts(scores_uri: str, versions: list[str]) -> dict:
             # (image_uri, model_version), so the latest view is the rows of that version
             latest = status.filter(pc.equal(found, wanted[0]))
         else:
-            current = shard.filter(pc.or_(pc.is_null(found), pc.is_in(found, value_set=wanted)))
+            field = pads.field("model_version")
+            current = dataset.to_table(columns=["image_uri", "input_version", "status", "scored_at"],
+                                       filter=field.is_null() | field.isin(wanted))
             latest = current["status"].take(pa.array(winning_rows(current, ["image_uri"]), pa.int64()))
         counts["latest_rows"] += len(latest)
         counts["latest_ok"] += count(latest, "ok")
