@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from stfpm.audit.config import AuditConfig, iso, utc_now
 from stfpm.scoring.sources import CATEGORY
-from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, winning_rows
+from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, TableShards, winning_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ALERT, EXIT_ERRORS = 0, 1, 2, 3, 4
 HISTOGRAM_BINS = 20
@@ -39,7 +39,7 @@ def summarize(table, inputs: pa.Table, cfg: AuditConfig, *, run_id: str, since: 
     carries its reasons: "why" per category (`category_why`) and for the run (`run_why`)."""
     tallies: dict[str, _Tally] = {}
     scored = error_input = transient = 0
-    for shard in shards_of(table):
+    for shard in shards_of(table, SUMMARY_COLUMNS):
         rows = one_row_per_input(shard, sort=False)
         if not len(rows):
             continue
@@ -73,9 +73,17 @@ def summarize(table, inputs: pa.Table, cfg: AuditConfig, *, run_id: str, since: 
     return summary
 
 
-def shards_of(table) -> Iterable[pa.Table]:
-    """A run's table as shards: a pa.Table is one; table.TableShards reads its buckets one by one."""
-    return [table] if isinstance(table, pa.Table) else table
+PICK_COLUMNS = ["image_uri", "input_version", "status", "scored_at"]  # table.winning_rows's
+SUMMARY_COLUMNS = [*PICK_COLUMNS, CATEGORY, "model_name", "model_version", "threshold", "error", "error_kind",
+                   "is_anomaly", "score", "raw_score", "ood", "ood_score", "width", "height", "map_uri", "overlay_uri"]
+
+
+def shards_of(table, columns: list[str]) -> Iterable[pa.Table]:
+    """A run's table as shards: a pa.Table is one; table.TableShards reads its buckets one by
+    one, only `columns` of them; other shards (tables) are taken as they are."""
+    if isinstance(table, pa.Table):
+        return [table]
+    return table.select(columns) if isinstance(table, TableShards) else table
 
 
 def one_row_per_input(table: pa.Table, sort: bool = True) -> pa.Table:
@@ -92,7 +100,7 @@ def one_row_per_input(table: pa.Table, sort: bool = True) -> pa.Table:
 def transient_uris(table) -> pa.Array:
     """The inputs whose standing row (one_row_per_input) is a transient error, shard by shard."""
     found = [pa.array([], pa.string())]
-    for shard in shards_of(table):
+    for shard in shards_of(table, [*PICK_COLUMNS, "error_kind"]):
         rows = one_row_per_input(shard, sort=False)
         if len(rows) and "error_kind" in rows.column_names:
             failed = rows.filter(pc.fill_null(pc.equal(rows["error_kind"], TRANSIENT_ERROR), False))["image_uri"]

@@ -123,16 +123,19 @@ def shards(files: Sequence[str]) -> list[list[str]]:
 
 def scan_shards(scores_uri: str, columns: Sequence[str] | None = None, filter=None,
                 schema: pa.Schema | None = None):
-    """The table's rows shard by shard (shards), each a pa.Table of `columns` (default: all)
-    whose rows pass `filter` (a pyarrow.dataset expression, applied in the scan). The schema
-    is `schema`, else the table's (as pyarrow.dataset infers it for the whole folder), so
-    every shard has the same columns. Memory: one shard's rows at a time."""
+    """The table's rows shard by shard (shards), each a pa.Table of `columns` (default: all;
+    those the table lacks are left out) whose rows pass `filter` (a pyarrow.dataset
+    expression, applied in the scan). The schema is `schema`, else the table's (as
+    pyarrow.dataset infers it for the whole folder), so every shard has the same columns.
+    Memory: one shard's rows at a time."""
     fs, path = filesystem_for(scores_uri)
     files = table_files(scores_uri)
     if not files:
         return
     if schema is None:
         schema = pads.dataset(path, filesystem=fs, format="parquet").schema
+    if columns is not None:
+        columns = [c for c in columns if c in schema.names or c.startswith("__")]
     for group in shards(files):
         yield pads.dataset(group, filesystem=fs, format="parquet", schema=schema).to_table(
             columns=list(columns) if columns is not None else None, filter=filter)
@@ -147,6 +150,10 @@ class TableShards:
 
     def __iter__(self):
         return scan_shards(self.scores_uri, self.columns, self.filter)
+
+    def select(self, columns: Sequence[str]) -> TableShards:
+        """The same shards with only `columns` (those the table has)."""
+        return TableShards(self.scores_uri, columns, self.filter)
 
 
 def read_index(scores_uri: str, files: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
@@ -206,12 +213,12 @@ def winning_rows(table: pa.Table, keys: Sequence[str]) -> np.ndarray:
     n = table.num_rows
     if not n:
         return np.zeros(0, np.int64)
+    if len(keys) == 1 and not table[keys[0]].null_count and pc.count_distinct(table[keys[0]]).as_py() == n:
+        return np.arange(n)  # every value once (one hash pass): every row stands
     group = np.zeros(n, np.int64)
     for key in keys:
         c = codes(table[key])
         group = group * (int(c.max(initial=0)) + 1) + c
-    if len(keys) == 1 and int(group.max(initial=-1)) + 1 == n:  # every value once: every row stands
-        return np.arange(n)
     at = table["scored_at"].cast(pa.int64()).fill_null(np.iinfo(np.int64).min).to_numpy()
     file = _sorted_ranks(table["file"]) if "file" in table.column_names else np.zeros(n, np.int64)
     row = np.arange(n)
