@@ -44,11 +44,11 @@ def summarize(table, inputs: pa.Table, cfg: AuditConfig, *, run_id: str, since: 
         if not len(rows):
             continue
         scored += len(rows)
-        kinds = rows.filter(_not_ok(rows))["error_kind"]
+        failed = _not_ok(rows)
+        kinds = rows["error_kind"].filter(failed)
         error_input, transient = error_input + _count(kinds, INPUT_ERROR), transient + _count(kinds, TRANSIENT_ERROR)
-        name = _category_of(rows)
-        for n in pc.unique(name).to_pylist():
-            tallies.setdefault(n, _Tally(cfg.report.top_k)).add(rows.filter(pc.equal(name, n)))
+        for n, ok, errors in _by_category(rows, failed):
+            tallies.setdefault(n, _Tally(cfg.report.top_k)).add(ok, errors)
     categories = {n: tallies[n].summary(n, cfg) for n in sorted(tallies)}
     ok = sum(c["ok"] for c in categories.values())
     anomalous = sum(c["anomalous"] for c in categories.values())
@@ -127,6 +127,21 @@ def _category_of(rows: pa.Table) -> pa.ChunkedArray:
         [pa.array([NO_CATEGORY] * len(rows), pa.string())])
 
 
+def _by_category(rows: pa.Table, failed: pa.ChunkedArray):
+    """(category, its ok rows, its other rows) for each category of `rows` (_category_of):
+    one sort of the rows by (category, failed), then slices, instead of a filter per category."""
+    encoded = pc.dictionary_encode(_category_of(rows)).combine_chunks()
+    labels = encoded.dictionary.to_pylist()
+    key = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64) * 2 + failed.to_numpy(zero_copy_only=False)
+    order = np.argsort(key, kind="stable")
+    rows = rows.take(pa.array(order, pa.int64()))
+    counts = np.bincount(key, minlength=2 * len(labels))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for code, label in enumerate(labels):
+        yield (label, rows.slice(starts[2 * code], counts[2 * code]),
+               rows.slice(starts[2 * code + 1], counts[2 * code + 1]))
+
+
 def _first(rows: pa.Table, keys: list[tuple[str, str]], k: int) -> pa.Table:
     """The first k rows in `keys` order, then by image_uri (one row per input: a total order,
     so the first k of the first k of each shard are the first k of all)."""
@@ -157,10 +172,9 @@ class _Tally:
         self.kinds: dict[str, list] = {}  # error prefix -> [count, first image_uri]
         self.models: set[tuple] = set()
 
-    def add(self, rows: pa.Table) -> None:
-        failed = _not_ok(rows)
-        ok, errors = rows.filter(pc.invert(failed)), rows.filter(failed)
-        self.inputs += len(rows)
+    def add(self, ok: pa.Table, errors: pa.Table) -> None:
+        """A shard's rows of the category: those that scored ok, and the others."""
+        self.inputs += len(ok) + len(errors)
         self.ok += len(ok)
         self.error += len(errors)
         self.anomalous += int(pc.sum(ok["is_anomaly"]).as_py() or 0) if len(ok) else 0
@@ -168,7 +182,7 @@ class _Tally:
         self.ood += len(unlike)
         if len(ok):
             self.counts += np.histogram(ok["score"].to_numpy(), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
-        shown = [c for c in SHOWN if c in rows.column_names]
+        shown = [c for c in SHOWN if c in ok.column_names]
         self.top = self._keep(self.top, _first(ok.select(shown), TOP_KEYS, self.top_k), TOP_KEYS, self.top_k)
         self.ood_top = self._keep(self.ood_top, _first(unlike.select(shown), OOD_KEYS, self.top_k), OOD_KEYS,
                                   self.top_k)
