@@ -24,6 +24,7 @@ RSS after its imports, and the growth of CPU and RSS from the smallest to the la
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -85,7 +86,7 @@ def table_rows(start: int, n: int, version: str, threshold: float, run_id: str, 
     rng = np.random.default_rng(start)
     idx = np.arange(start, start + n)
     uris = pa.array([uri(int(i)) for i in idx], pa.string())
-    ids = pa.array([f"{i:032x}" for i in idx], pa.string())
+    ids = pa.array([hashlib.sha256(uri(int(i)).encode()).hexdigest()[:32] for i in idx], pa.string())
     score = rng.random(n)
     error = rng.random(n) < 0.02
     status = pa.array(np.where(error, "error", "ok"))
@@ -112,7 +113,8 @@ def table_rows(start: int, n: int, version: str, threshold: float, run_id: str, 
 
 def write_table(folder: Path, start: int, n: int, version: str, threshold: float, run_id: str,
                 category: bool = False) -> None:
-    """A table of n rows the way this code version writes its files (sink.write_rows if it has one)."""
+    """A table of n rows the way this code version lays its files out: in bucket folders
+    (sink.by_bucket) if it has them, else flat; files of ROWS_PER_FILE rows."""
     import pyarrow.parquet as pq
 
     from stfpm.scoring import sink
@@ -120,14 +122,16 @@ def write_table(folder: Path, start: int, n: int, version: str, threshold: float
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(start, start + n, 250_000):
         rows = table_rows(s, min(250_000, start + n - s), version, threshold, run_id, category)
-        for i in range(0, len(rows), ROWS_PER_FILE):
-            part = rows.slice(i, ROWS_PER_FILE)
-            if hasattr(sink, "table_file_path"):  # a partitioned layout
-                path = Path(sink.table_file_path(str(folder), run_id, part))
-                path.parent.mkdir(parents=True, exist_ok=True)
-            else:
-                path = folder / f"part-{s + i:012d}.parquet"
-            pq.write_table(part, path, compression="zstd")
+        if hasattr(sink, "by_bucket"):
+            from stfpm.scoring.table import bucket_folder
+
+            parts = [(folder / bucket_folder(b), b_rows) for b, b_rows in sink.by_bucket(rows)]
+        else:  # the code before issue 23's buckets
+            parts = [(folder, rows)]
+        for where, part in parts:
+            where.mkdir(parents=True, exist_ok=True)
+            for i in range(0, len(part), ROWS_PER_FILE):
+                pq.write_table(part.slice(i, ROWS_PER_FILE), where / f"part-{s + i:012d}.parquet", compression="zstd")
 
 
 def prepare(work: Path, n: int) -> None:

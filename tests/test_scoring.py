@@ -167,7 +167,7 @@ def test_local_folder_end_to_end(workspace, ray_local):
     df = read_table(out)
     files = listed_files(root / "data")
     assert sorted(df.image_uri) == sorted(files)                       # one row per input file
-    assert pq.read_schema(next((out / "scores").glob("part-*.parquet"))) == table_schema(["category", "line"])
+    assert pq.read_schema(next((out / "scores").rglob("part-*.parquet"))) == table_schema(["category", "line"])
     assert (df.image_id == df.image_uri.map(image_id)).all()
     rows = df.set_index("image_uri")
     data = root / "data"
@@ -257,7 +257,7 @@ def test_rerun_skips_scored_inputs_and_finishes_a_killed_run(workspace, ray_loca
     first = score(*args, batch_size=4, rows_per_file=4)  # verbose: the report and the progress lines
     n = len(listed_files(root / "data"))
     assert f"scored {n}/{n} rows (100%)" in capfd.readouterr().err
-    files = sorted((out / "scores").glob("part-*.parquet"))
+    files = sorted((out / "scores").rglob("part-*.parquet"))
     assert len(files) >= 3 and first["counts"]["scored"] == len(listed_files(root / "data"))
 
     # a run killed midway: its _SUCCESS never written, one table file never written, a

@@ -70,18 +70,19 @@ def test_compaction_looks_at_the_runs_files_and_those_of_its_inputs_only(model, 
     first = plan_run(str(model), str(tmp_path / "data"), str(out))
     threshold = first.models[None].threshold
     settled = write_table_file(_rows(first, ["ok"] * 4, [None] * 4, threshold).filter(pa.array(
-        [True, True, False, False])), scores, first.run_id, first.schema)["file"]
+        [True, True, False, False])), scores, first.run_id, first.schema)["paths"]
     failed = _rows(first, ["error"] * 4, ["transient"] * 4, threshold)
-    retried = sorted(write_table_file(failed.slice(i, 1), scores, first.run_id, first.schema)["file"] for i in (2, 3))
+    retried = sorted(write_table_file(failed.slice(i, 1), scores, first.run_id, first.schema)["paths"][0]
+                     for i in (2, 3))
     (out / "_SUCCESS").write_text("{}")  # that run finished
     again = plan_run(str(model), str(tmp_path / "data"), str(out))
     assert again.pending["image_uri"].to_pylist() == [str(p) for p in data[2:]]
     assert again.table_files == retried  # the file of the settled inputs is not looked at
-    before = Path(settled).stat().st_mtime_ns
+    before = [Path(f).stat().st_mtime_ns for f in settled]
     rows = _rows(again, ["ok"] * 2, [None] * 2, threshold)
-    written = write_table_file(rows, scores, again.run_id, again.schema)["file"]
-    assert remove_superseded(scores, sorted({*again.table_files, written})) == 2
-    assert Path(settled).stat().st_mtime_ns == before and not any(Path(f).exists() for f in retried)
+    written = write_table_file(rows, scores, again.run_id, again.schema)["paths"]
+    assert remove_superseded(scores, sorted({*again.table_files, *written})) == 2
+    assert [Path(f).stat().st_mtime_ns for f in settled] == before and not any(Path(f).exists() for f in retried)
     index = read_index(scores)
     assert len(index) == 4 and index["status"].to_pylist() == ["ok"] * 4
     # a run killed before its compaction (no _SUCCESS) left two rows of one input: the next

@@ -61,20 +61,18 @@ from datetime import date, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from stfpm.audit.config import (AlertConfig, AuditConfig, ReportConfig, ScoringConfig, iso, load_config, parse_time,
                                 utc_now)
 from stfpm.audit.report import render_report
-from stfpm.audit.summary import one_row_per_input, summarize
+from stfpm.audit.summary import summarize, transient_uris
 from stfpm.audit.trend import collect_trend
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.scoring.dates import DateTemplate, days_to_list, has_date
 from stfpm.scoring.plan import new_run_id
 from stfpm.scoring.sources import Listed, list_files, path_level, read_manifest
-from stfpm.scoring.table import TRANSIENT_ERROR
+from stfpm.scoring.table import TableShards
 from stfpm.storage import filesystem_for, is_s3, join_uri, read_bytes, set_s3_environment, write_bytes
 
 __all__ = ["AlertConfig", "AuditConfig", "AuditResult", "ReportConfig", "ScoringConfig", "load_config",
@@ -495,14 +493,11 @@ def read_retries(output: str, last: dict | None, arrived: pa.Table) -> pa.Table:
                      for f in schema], schema=schema)
 
 
-def write_retries(run_dir: str, inputs: pa.Table, table: pa.Table) -> None:
-    """RETRY: the rows of `inputs` whose standing row in the run's table is a transient error."""
-    rows = one_row_per_input(table)
-    if len(rows) and "error_kind" in rows.column_names:
-        transient = rows.filter(pc.fill_null(pc.equal(rows["error_kind"], TRANSIENT_ERROR), False))["image_uri"]
-        retry = inputs.filter(pc.is_in(inputs["image_uri"], value_set=transient.combine_chunks()))
-    else:
-        retry = inputs.slice(0, 0)
+def write_retries(run_dir: str, inputs: pa.Table, table) -> None:
+    """RETRY: the rows of `inputs` whose standing row in the run's table (a pa.Table or its
+    shards, read_run_table) is a transient error."""
+    transient = transient_uris(table)
+    retry = inputs.filter(pc.is_in(inputs["image_uri"], value_set=transient)) if len(transient) else inputs.slice(0, 0)
     sink = pa.BufferOutputStream()
     pq.write_table(retry, sink)
     write_bytes(join_uri(run_dir, RETRY), sink.getvalue().to_pybytes())
@@ -513,12 +508,10 @@ def _apply_s3(options: dict) -> None:
     set_s3_environment(options.get("endpoint"), options.get("region"))
 
 
-def read_run_table(run_dir: str) -> pa.Table:
-    """The run's score table (empty when nothing was scored)."""
-    fs, path = filesystem_for(join_uri(run_dir, "scores"))
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return pa.table({})
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+def read_run_table(run_dir: str) -> TableShards:
+    """The run's score table, read bucket by bucket each time it is iterated (no shard when
+    nothing was scored): summarize and write_retries never hold the whole table."""
+    return TableShards(join_uri(run_dir, "scores"))
 
 
 def rerender_report(cfg: AuditConfig, run_id: str) -> str:

@@ -9,6 +9,7 @@ the model's training images (`ood`: wrong model, changed camera) above `alert.oo
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import datetime
 
@@ -18,35 +19,43 @@ import pyarrow.compute as pc
 
 from stfpm.audit.config import AuditConfig, iso, utc_now
 from stfpm.scoring.sources import CATEGORY
-from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, winning_rows
+from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, TableShards, winning_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ALERT, EXIT_ERRORS = 0, 1, 2, 3, 4
 HISTOGRAM_BINS = 20
 NO_CATEGORY = "(none)"
 
 
-def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: str, since: datetime | None,
+def summarize(table, inputs: pa.Table, cfg: AuditConfig, *, run_id: str, since: datetime | None,
               until: datetime, attempts: int, scoring: dict | None, retried: int = 0,
               waiting: dict | None = None) -> dict:
     """audit.json: counts, errors and anomaly rate per category, alerts and the exit code.
     One row per input: its ok row if any (the latest), else its latest error row. Errors
     of kind "transient" above alert.error_rate of the inputs make the exit code 4 (after an
-    alert's 3); bad input files never do. Arrow compute and numpy throughout: no Python
-    object per row. `waiting`: the inputs inside the settle window, reported, not scored.
-    Every decision carries its reasons: "why" per category (`category_why`) and for the run
-    (`run_why`)."""
-    rows = one_row_per_input(table)
-    name = _category_of(rows)
-    names = sorted(pc.unique(name).to_pylist()) if len(rows) else []
-    categories = {n: _category_summary(n, rows.filter(pc.equal(name, n)), cfg) for n in names}
+    alert's 3); bad input files never do. `table`: the run's table, a pa.Table or its shards
+    (table.TableShards: tables whose inputs do not overlap), summed shard by shard, so only
+    one shard's rows are held; Arrow compute and numpy throughout: no Python object per row.
+    `waiting`: the inputs inside the settle window, reported, not scored. Every decision
+    carries its reasons: "why" per category (`category_why`) and for the run (`run_why`)."""
+    tallies: dict[str, _Tally] = {}
+    scored = error_input = transient = 0
+    for shard in shards_of(table, SUMMARY_COLUMNS):
+        rows = one_row_per_input(shard, sort=False)
+        if not len(rows):
+            continue
+        scored += len(rows)
+        failed = _not_ok(rows)
+        kinds = rows["error_kind"].filter(failed)
+        error_input, transient = error_input + _count(kinds, INPUT_ERROR), transient + _count(kinds, TRANSIENT_ERROR)
+        for n, ok, errors in _by_category(rows, failed):
+            tallies.setdefault(n, _Tally(cfg.report.top_k)).add(ok, errors)
+    categories = {n: tallies[n].summary(n, cfg) for n in sorted(tallies)}
     ok = sum(c["ok"] for c in categories.values())
     anomalous = sum(c["anomalous"] for c in categories.values())
     ood = sum(c["ood"] for c in categories.values())
     alerts = [n for n, c in categories.items() if c["alert"]]
-    kinds = rows.filter(_not_ok(rows))["error_kind"] if len(rows) else pa.chunked_array([], pa.string())
-    transient = _count(kinds, TRANSIENT_ERROR)
-    totals = {"inputs": len(inputs), "retried": retried, "scored": len(rows), "ok": ok,
-              "error": sum(c["error"] for c in categories.values()), "error_input": _count(kinds, INPUT_ERROR),
+    totals = {"inputs": len(inputs), "retried": retried, "scored": scored, "ok": ok,
+              "error": sum(c["error"] for c in categories.values()), "error_input": error_input,
               "error_transient": transient, "anomalous": anomalous, "anomaly_rate": anomalous / ok if ok else None,
               "ood": ood, "ood_rate": ood / ok if ok else None}
     failing = bool(transient) and transient / max(len(inputs), 1) > cfg.alert.error_rate
@@ -64,11 +73,39 @@ def summarize(table: pa.Table, inputs: pa.Table, cfg: AuditConfig, *, run_id: st
     return summary
 
 
-def one_row_per_input(table: pa.Table) -> pa.Table:
-    """The row that stands for each input (table.winning_rows), sorted by image_uri."""
+PICK_COLUMNS = ["image_uri", "input_version", "status", "scored_at"]  # table.winning_rows's
+SUMMARY_COLUMNS = [*PICK_COLUMNS, CATEGORY, "model_name", "model_version", "threshold", "error", "error_kind",
+                   "is_anomaly", "score", "raw_score", "ood", "ood_score", "width", "height", "map_uri", "overlay_uri"]
+
+
+def shards_of(table, columns: list[str]) -> Iterable[pa.Table]:
+    """A run's table as shards: a pa.Table is one; table.TableShards reads its buckets one by
+    one, only `columns` of them; other shards (tables) are taken as they are."""
+    if isinstance(table, pa.Table):
+        return [table]
+    return table.select(columns) if isinstance(table, TableShards) else table
+
+
+def one_row_per_input(table: pa.Table, sort: bool = True) -> pa.Table:
+    """The row that stands for each input (table.winning_rows), sorted by image_uri (or in
+    table order with sort=False)."""
     if not table.num_rows:
         return table
-    return table.take(pa.array(winning_rows(table, ["image_uri"]), pa.int64())).sort_by("image_uri")
+    rows = winning_rows(table, ["image_uri"])
+    if len(rows) < table.num_rows:
+        table = table.take(pa.array(rows, pa.int64()))
+    return table.sort_by("image_uri") if sort else table
+
+
+def transient_uris(table) -> pa.Array:
+    """The inputs whose standing row (one_row_per_input) is a transient error, shard by shard."""
+    found = [pa.array([], pa.string())]
+    for shard in shards_of(table, [*PICK_COLUMNS, "error_kind"]):
+        rows = one_row_per_input(shard, sort=False)
+        if len(rows) and "error_kind" in rows.column_names:
+            failed = rows.filter(pc.fill_null(pc.equal(rows["error_kind"], TRANSIENT_ERROR), False))["image_uri"]
+            found.append(failed.combine_chunks().cast(pa.string()))
+    return pa.concat_arrays(found)
 
 
 def _count(column, value) -> int:
@@ -90,53 +127,109 @@ def _category_of(rows: pa.Table) -> pa.ChunkedArray:
         [pa.array([NO_CATEGORY] * len(rows), pa.string())])
 
 
+def _by_category(rows: pa.Table, failed: pa.ChunkedArray):
+    """(category, its ok rows, its other rows) for each category of `rows` (_category_of):
+    one sort of the rows by (category, failed), then slices, instead of a filter per category."""
+    encoded = pc.dictionary_encode(_category_of(rows)).combine_chunks()
+    labels = encoded.dictionary.to_pylist()
+    key = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64) * 2 + failed.to_numpy(zero_copy_only=False)
+    order = np.argsort(key, kind="stable")
+    rows = rows.take(pa.array(order, pa.int64()))
+    counts = np.bincount(key, minlength=2 * len(labels))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for code, label in enumerate(labels):
+        yield (label, rows.slice(starts[2 * code], counts[2 * code]),
+               rows.slice(starts[2 * code + 1], counts[2 * code + 1]))
+
+
 def _first(rows: pa.Table, keys: list[tuple[str, str]], k: int) -> pa.Table:
-    """The first k rows in `keys` order, ties in row order (as a stable sort would give them)."""
-    rows = rows.append_column("_at", pa.array(np.arange(len(rows)), pa.int64()))
+    """The first k rows in `keys` order, then by image_uri (one row per input: a total order,
+    so the first k of the first k of each shard are the first k of all)."""
     if not len(rows) or k <= 0:
         return rows.slice(0, 0)
-    top = pc.select_k_unstable(rows, k=min(k, len(rows)), sort_keys=[*keys, ("_at", "ascending")])
-    return rows.take(top)
+    top = pc.select_k_unstable(rows, k=min(k, len(rows)), sort_keys=[*keys, ("image_uri", "ascending")])
+    return rows.take(top).sort_by([*keys, ("image_uri", "ascending")])
 
 
-def _category_summary(name: str, rows: pa.Table, cfg: AuditConfig) -> dict:
-    failed = _not_ok(rows)
-    ok, errors = rows.filter(pc.invert(failed)), rows.filter(failed)
-    n_ok = len(ok)
-    anomalous = int(pc.sum(ok["is_anomaly"]).as_py() or 0) if n_ok else 0
-    rate = anomalous / n_ok if n_ok else None
-    level = cfg.alert.level(name)
-    unlike = ok.filter(pc.fill_null(ok["ood"], False)) if "ood" in ok.column_names else ok.slice(0, 0)  # null: no check
-    ood_rate = len(unlike) / n_ok if n_ok else None
-    reasons = []
-    if n_ok >= cfg.alert.min_images and rate is not None and rate > level:
-        reasons.append(f"anomaly rate {rate:.2%} above {level:.2%}")
-    if n_ok >= cfg.alert.min_images and ood_rate is not None and ood_rate > cfg.alert.ood_rate:
-        reasons.append(f"{ood_rate:.2%} of inputs unlike the model's training images (ood), above "
-                       f"{cfg.alert.ood_rate:.2%}: wrong model or changed images?")
-    scores = ok["score"].to_numpy() if n_ok else np.zeros(0)
-    counts, edges = np.histogram(scores, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
-    top_k = cfg.report.top_k
-    top = _first(ok, [("score", "descending"), ("raw_score", "descending")], top_k)
-    ood_top = _first(unlike, [("ood_score", "descending")], top_k)
-    prefix = pc.list_element(pc.split_pattern(pc.fill_null(errors["error"], "unknown"), ":", max_splits=1), 0)
-    kinds = {v["values"]: v["counts"] for v in pc.value_counts(prefix).to_pylist()} if len(errors) else {}
-    models = ok.group_by(["model_name", "model_version", "threshold"], use_threads=False).aggregate([]).to_pylist()
-    models = sorted(((m["model_name"], m["model_version"], m["threshold"]) for m in models), key=str)
-    shown = ("image_uri", "score", "raw_score", "is_anomaly", "ood", "ood_score", "width", "height", "map_uri",
-             "overlay_uri")
-    return {
-        "inputs": len(rows), "ok": n_ok, "error": len(errors), "anomalous": anomalous, "anomaly_rate": rate,
-        "alert_level": level, "alert": bool(reasons), "alert_reasons": reasons,
-        "ood": len(unlike), "ood_rate": ood_rate,
-        "ood_examples": [[u, s] for u, s in zip(ood_top["image_uri"].to_pylist(), ood_top["ood_score"].to_pylist())],
-        "models": [{"name": n, "model_version": v, "threshold": t} for n, v, t in models],
-        "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts],
-                      "of": "normalised score, 0.5 = the model's threshold"},
-        "top": [{k: r.get(k) for k in shown} for r in top.to_pylist()],
-        "errors": {"by_kind": kinds, "examples": [[u, e] for u, e in zip(errors["image_uri"].slice(0, 20).to_pylist(),
-                                                                        errors["error"].slice(0, 20).to_pylist())]},
-    }
+TOP_KEYS = [("score", "descending"), ("raw_score", "descending")]
+OOD_KEYS = [("ood_score", "descending")]
+SHOWN = ("image_uri", "score", "raw_score", "is_anomaly", "ood", "ood_score", "width", "height", "map_uri",
+         "overlay_uri")
+ERROR_EXAMPLES = 20
+
+
+class _Tally:
+    """One category's figures summed over the shards of a run (one row per input each): counts,
+    the histogram, and the few rows the report shows (top, ood, error examples) kept as the
+    first k of what was seen so far."""
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+        self.inputs = self.ok = self.error = self.anomalous = self.ood = 0
+        self.counts = np.zeros(HISTOGRAM_BINS, np.int64)
+        self.edges = np.histogram(np.zeros(0), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[1]
+        self.top = self.ood_top = self.examples = None
+        self.kinds: dict[str, list] = {}  # error prefix -> [count, first image_uri]
+        self.models: set[tuple] = set()
+
+    def add(self, ok: pa.Table, errors: pa.Table) -> None:
+        """A shard's rows of the category: those that scored ok, and the others."""
+        self.inputs += len(ok) + len(errors)
+        self.ok += len(ok)
+        self.error += len(errors)
+        self.anomalous += int(pc.sum(ok["is_anomaly"]).as_py() or 0) if len(ok) else 0
+        unlike = ok.filter(pc.fill_null(ok["ood"], False)) if "ood" in ok.column_names else ok.slice(0, 0)  # null: no check
+        self.ood += len(unlike)
+        if len(ok):
+            self.counts += np.histogram(ok["score"].to_numpy(), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+        shown = [c for c in SHOWN if c in ok.column_names]
+        self.top = self._keep(self.top, _first(ok.select(shown), TOP_KEYS, self.top_k), TOP_KEYS, self.top_k)
+        self.ood_top = self._keep(self.ood_top, _first(unlike.select(shown), OOD_KEYS, self.top_k), OOD_KEYS,
+                                  self.top_k)
+        if len(errors):
+            examples = errors.select(["image_uri", "error"])
+            self.examples = self._keep(self.examples, _first(examples, [], ERROR_EXAMPLES), [], ERROR_EXAMPLES)
+            prefix = pc.list_element(pc.split_pattern(pc.fill_null(errors["error"], "unknown"), ":", max_splits=1), 0)
+            kinds = pa.table({"kind": prefix, "image_uri": errors["image_uri"]}).group_by("kind", use_threads=False)
+            for r in kinds.aggregate([("image_uri", "count"), ("image_uri", "min")]).to_pylist():
+                seen = self.kinds.setdefault(r["kind"], [0, r["image_uri_min"]])
+                seen[0] += r["image_uri_count"]
+                seen[1] = min(seen[1], r["image_uri_min"])
+        if len(ok):
+            found = ok.group_by(["model_name", "model_version", "threshold"], use_threads=False).aggregate([])
+            self.models |= {(m["model_name"], m["model_version"], m["threshold"]) for m in found.to_pylist()}
+
+    @staticmethod
+    def _keep(kept: pa.Table | None, new: pa.Table, keys, k: int) -> pa.Table:
+        return new if kept is None else _first(pa.concat_tables([kept, new]), keys, k)
+
+    def summary(self, name: str, cfg: AuditConfig) -> dict:
+        n_ok = self.ok
+        rate = self.anomalous / n_ok if n_ok else None
+        level = cfg.alert.level(name)
+        ood_rate = self.ood / n_ok if n_ok else None
+        reasons = []
+        if n_ok >= cfg.alert.min_images and rate is not None and rate > level:
+            reasons.append(f"anomaly rate {rate:.2%} above {level:.2%}")
+        if n_ok >= cfg.alert.min_images and ood_rate is not None and ood_rate > cfg.alert.ood_rate:
+            reasons.append(f"{ood_rate:.2%} of inputs unlike the model's training images (ood), above "
+                           f"{cfg.alert.ood_rate:.2%}: wrong model or changed images?")
+        top = self.top.to_pylist() if self.top is not None else []
+        ood_top = self.ood_top.to_pylist() if self.ood_top is not None else []
+        examples = self.examples.to_pylist() if self.examples is not None else []
+        kinds = {kind: count for kind, (count, _) in sorted(self.kinds.items(), key=lambda kv: kv[1][1])}
+        models = sorted(self.models, key=str)
+        return {
+            "inputs": self.inputs, "ok": n_ok, "error": self.error, "anomalous": self.anomalous, "anomaly_rate": rate,
+            "alert_level": level, "alert": bool(reasons), "alert_reasons": reasons,
+            "ood": self.ood, "ood_rate": ood_rate,
+            "ood_examples": [[r["image_uri"], r.get("ood_score")] for r in ood_top],
+            "models": [{"name": n, "model_version": v, "threshold": t} for n, v, t in models],
+            "histogram": {"edges": [round(float(e), 4) for e in self.edges], "counts": [int(c) for c in self.counts],
+                          "of": "normalised score, 0.5 = the model's threshold"},
+            "top": [{k: r.get(k) for k in SHOWN} for r in top],
+            "errors": {"by_kind": kinds, "examples": [[r["image_uri"], r["error"]] for r in examples]},
+        }
 
 
 def _pct(rate: float) -> str:

@@ -15,7 +15,8 @@ import pyarrow.fs as pafs
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.model.registry import is_registry
 from stfpm.scoring.sources import CATEGORY, ModelRef, list_inputs, resolve_models
-from stfpm.scoring.table import INDEX_SCHEMA, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns, table_schema
+from stfpm.scoring.table import (BUCKET, INDEX_SCHEMA, bucket_of, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns,
+                                 is_bucketed, shards, table_files, table_schema)
 from stfpm.storage import filesystem_for, is_s3, join_uri
 
 
@@ -51,8 +52,8 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     scored with the threshold this run uses, or an error row of kind "input" (the file
     itself is bad). Transient errors are retried. A row without input_version (written
     before it existed) settles any content, so an upgrade does not rescore a whole table.
-    All of it in Arrow (anti-joins on image_uri, input_version, model_version): no Python
-    object per input."""
+    All of it in Arrow (per model, anti-joins on image_uri and input_version, bucket by
+    bucket: pending_rows): no Python object per input."""
     t0 = time.perf_counter()
     output = output.rstrip("/") if is_s3(output) else filesystem_for(output)[1]  # URIs in the table are absolute
     models = resolve_models(model, threshold)
@@ -61,7 +62,7 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     if registry and CATEGORY not in partitions:
         raise ValueError(f"a model registry picks the model by the {CATEGORY!r} column; "
                          f"name a directory level {CATEGORY!r} in partitions (got {partitions})")
-    reserved = set(table_schema([]).names) | {"size_bytes"}
+    reserved = set(table_schema([]).names) | {"size_bytes", BUCKET}
     if clash := reserved.intersection(partitions):
         raise ValueError(f"partition names {sorted(clash)} are table columns; choose other names")
     inputs = list_inputs(source, partitions, extensions, exclude=output, allow_roots=allow_roots, dates=dates)
@@ -72,14 +73,15 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
         which = pc.index_in(inputs[CATEGORY], value_set=pa.array(list(models), pa.string()))
     else:
         which = pa.array(np.zeros(n, np.int32))
-    per_input = lambda values, kind: pa.array(values, kind).take(which)  # noqa: E731
-    inputs = inputs.append_column("model_version", per_input([r.version for r in refs], pa.string()))
     inputs = inputs.append_column("_row", pa.array(np.arange(n), pa.int64()))
     scores = join_uri(output, SCORES)
-    done = settled(scores, {r.version: r.threshold for r in refs})
-    keys = inputs.select(["image_uri", "input_version", "model_version", "_row"])
-    rows = _not_settled(keys, done)["_row"].combine_chunks()
-    pending = inputs.take(rows.take(pc.sort_indices(rows)))  # in image_uri order, as listed
+    keys = inputs.select(["image_uri", "input_version", "_row"])
+    model_of = which.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    rows, to_compact = pending_rows(scores, join_uri(output, SUCCESS), keys, model_of,
+                                    [(r.version, r.threshold) for r in refs])
+    del keys, model_of
+    pending = inputs.take(rows)  # in image_uri order, as listed
+    del inputs
     which = which.take(pending["_row"])
     per_input = lambda values, kind: pa.array(values, kind).take(which)  # noqa: E731
     known = ", ".join(sorted(str(k) for k in models))
@@ -95,8 +97,7 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     errors = pc.coalesce(refused, unknown)
     kinds = pc.if_else(pc.is_valid(refused), INPUT_ERROR,
                        pc.if_else(no_model, TRANSIENT_ERROR, pa.scalar(None, pa.string())))
-    table_files = _files_to_compact(scores, join_uri(output, SUCCESS), pending["image_uri"])
-    pending = drop_columns(pending, "_input_error", "_row", "model_version")
+    pending = drop_columns(pending, "_input_error", "_row")
     columns = {"model_name": per_input([r.name for r in refs], pa.string()),
                "model_version": per_input([r.version for r in refs], pa.string()),
                "status": pc.if_else(pc.is_valid(errors), "error", pa.scalar(None, pa.string())),
@@ -109,57 +110,77 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
         pending = pending.append_column(pa.field(name, values.type), values)
     run_id = run_id or new_run_id()
     return Plan(output=output, run_id=run_id, models=models, partitions=partitions, pending=pending,
-                n_listed=n, n_skipped=n - len(pending), table_files=table_files,
+                n_listed=n, n_skipped=n - len(pending), table_files=to_compact,
                 timings={"list_s": t_list, "plan_s": time.perf_counter() - t0})
 
 
-def settled(scores_uri: str, thresholds: dict[str, float]) -> pa.Table:
-    """(image_uri, input_version, model_version) of the rows of the table that settle their
-    input (plan_run): ok rows scored with the threshold this run uses for their model
-    version, and error rows of kind "input". The filter runs in the scan: only these rows'
-    three columns are held."""
-    empty = pa.table({c: pa.array([], pa.string()) for c in ("image_uri", "input_version", "model_version")})
-    fs, path = filesystem_for(scores_uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return empty
-    version, threshold = pads.field("model_version"), pads.field("threshold")
-    same = None
-    for v, t in thresholds.items():
-        term = (version == v) & (threshold == t)
-        same = term if same is None else same | term
-    ok = pads.field("status") == "ok"
-    settles = (ok & same if same is not None else pads.scalar(False)) | (pads.field("error_kind") == INPUT_ERROR)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
-    return dataset.to_table(columns=empty.column_names, filter=settles)
+def pending_rows(scores_uri: str, success_uri: str, keys: pa.Table, model_of: np.ndarray,
+                 models: list[tuple[str, float]]) -> tuple[pa.Array, list[str] | None]:
+    """(`_row` of the inputs `keys` (image_uri, input_version, _row) that the table does not
+    settle, ascending; the table files the end of the run must compact besides its own:
+    those holding a row of an input it scores, or None for the whole table when the last
+    run did not finish (no _SUCCESS: it is deleted when a run starts, written when it ends,
+    so superseded rows may be anywhere)). `model_of`: each input's model, an index into
+    `models` ((model_version, threshold) pairs), -1 for none (never settled). Bucket by
+    bucket: the inputs of a bucket (table.bucket_of) against that bucket's rows, read in one
+    scan of the columns that decide, so the driver holds one bucket's keys at a time, not
+    the table's (a flat table written before buckets is one shard)."""
+    fs, _ = filesystem_for(scores_uri)
+    groups = shards(table_files(scores_uri))
+    if not groups:
+        return keys["_row"].combine_chunks(), []
+    success_fs, success_path = filesystem_for(success_uri)
+    finished = success_fs.get_file_info(success_path).type == pafs.FileType.File
+    if len(groups) == 1 and not is_bucketed(groups[0][0]):
+        shard_of = {0: groups[0]}
+        buckets = np.zeros(len(keys), np.int8)
+    else:
+        shard_of = {int(g[0].rsplit("/", 2)[-2].split("=", 1)[1]): g for g in groups}
+        buckets = bucket_of(keys["image_uri"])
+    found, compact = [], set()
+    for bucket in np.unique(buckets):
+        in_bucket = buckets == bucket
+        files = shard_of.get(int(bucket))
+        if files is None:  # no row of this bucket in the table yet
+            found.append(keys["_row"].combine_chunks().filter(pa.array(in_bucket)))
+            continue
+        dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
+        index = dataset.to_table(columns=[*SETTLE_COLUMNS, "__fragment_index"])
+        todo = [keys.take(pa.array(np.flatnonzero(in_bucket & (model_of == -1)), pa.int64()))]
+        for i, (version, threshold) in enumerate(models):
+            mine = np.flatnonzero(in_bucket & (model_of == i))
+            if len(mine):
+                done = index.filter(settles(index, version, threshold)).select(["image_uri", "input_version"])
+                todo.append(_not_settled(keys.take(pa.array(mine, pa.int64())), done))
+        todo = pa.concat_tables(todo)
+        found.append(todo["_row"].combine_chunks())
+        if finished and len(todo):
+            held = pc.is_in(index["image_uri"], value_set=todo["image_uri"].combine_chunks())
+            compact.update(dataset.files[i] for i in pc.unique(index["__fragment_index"].filter(held)).to_pylist())
+        del index, todo
+    rows = pa.concat_arrays(found)
+    return rows.take(pc.sort_indices(rows)), sorted(compact) if finished else None
+
+
+SETTLE_COLUMNS = ["image_uri", "input_version", "model_version", "status", "threshold", "error_kind"]
+
+
+def settles(index: pa.Table, version: str, threshold: float) -> pa.ChunkedArray:
+    """Which rows of the table (SETTLE_COLUMNS) settle their input for the model version
+    `version` scoring at `threshold` (plan_run): its ok rows scored with that threshold, and
+    its error rows of kind "input" (the file itself is bad)."""
+    ok = pc.and_(pc.equal(index["status"], "ok"), pc.equal(index["threshold"], threshold))
+    settled = pc.or_kleene(ok, pc.equal(index["error_kind"], INPUT_ERROR))
+    return pc.fill_null(pc.and_(pc.equal(index["model_version"], version), settled), False)
 
 
 def _not_settled(inputs: pa.Table, done: pa.Table) -> pa.Table:
-    """The rows of `inputs` that no row of `done` (settled) settles, by two left anti-joins:
-    on (image_uri, input_version, model_version), and on (image_uri, model_version) against
-    the rows without input_version (written before it existed: they settle any content). An
-    input without a model (null model_version) is never settled: nulls never match in a join."""
-    keys = ["image_uri", "input_version", "model_version"]
+    """The rows of `inputs` that no row of `done` (the settling rows of their model version)
+    settles, by two left anti-joins: on (image_uri, input_version), and on image_uri against
+    the rows without input_version (written before it existed: they settle any content)."""
+    keys = ["image_uri", "input_version"]
     pending = inputs.join(done, keys=keys, join_type="left anti", use_threads=False) if len(done) else inputs
-    any_version = done.filter(pc.is_null(done["input_version"])).select(["image_uri", "model_version"])
+    any_version = done.filter(pc.is_null(done["input_version"])).select(["image_uri"])
     if len(any_version) and len(pending):
-        pending = pending.join(any_version, keys=["image_uri", "model_version"], join_type="left anti",
-                               use_threads=False)
+        pending = pending.join(any_version, keys=["image_uri"], join_type="left anti", use_threads=False)
     return pending
-
-
-def _files_to_compact(scores_uri: str, success_uri: str, pending_uris: pa.ChunkedArray) -> list[str] | None:
-    """The table files the end of the run must compact besides its own (sink.remove_superseded):
-    those holding a row of an input this run scores. None (the whole table) when the last run
-    did not finish (no _SUCCESS: it is deleted when a run starts, written when it ends), as it
-    may have left superseded rows anywhere."""
-    fs, path = filesystem_for(scores_uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    if filesystem_for(success_uri)[0].get_file_info(filesystem_for(success_uri)[1]).type != pafs.FileType.File:
-        return None
-    if not len(pending_uris):
-        return []
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
-    found = dataset.to_table(columns=["__fragment_index"],
-                             filter=pads.field("image_uri").isin(pending_uris.combine_chunks()))
-    return sorted(dataset.files[i] for i in pc.unique(found["__fragment_index"]).to_pylist())

@@ -12,7 +12,8 @@ The pieces: plan.py (what to score), stages.py (the per-batch stages), sink.py (
 files and compaction), table.py (the columns, TABLE_DOC); this module runs them.
 
 Output under OUTPUT (local folder or s3://bucket/prefix):
-    scores/part-<hash>.parquet   the score table, table.TABLE_DOC
+    scores/bucket=NN/part-<hash>.parquet   the score table, table.TABLE_DOC, in 16 buckets
+                                 by a hash of image_uri (table.bucket_of)
     maps/<model_version>/<image_id>.png       8-bit anomaly map at the input's size
     overlays/<model_version>/<image_id>.png   (--overlays) heatmap over anomalous inputs
     _SUCCESS                     JSON with counts, timings, stage throughput, models;
@@ -65,9 +66,9 @@ from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.errors import UserError
 from stfpm.scoring.dates import LOOKBACK_DAYS, DateTemplate, days_to_list, has_date, run_started
 from stfpm.scoring.plan import Plan, plan_run
-from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, remove_superseded
+from stfpm.scoring.sink import FLUSH_S, ROWS_PER_FILE, TableWriter, merge_stats, move_flat_files, remove_superseded
 from stfpm.scoring.stages import MAX_BYTES, FusedScoreActor, ScoreActor, load_images, write_maps
-from stfpm.scoring.table import INDEX_SCHEMA, MAPS, SCORES, SUCCESS, winning_rows
+from stfpm.scoring.table import INDEX_SCHEMA, MAPS, SCORES, SUCCESS, shards, table_files, winning_rows
 from stfpm.scoring.progress import ScoringProgress
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, drop_progress_bars_disabled_notice, init_ray, native_lines_dropped
 from stfpm.storage import MODEL_CACHE, check_output, filesystem_for, join_uri, read_bytes, s3_settings, write_bytes
@@ -241,11 +242,13 @@ def score(model: str, source: str, output: str, *, partitions: list[str] | None 
 def finish_run(plan: Plan, totals: dict, layout: dict | None, started: float, written: list[str] = (),
                echo=logger.debug) -> dict:
     """The end of a run: compaction of the files this run wrote and of those that held rows of
-    its inputs (plan.table_files), never the table's whole history; the table's counts from
-    a few of its columns; _SUCCESS. Returns the summary."""
+    its inputs (plan.table_files), never the table's whole history; a flat table's rows
+    moved into bucket folders (once, sink.move_flat_files); the table's counts from a few of
+    its columns; _SUCCESS. Returns the summary."""
     t0 = time.perf_counter()
     scores = join_uri(plan.output, SCORES)
     removed = remove_superseded(scores, None if plan.table_files is None else sorted({*plan.table_files, *written}))
+    move_flat_files(scores)  # a table written before buckets: once
     counts = table_counts(scores, [ref.version for ref in plan.models.values()])
     plan.timings["compact_s"] = time.perf_counter() - t0
     plan.timings["total_s"] = time.perf_counter() - started
@@ -256,26 +259,32 @@ def finish_run(plan: Plan, totals: dict, layout: dict | None, started: float, wr
 
 
 def table_counts(scores_uri: str, versions: list[str]) -> dict:
-    """Rows, ok and error rows of the whole table and of its latest view (table.latest_rows):
-    only the columns that decide are read."""
-    fs, path = filesystem_for(scores_uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return {"table_rows": 0, "table_ok": 0, "table_error": 0, "latest_rows": 0, "latest_ok": 0, "latest_error": 0}
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
-    rows = dataset.to_table(columns=["status", "model_version"])
-    status, found = rows["status"], rows["model_version"]
+    """Rows, ok and error rows of the whole table and of its latest view (table.latest_rows),
+    bucket by bucket (an input's rows are all in one), reading only the columns that decide."""
+    counts = dict.fromkeys(("table_rows", "table_ok", "table_error", "latest_rows", "latest_ok", "latest_error"), 0)
     count = lambda column, value: int(pc.sum(pc.equal(column, value)).as_py() or 0)  # noqa: E731
-    if len(set(versions)) == 1 and not found.null_count:
-        # one model and no row without one: the table, just compacted, holds one row per
-        # (image_uri, model_version), so the latest view is the rows of that version
-        latest = status.filter(pc.equal(found, versions[0]))
-    else:
-        field = pads.field("model_version")
-        current = dataset.to_table(columns=["image_uri", "input_version", "status", "scored_at"],
-                                   filter=field.is_null() | field.isin(sorted(set(versions))))
-        latest = current["status"].take(pa.array(winning_rows(current, ["image_uri"]), pa.int64()))
-    return {"table_rows": len(status), "table_ok": count(status, "ok"), "table_error": count(status, "error"),
-            "latest_rows": len(latest), "latest_ok": count(latest, "ok"), "latest_error": count(latest, "error")}
+    wanted = sorted(set(versions))
+    fs, _ = filesystem_for(scores_uri)
+    for group in shards(table_files(scores_uri)):
+        dataset = pads.dataset(group, filesystem=fs, format="parquet", schema=INDEX_SCHEMA)
+        shard = dataset.to_table(columns=["status", "model_version"])
+        status, found = shard["status"], shard["model_version"]
+        counts["table_rows"] += len(shard)
+        counts["table_ok"] += count(status, "ok")
+        counts["table_error"] += count(status, "error")
+        if len(wanted) == 1 and not found.null_count:
+            # one model and no row without one: the table, just compacted, holds one row per
+            # (image_uri, model_version), so the latest view is the rows of that version
+            latest = status.filter(pc.equal(found, wanted[0]))
+        else:
+            field = pads.field("model_version")
+            current = dataset.to_table(columns=["image_uri", "input_version", "status", "scored_at"],
+                                       filter=field.is_null() | field.isin(wanted))
+            latest = current["status"].take(pa.array(winning_rows(current, ["image_uri"]), pa.int64()))
+        counts["latest_rows"] += len(latest)
+        counts["latest_ok"] += count(latest, "ok")
+        counts["latest_error"] += count(latest, "error")
+    return counts
 
 
 def build_pipeline(plan: Plan, *, batch_size: int = 32, actors: tuple[int, int] = (1, 1), gpus_per_actor: float = 0,

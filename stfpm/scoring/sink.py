@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stfpm.scoring.table import (INPUT_ERROR, TRANSIENT_ERROR, codes, read_index, set_columns, winning_rows,
-                                 with_image_ids)
+from stfpm.scoring.table import (BUCKETS, INPUT_ERROR, TRANSIENT_ERROR, bucket_folder, bucket_of, codes, is_bucketed,
+                                 read_index, set_columns, shards, table_files, winning_rows, with_image_ids)
 from stfpm.storage import filesystem_for, is_s3, join_uri, write_bytes
 
 ROWS_PER_FILE = 4096
@@ -23,8 +23,9 @@ STAGES = ("read", "decode", "predict", "maps", "table")
 
 
 class TableWriter:
-    """Writes the pipeline's rows into table files as they arrive on the driver: a file when
-    `rows_per_file` rows are buffered or the oldest buffered row has waited `flush_s`, so a
+    """Writes the pipeline's rows into table files as they arrive on the driver, each bucket
+    (table.bucket_of) into its own folder: a bucket's file when `rows_per_file` of its rows
+    are buffered, every bucket's when the oldest buffered row has waited `flush_s`, so a
     killed run loses at most about `flush_s` of scored rows (their maps are rewritten by
     the re-run). Each file is named by a hash of its rows; `totals` sums their stats."""
 
@@ -32,8 +33,8 @@ class TableWriter:
                  flush_s: float = FLUSH_S):
         self.scores_uri, self.run_id, self.schema = scores_uri, run_id, schema
         self.rows_per_file, self.flush_s = rows_per_file, flush_s
-        self.buffer: list[pa.Table] = []
-        self.since = 0.0
+        self.buffers: dict[int, list[pa.Table]] = {}
+        self.since: dict[int, float] = {}  # when each bucket's oldest buffered row arrived
         self.parts: list[dict] = []
 
     def consume(self, ds, on_rows=None) -> dict:
@@ -49,63 +50,101 @@ class TableWriter:
     def add(self, batch: pa.Table) -> None:
         if not len(batch):
             return
-        if not self.buffer:
-            self.since = time.monotonic()
-        self.buffer.append(batch)
-        while sum(map(len, self.buffer)) >= self.rows_per_file:
-            rows = pa.concat_tables(self.buffer)
-            self.buffer = [rows.slice(self.rows_per_file)] if len(rows) > self.rows_per_file else []
-            self._write(rows.slice(0, self.rows_per_file))
-        if self.buffer and time.monotonic() - self.since >= self.flush_s:
+        now = time.monotonic()
+        for bucket, rows in by_bucket(batch):
+            self.since.setdefault(bucket, now)
+            self.buffers.setdefault(bucket, []).append(rows)
+            if sum(map(len, self.buffers[bucket])) >= self.rows_per_file:
+                self._flush_bucket(bucket, whole_files_only=True)
+        if self.since and now - min(self.since.values()) >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
-        if self.buffer:
-            rows, self.buffer = pa.concat_tables(self.buffer), []
-            self._write(rows)
+        for bucket in sorted(self.buffers):
+            self._flush_bucket(bucket)
 
-    def _write(self, rows: pa.Table) -> None:
-        self.parts.append(write_table_file(rows, self.scores_uri, self.run_id, self.schema))
-        self.since = time.monotonic()
+    def _flush_bucket(self, bucket: int, whole_files_only: bool = False) -> None:
+        rows = pa.concat_tables(self.buffers.pop(bucket))
+        self.since.pop(bucket)
+        n = len(rows) - len(rows) % self.rows_per_file if whole_files_only else len(rows)
+        for i in range(0, n, self.rows_per_file):
+            self.parts.append(write_table_file(rows.slice(i, min(self.rows_per_file, n - i)), self.scores_uri,
+                                               self.run_id, self.schema))
+        if n < len(rows):
+            self.buffers[bucket], self.since[bucket] = [rows.slice(n)], time.monotonic()
 
     @property
     def files(self) -> list[str]:
         """The table files written (filesystem paths, as read_index names them)."""
-        return [part["file"] for part in self.parts]
+        return [path for part in self.parts for path in part["paths"]]
 
     @property
     def totals(self) -> dict:
         return merge_stats(self.parts)
 
 
+def by_bucket(rows: pa.Table):
+    """(bucket, rows of that bucket) for each bucket `rows` hold (table.bucket_of of their image_uri)."""
+    if not len(rows):
+        return
+    buckets = bucket_of(rows["image_uri"])
+    if (buckets == buckets[0]).all():
+        yield int(buckets[0]), rows
+        return
+    order = np.argsort(buckets, kind="stable")
+    rows = rows.take(pa.array(order, pa.int64()))
+    counts = np.bincount(buckets, minlength=BUCKETS)
+    start = 0
+    for bucket in np.flatnonzero(counts):
+        yield int(bucket), rows.slice(start, int(counts[bucket]))
+        start += int(counts[bucket])
+
+
+def table_file_name(table: pa.Table) -> str:
+    """part-<hash of its rows' (image_uri, model_version, run_id)>.parquet: the same rows, the
+    same name (a re-write of a run's rows replaces its file); another run's rows of the same
+    inputs, another name (they never replace an earlier row unseen: compaction decides)."""
+    runs = table["run_id"] if "run_id" in table.column_names else pa.nulls(len(table), pa.string())
+    keys = sorted(zip(table["image_uri"].to_pylist(), table["model_version"].to_pylist(), runs.to_pylist()),
+                  key=repr)
+    return "part-" + hashlib.sha256(repr(keys).encode()).hexdigest()[:24] + ".parquet"
+
+
+def write_file(table: pa.Table, scores_uri: str) -> str:
+    """Table rows of one bucket as one whole Parquet file in its bucket folder (one PUT on S3,
+    temp file + rename locally: readers never see half a file); returns its filesystem path."""
+    (bucket, _), = by_bucket(table.slice(0, 1))
+    uri = join_uri(scores_uri, bucket_folder(bucket), table_file_name(table))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(uri, sink.getvalue().to_pybytes())
+    return filesystem_for(uri)[1]
+
+
 def write_table_file(batch: pa.Table, scores_uri: str, run_id: str, schema: pa.Schema) -> dict:
-    """One Parquet file of table rows from pipeline rows; returns the rows' stats."""
+    """Table rows from pipeline rows, one file per bucket they fall in; returns the rows'
+    stats (`paths`: the files written)."""
     t0 = time.perf_counter()
     n = len(batch)
     now = datetime.now(timezone.utc)
     batch = set_columns(with_image_ids(batch), run_id=([run_id] * n, pa.string()),
                         scored_at=([now] * n, pa.timestamp("us", tz="UTC")))
     table = pa.table([batch[f.name].cast(f.type) for f in schema], schema=schema)
-    keys = sorted(zip(table["image_id"].to_pylist(), table["model_version"].to_pylist()))
-    name = "part-" + hashlib.sha256(repr(keys).encode()).hexdigest()[:24] + ".parquet"
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    uri = join_uri(scores_uri, name)
-    write_bytes(uri, sink.getvalue().to_pybytes())
+    paths = [write_file(rows, scores_uri) for _, rows in by_bucket(table)]
     status, kinds = table["status"], table["error_kind"]
     count = lambda column, value: int(pc.sum(pc.equal(column, value)).as_py() or 0)  # noqa: E731
     errors = table.filter(pc.equal(status, "error")).slice(0, 10)
     stats = {"rows": n, "ok": count(status, "ok"), "error": count(status, "error"),
              "error_input": count(kinds, INPUT_ERROR), "error_transient": count(kinds, TRANSIENT_ERROR),
              "anomalous": int(pc.sum(table["is_anomaly"]).as_py() or 0),
-             "ood": int(pc.sum(table["ood"]).as_py() or 0), "files": 1,
+             "ood": int(pc.sum(table["ood"]).as_py() or 0), "files": len(paths),
              "seconds": {s: float(pc.sum(batch[f"_t_{s}"]).as_py() or 0.0)
                          for s in STAGES[:-1] if f"_t_{s}" in batch.column_names},
              "actor_peak_rss_mb": float(pc.max(batch["_actor_rss_mb"]).as_py() or 0.0)
              if "_actor_rss_mb" in batch.column_names else 0.0,
              "devices": sorted(pc.unique(table["device"].drop_null()).to_pylist()),
              "error_examples": [list(r) for r in zip(errors["image_uri"].to_pylist(), errors["error"].to_pylist())],
-             "file": filesystem_for(uri)[1]}
+             "paths": paths}
     stats["seconds"]["table"] = time.perf_counter() - t0
     return stats
 
@@ -135,7 +174,14 @@ def remove_superseded(scores_uri: str, files: Sequence[str] | None = None) -> in
     superseded rows are rewritten without them (idempotent, so a run killed here is finished
     by the next). `files`: only these files are looked at (a run's own files and those that
     held earlier rows of its inputs, Plan.table_files), so the cost is the run's, not the
-    table's history; None: the whole table. Returns the number of rows removed."""
+    table's history; None: the whole table. Bucket by bucket (an input's rows are all in one).
+    Returns the number of rows removed."""
+    groups = shards(table_files(scores_uri) if files is None else sorted(files))
+    return sum(_remove_superseded(scores_uri, group) for group in groups)
+
+
+def _remove_superseded(scores_uri: str, files: list[str]) -> int:
+    """remove_superseded among the rows of `files` (every row of their inputs)."""
     index = read_index(scores_uri, files, ["image_uri", "input_version", "model_version", "status", "scored_at"])
     if not len(index):
         return 0
@@ -167,3 +213,18 @@ def remove_superseded(scores_uri: str, files: Sequence[str] | None = None) -> in
         else:
             fs.delete_file(file)
     return int(losers.sum())
+
+
+def move_flat_files(scores_uri: str) -> int:
+    """Move the rows of files at the top of scores/ (a table written before buckets) into
+    their bucket folders, then delete those files: once per table, by the first run that
+    ends in it. Idempotent (the same rows make the same file names), so a run killed midway
+    leaves copies that the next run finishes moving. Returns the number of files moved."""
+    fs, _ = filesystem_for(scores_uri)
+    flat = [f for f in table_files(scores_uri) if not is_bucketed(f)]
+    for file in flat:
+        table = pq.read_table(file, filesystem=fs)
+        for _, rows in by_bucket(table):
+            write_file(rows, scores_uri)
+        fs.delete_file(file)
+    return len(flat)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ from stfpm.model.score_scale import ScoreScale
 from stfpm.storage import filesystem_for, join_uri, read_bytes
 
 SCORES, MAPS, OVERLAYS, SUCCESS = "scores", "maps", "overlays", "_SUCCESS"
+BUCKET, BUCKETS = "bucket", 16  # 2**4: scores/bucket=NN/ by bucket_of(image_uri) (docs/design.md §11)
 
 TABLE_DOC = """\
 column         type                 meaning
@@ -75,6 +77,85 @@ INDEX_SCHEMA = pa.schema([("image_uri", pa.string()), ("input_version", pa.strin
                           ("scored_at", pa.timestamp("us", tz="UTC"))])
 
 
+def bucket_of(uris: pa.ChunkedArray | pa.Array, chunk: int = 1 << 18) -> np.ndarray:
+    """Each URI's bucket (0..15): the top 4 bits of the CRC-32 of image_uri (its UTF-8), so
+    every row of an input lies in one bucket whichever run wrote it (Spark:
+    shiftright(crc32(image_uri), 28)). CRC-32 rather than sha256 (image_id): the plan hashes
+    every listed URI, and CRC-32 is 2.3x faster; its top bits spread names that differ in a
+    few digits evenly (its low bits did not)."""
+    out = np.empty(len(uris), np.int8)
+    uris = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
+    for i in range(0, len(uris), chunk):
+        part = uris.slice(i, chunk).to_pylist()
+        out[i:i + len(part)] = [zlib.crc32(u.encode()) >> 28 for u in part]
+    return out
+
+
+def bucket_folder(bucket: int) -> str:
+    """The hive-style folder of a bucket under scores/ (pandas, DuckDB and Spark read it as a column)."""
+    return f"{BUCKET}={bucket:02d}"
+
+
+def table_files(scores_uri: str) -> list[str]:
+    """The table's Parquet files (filesystem paths, sorted), in bucket folders or (a table
+    written before buckets) at the top; names starting with "." or "_" (temp files) left out."""
+    fs, path = filesystem_for(scores_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
+
+
+def is_bucketed(file: str) -> bool:
+    return file.rsplit("/", 2)[-2].startswith(BUCKET + "=")
+
+
+def shards(files: Sequence[str]) -> list[list[str]]:
+    """`files` in groups that each hold every row of their inputs: one group per bucket
+    folder; all of them as one group when some file lies outside the bucket folders (a flat
+    table written before buckets, until a run moves its rows, sink.move_flat_files)."""
+    if not all(is_bucketed(f) for f in files):
+        return [list(files)] if files else []
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        groups.setdefault(f.rsplit("/", 1)[0], []).append(f)
+    return [groups[k] for k in sorted(groups)]
+
+
+def scan_shards(scores_uri: str, columns: Sequence[str] | None = None, filter=None,
+                schema: pa.Schema | None = None):
+    """The table's rows shard by shard (shards), each a pa.Table of `columns` (default: all;
+    those the table lacks are left out) whose rows pass `filter` (a pyarrow.dataset
+    expression, applied in the scan). The schema is `schema`, else the table's (as
+    pyarrow.dataset infers it for the whole folder), so every shard has the same columns.
+    Memory: one shard's rows at a time."""
+    fs, path = filesystem_for(scores_uri)
+    files = table_files(scores_uri)
+    if not files:
+        return
+    if schema is None:
+        schema = pads.dataset(path, filesystem=fs, format="parquet").schema
+    if columns is not None:
+        columns = [c for c in columns if c in schema.names or c.startswith("__")]
+    for group in shards(files):
+        yield pads.dataset(group, filesystem=fs, format="parquet", schema=schema).to_table(
+            columns=list(columns) if columns is not None else None, filter=filter)
+
+
+class TableShards:
+    """A score table read shard by shard whenever it is iterated (scan_shards): the whole
+    table is never held at once. Iterating twice reads the table twice."""
+
+    def __init__(self, scores_uri: str, columns: Sequence[str] | None = None, filter=None):
+        self.scores_uri, self.columns, self.filter = scores_uri, columns, filter
+
+    def __iter__(self):
+        return scan_shards(self.scores_uri, self.columns, self.filter)
+
+    def select(self, columns: Sequence[str]) -> TableShards:
+        """The same shards with only `columns` (those the table has)."""
+        return TableShards(self.scores_uri, columns, self.filter)
+
+
 def read_index(scores_uri: str, files: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
     """INDEX_SCHEMA's columns (or `columns` of them) and `file` (dictionary-encoded) of every
     row already written (a column older files lack is null), or of the rows of `files` only;
@@ -132,12 +213,12 @@ def winning_rows(table: pa.Table, keys: Sequence[str]) -> np.ndarray:
     n = table.num_rows
     if not n:
         return np.zeros(0, np.int64)
+    if len(keys) == 1 and not table[keys[0]].null_count and pc.count_distinct(table[keys[0]]).as_py() == n:
+        return np.arange(n)  # every value once (one hash pass): every row stands
     group = np.zeros(n, np.int64)
     for key in keys:
         c = codes(table[key])
         group = group * (int(c.max(initial=0)) + 1) + c
-    if len(keys) == 1 and int(group.max(initial=-1)) + 1 == n:  # every value once: every row stands
-        return np.arange(n)
     at = table["scored_at"].cast(pa.int64()).fill_null(np.iinfo(np.int64).min).to_numpy()
     file = _sorted_ranks(table["file"]) if "file" in table.column_names else np.zeros(n, np.int64)
     row = np.arange(n)
@@ -177,21 +258,49 @@ def success_versions(output: str) -> list[str]:
 
 
 def read_scores(output: str, latest: bool = True):
-    """OUTPUT's score table as a pandas DataFrame. latest=True (the default): one row per
-    input, scored by the model version(s) of the last finished run (latest_rows; _SUCCESS
-    says which); latest=False: every row kept, one per input and model version."""
-    fs, path = filesystem_for(join_uri(output, SCORES))
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    if latest:
-        versions = success_versions(output)
-        found = pads.field("model_version")
-        table = dataset.to_table(filter=found.is_null() | found.isin(sorted(set(versions))))
-        rows = winning_rows(table, ["image_uri"])
-        if len(rows) < len(table):
-            table = table.take(pa.array(rows, pa.int64()))
-    else:
-        table = dataset.to_table()
-    return table.sort_by("image_uri").to_pandas(self_destruct=True, split_blocks=True)
+    """OUTPUT's score table as a pandas DataFrame sorted by image_uri. latest=True (the
+    default): one row per input, scored by the model version(s) of the last finished run
+    (latest_rows; _SUCCESS says which); latest=False: every row kept, one per input and model
+    version. Read bucket by bucket (scan_shards, the filter in the scan), so besides the
+    result only one bucket's rows are held; the sort moves one column at a time."""
+    scores = join_uri(output, SCORES)
+    found = pads.field("model_version")
+    scan = found.is_null() | found.isin(sorted(set(success_versions(output)))) if latest else None
+    pool = pa.default_memory_pool()
+    parts = []
+    for shard in scan_shards(scores, filter=scan):
+        if latest:
+            rows = winning_rows(shard, ["image_uri"])
+            if len(rows) < len(shard):
+                shard = shard.take(pa.array(rows, pa.int64()))
+        parts.append(shard.combine_chunks())  # the scan's many small chunks held 1.8x their data at 1M rows
+        del shard
+        pool.release_unused()  # a bucket's scan buffers, before the next bucket's
+    if not parts:
+        fs, path = filesystem_for(scores)
+        parts = [pads.dataset(path, filesystem=fs, format="parquet").to_table(filter=scan)]
+    return _sorted_frame(parts, "image_uri", pool)
+
+
+def _sorted_frame(parts: list[pa.Table], key: str, pool: pa.MemoryPool):
+    """The tables `parts` (emptied: the caller gives them up) as one pandas DataFrame sorted
+    by `key`, each column moved and converted on its own: one column's copy at a time
+    instead of the whole table's."""
+    import pandas as pd
+
+    table = pa.concat_tables(parts)
+    parts.clear()
+    order = pc.sort_indices(table[key])
+    names, columns = table.column_names, dict(zip(table.column_names, table.columns))
+    index = pd.RangeIndex(table.num_rows)
+    del table
+    frame = {}
+    for name in names:
+        column = pa.table({name: columns.pop(name).take(order)})
+        frame[name] = column.to_pandas(self_destruct=True, split_blocks=True)[name]
+        del column
+        pool.release_unused()  # the source column's buffers, before the next column's copy
+    return pd.DataFrame(frame, index=index, copy=False)
 
 
 # ---------------------------------------------------------------- the pipeline's row batches
