@@ -158,7 +158,7 @@ def pending_rows(scores_uri: str, success_uri: str, keys: pa.Table, model_of: np
             held = pc.is_in(index["image_uri"], value_set=todo["image_uri"].combine_chunks())
             compact.update(dataset.files[i] for i in pc.unique(index["__fragment_index"].filter(held)).to_pylist())
         del index, todo
-    rows = pa.concat_arrays(found)
+    rows = pa.concat_arrays(found) if found else keys["_row"].combine_chunks()  # no inputs listed
     return rows.take(pc.sort_indices(rows)), sorted(compact) if finished else None
 
 
