@@ -335,6 +335,7 @@ def test_every_bad_audit_config_exits_2_naming_the_key_before_anything_is_writte
             ("scoring", {"extensions": ".png"}, "scoring.extensions must be a list of file name endings"),
             ("scoring", {"cpus_per_actor": 0}, "scoring.cpus_per_actor must be a number > 0"),
             ("partitions", ["status"], "partitions ['status'] are columns of the score table"),
+            ("partitions", ["bucket"], "partitions ['bucket'] are columns of the score table"),
             ("partitions", "category", "partitions must be a list of names"),
             ("models", str(tmp_path / "nowhere"), "models: " + str(tmp_path / "nowhere") + " does not exist"),
             ("source", str(tmp_path / "none"), "source: " + str(tmp_path / "none") + " does not exist"),

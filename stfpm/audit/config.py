@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import yaml
 
 from stfpm.scoring.dates import DateTemplate, has_date
-from stfpm.scoring.table import table_schema
+from stfpm.scoring.table import reserved_names
 from stfpm.errors import UserError
 from stfpm.storage import filesystem_for, is_s3, read_bytes, refuse_credentials
 
@@ -156,7 +156,7 @@ class AuditConfig:
         self.manifests = self.manifests.rstrip("/") if self.manifests else self.manifests
         if (self.source is None) == (self.manifests is None):
             raise UserError("the audit config needs exactly one of `source` (images) and `manifests`")
-        reserved = set(table_schema([]).names) | {"size_bytes", "arrived_at"}
+        reserved = reserved_names() | {"arrived_at"}
         if clash := reserved.intersection(self.partitions or []):
             raise UserError(f"partitions {sorted(clash)} are columns of the score table; choose other names")
         if self.partitions and len(set(self.partitions)) != len(self.partitions):

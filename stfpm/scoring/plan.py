@@ -15,8 +15,8 @@ import pyarrow.fs as pafs
 from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.model.registry import is_registry
 from stfpm.scoring.sources import CATEGORY, ModelRef, list_inputs, resolve_models
-from stfpm.scoring.table import (BUCKET, INDEX_SCHEMA, bucket_of, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns,
-                                 is_bucketed, shards, table_files, table_schema)
+from stfpm.scoring.table import (INDEX_SCHEMA, bucket_of, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns,
+                                 is_bucketed, reserved_names, shards, table_files, table_schema)
 from stfpm.storage import filesystem_for, is_s3, join_uri
 
 
@@ -62,7 +62,7 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
     if registry and CATEGORY not in partitions:
         raise ValueError(f"a model registry picks the model by the {CATEGORY!r} column; "
                          f"name a directory level {CATEGORY!r} in partitions (got {partitions})")
-    reserved = set(table_schema([]).names) | {"size_bytes", BUCKET}
+    reserved = reserved_names()
     if clash := reserved.intersection(partitions):
         raise ValueError(f"partition names {sorted(clash)} are table columns; choose other names")
     inputs = list_inputs(source, partitions, extensions, exclude=output, allow_roots=allow_roots, dates=dates)

@@ -63,6 +63,12 @@ def table_schema(partitions: list[str]) -> pa.Schema:
     return pa.schema(head + [(p, pa.string()) for p in partitions] + tail)
 
 
+def reserved_names() -> set[str]:
+    """Names a --partitions level may not take: the table's columns, the manifests'
+    `size_bytes`, and the hive folder level `bucket` that readers of the folder see."""
+    return set(table_schema([]).names) | {"size_bytes", BUCKET}
+
+
 def map_to_raw(pixels: np.ndarray, threshold: float, log_scale: float) -> np.ndarray:
     """Map PNG pixels back to raw anomaly scores: the exact inverse of the normalised score
     (pixel / 255 = s; 0 -> 0, 255 -> inf), so within the 8-bit quantisation of s. `threshold`
