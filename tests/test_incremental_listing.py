@@ -4,7 +4,6 @@ and Parquet) give the same input_version a listing gives, with no HEAD or stat p
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import sys
 from datetime import date, datetime, timedelta, timezone
@@ -23,6 +22,7 @@ from stfpm.audit import run as audit  # noqa: E402
 from stfpm.audit.config import AuditConfig  # noqa: E402
 from stfpm.errors import UserError  # noqa: E402
 from stfpm.scoring import score  # noqa: E402
+from stfpm.runtime import configure_logging  # noqa: E402
 from stfpm.scoring.dates import DateTemplate, days_to_list, parse_days  # noqa: E402
 from stfpm.scoring.plan import plan_run  # noqa: E402
 from stfpm.scoring.sources import list_inputs  # noqa: E402
@@ -77,16 +77,17 @@ def test_which_days_a_run_lists(tmp_path):
     assert nested.root == "s3://b/cam" and nested.uri(D2) == "s3://b/cam/2026/12/02/"
 
 
-def test_a_dated_folder_source_lists_only_its_days(tmp_path, caplog):
+def test_a_dated_folder_source_lists_only_its_days(tmp_path, capsys):
+    configure_logging()  # as the CLI and jobs do: the warning is a line on stderr, whatever ran before
     for d, names in ((D1, ["a.png"]), (D2, ["b.png", "c.png"]), (D3, ["d.png"])):
         _images(tmp_path / "line3" / d.isoformat() / "cam1", names)
     source = str(tmp_path / "line3" / "{date}")
-    with caplog.at_level(logging.WARNING):
-        table = list_inputs(source, ["day", "camera"], dates=[D2, D3, D4])
+    table = list_inputs(source, ["day", "camera"], dates=[D2, D3, D4])
     assert [Path(u).name for u in table["image_uri"].to_pylist()] == ["b.png", "c.png", "d.png"]
     assert table["day"].to_pylist() == ["2026-12-02", "2026-12-02", "2026-12-03"]  # levels from the template's root
     assert table["camera"].to_pylist() == ["cam1"] * 3
-    assert "1 of 3 day folders" in caplog.text and "2026-12-04" in caplog.text
+    err = capsys.readouterr().err
+    assert "1 of 3 day folders" in err and "2026-12-04" in err
     assert len(list_inputs(source, [])) == 4  # no dates given: every day folder that exists
     empty = list_inputs(source, ["day"], dates=[D4])
     assert len(empty) == 0 and empty.column_names == ["image_uri", "input_version", "size_bytes", "day",
