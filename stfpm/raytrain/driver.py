@@ -190,6 +190,11 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     if cfg.model == "patchcore":
         return train(data, out_dir, cfg)
     split = split_dataset(data, cfg)
+    if cfg.augment == "auto":  # decided once here, so every worker (and a resumed run) trains with the same
+        from stfpm.training.loop import resolve_augment
+
+        cfg = resolve_augment(cfg, build_network(cfg.backbone, cfg.teacher_weights, cfg.seed, cfg.student).teacher,
+                              split)
     if not ray.is_initialized():
         init_ray()
     with dataset_cpu_warning_dropped():  # the resource view lags the first dataset's finished tasks (stfpm.noise)
