@@ -59,7 +59,7 @@ def resolve_augment(cfg: TrainConfig, teacher, split) -> TrainConfig:
     kind, evidence = decide_augmentation(teacher, probe[:PROBE_IMAGES * 4], bank[:BANK_IMAGES * 4], cfg.seed)
     ratios = ", ".join(f"{name} {t['local']:.2f}/{t['layout']:.2f}" for name, t in evidence["transforms"].items())
     logger.info(f"--augment auto: {kind} (distance to held-out good images, transformed / untransformed, local/"
-                f"layout, kept when both <= {evidence['safe_ratio']}: {ratios}; {evidence['seconds']:.0f} s)")
+                f"layout, kept when local <= {evidence['safe_ratio']}: {ratios}; {evidence['seconds']:.0f} s)")
     return dataclasses.replace(cfg, augment=kind, augment_evidence=evidence)
 
 
