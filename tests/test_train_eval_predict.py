@@ -40,7 +40,8 @@ def test_model_directory_contents(trained):
     assert meta["training"]["n_holdout"] == 13 and meta["training"]["n_train"] == 51
     assert 1 <= meta["training"]["best_epoch"] <= 20
     assert meta["map"]["layer_norm"] == "views" and meta["map"]["combine"] == "product"
-    assert meta["recipe"]["augment"] == "d4"
+    assert meta["recipe"]["augment"] == "d4"  # --augment auto: the synthetic textures are closed under d4
+    assert all(t["kept"] for t in meta["recipe"]["augment_evidence"]["transforms"].values())
     assert len(meta["map"]["layer_scale"]) == 3 and min(meta["map"]["layer_scale"]) > 0
     assert len(meta["map"]["view_scale"]) == 2 and min(meta["map"]["view_scale"]) > 0
     proxies = meta["validation"]["proxy_auroc"]
@@ -303,7 +304,7 @@ def test_augment_batch_draws_only_pose_changes():
         augment_batch(batch, "rotate", rng)
     with pytest.raises(ValueError, match="augment must be one of"):
         TrainConfig(backbone="efficientnet_lite0", augment="mixup").resolved()
-    assert TrainConfig(backbone="efficientnet_lite0").resolved().augment == "d4"
+    assert TrainConfig(backbone="efficientnet_lite0").resolved().augment == "auto"
     assert TrainConfig(backbone="resnet18").resolved().augment == "none"
     with pytest.raises(ValueError, match="views"):
         TrainConfig(backbone="efficientnet_lite0", combine="sum").resolved()
