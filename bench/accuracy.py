@@ -162,13 +162,26 @@ def evaluate_variants(model_dir: str, data: Path, variants: list[dict], holdout:
 def run_category(kind: str, data: Path, recipe: dict, subset: int | None, seeds: list[int],
                  variants: list[dict], models: Path | None) -> dict:
     """Per variant, the per-seed metrics; plus training time and epochs."""
-    runs, times, resolved = [], [], dict(recipe)
+    runs, times, resolved, augments = [], [], dict(recipe), []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             model_dir, train_s, resolved = trained_model(kind, data, recipe, subset, seed, models or Path(tmp))
             runs.append(evaluate_variants(model_dir, data, variants, holdout_images(model_dir, data, subset, seed)))
             times.append(train_s)
-    return {"runs": runs, "train_s": float(np.mean(times)), "epochs": resolved.get("epochs"), "recipe": resolved}
+            augments.append(augmentation_chosen(model_dir))
+    return {"runs": runs, "train_s": float(np.mean(times)), "epochs": resolved.get("epochs"), "recipe": resolved,
+            "augment": augments}
+
+
+def augmentation_chosen(model_dir: str) -> dict | None:
+    """What the model trained with (model.json's recipe), and with --augment auto each
+    transform's distance ratios, local and layout (stfpm.training.pose)."""
+    recipe = read_card(model_dir).recipe or {}
+    if "augment" not in recipe:
+        return None
+    evidence = recipe.get("augment_evidence") or {}
+    return {"augment": recipe["augment"],
+            "ratios": {name: [t["local"], t["layout"]] for name, t in evidence.get("transforms", {}).items()} or None}
 
 
 def mean_or_none(values: list) -> float | None:
@@ -219,6 +232,8 @@ def main() -> None:
             if v == 0:
                 results[data.name] = {**{k: means[k] for k in METRICS}, "train_s": round(outcome["train_s"], 1),
                                       "epochs": outcome["epochs"]}
+                if any(outcome["augment"]):
+                    results[data.name]["augment"] = outcome["augment"] if len(args.seeds) > 1 else outcome["augment"][0]
         print_table(rows)
     record = {"recipe": {"model": args.model, **resolved, "map": variants[0] or None, "seeds": args.seeds,
                          "train_subset": args.train_subset}, "results": results}

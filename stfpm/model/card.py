@@ -127,7 +127,8 @@ class ModelCard:
     weights: dict = field(default_factory=dict)
     model_version: str = ""
     taps: list | None = None
-    recipe: dict | None = None
+    recipe: dict | None = None  # the resolved TrainConfig; after --augment auto, "augment" is the decision and
+    # "augment_evidence" its measured distance ratios per d4 transform (stfpm.training.pose)
     training: dict | None = None
     metrics: dict | None = None
     versions: dict | None = None

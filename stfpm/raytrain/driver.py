@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / CHECKPOINT_STATE).read_text())
-            if state["cfg"] != config["cfg"]:
+            if _without_timing(state["cfg"]) != _without_timing(config["cfg"]):
                 raise ValueError("the checkpoint under this run name was made with another training "
                                  f"configuration ({state['cfg']}); use another --name to start afresh")
             network.student.set_state_dict(_load_tensors(Path(d) / "student.safetensors"))
@@ -170,6 +170,13 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(record)
 
 
+def _without_timing(cfg: dict) -> dict:
+    """A run's configuration as a resumed run must match it: --augment auto's evidence records
+    how long the decision took, which differs between the run and its resumption."""
+    evidence = cfg.get("augment_evidence")
+    return cfg if not evidence else {**cfg, "augment_evidence": {k: v for k, v in evidence.items() if k != "seconds"}}
+
+
 def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: int = 2, use_gpu: bool = False,
                       storage: str | None = None, name: str | None = None, max_failures: int = 0,
                       threads_per_worker: int | None = None, cpus_per_worker: float = 1) -> TrainResult:
@@ -190,6 +197,11 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     if cfg.model == "patchcore":
         return train(data, out_dir, cfg)
     split = split_dataset(data, cfg)
+    if cfg.augment == "auto":  # decided once here, so every worker (and a resumed run) trains with the same
+        from stfpm.training.loop import resolve_augment
+
+        cfg = resolve_augment(cfg, build_network(cfg.backbone, cfg.teacher_weights, cfg.seed, cfg.student).teacher,
+                              split)
     if not ray.is_initialized():
         init_ray()
     with dataset_cpu_warning_dropped():  # the resource view lags the first dataset's finished tasks (stfpm.noise)

@@ -17,8 +17,9 @@ from stfpm.model.weights import default_cache_dir
 from stfpm.nn import COMBINES, LAYER_NORMS, backbone_spec
 from stfpm.errors import UserError
 from stfpm.storage import fetch_to_cache, is_s3
+from stfpm.training.pose import D4_TRANSFORMS, parse_augment
 
-AUGMENTATIONS = ("none", "flip", "d4")
+AUGMENTATIONS = ("auto", "none", "flip", "d4")  # or comma-separated d4 transforms (stfpm.training.pose)
 MODELS = ("stfpm", "patchcore")  # what `--model` chooses; STFPM is the default
 MAP_SELECTIONS = ("recipe", "proxy")
 
@@ -44,7 +45,8 @@ class TrainConfig:
     seed: int = 0
     threshold_quantile: float = 0.99
     teacher_weights: str | None = None
-    augment: str | None = None
+    augment: str | None = None  # "auto": decided from the good images before training (stfpm.training.pose)
+    augment_evidence: dict | None = None  # with "auto": the measured evidence per transform (model.json's recipe)
     layer_norm: str | None = None  # how the anomaly map is formed (stfpm.nn.anomaly_map); not a training input
     bank_fraction: float | None = None
     bank_pool: int | None = None
@@ -76,8 +78,9 @@ class TrainConfig:
         for key, default in recipe.items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, default)
-        if cfg.augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {cfg.augment!r}")
+        if cfg.augment != "auto" and parse_augment(cfg.augment) is None:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)} or comma-separated d4 transforms "
+                             f"({', '.join(D4_TRANSFORMS)}), got {cfg.augment!r}")
         if cfg.layer_norm not in LAYER_NORMS:
             raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORMS)}, got {cfg.layer_norm!r}")
         if cfg.combine not in COMBINES:

@@ -4,6 +4,7 @@ how gradients are averaged differ. What follows the epochs (card, calibration, s
 stfpm.training.calibration's."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Callable, Iterable
@@ -15,26 +16,51 @@ from stfpm.model.weights import apply_state, load_teacher_state
 from stfpm.nn import STFPM, backbone_spec, stfpm_loss
 from stfpm.runtime import configure_threads
 from stfpm.training.calibration import finalize
-from stfpm.training.config import AUGMENTATIONS, TrainConfig, TrainResult, load_images, split_dataset
+from stfpm.training.config import TrainConfig, TrainResult, load_images, split_dataset
+from stfpm.training.pose import BANK_IMAGES, D4_TRANSFORMS, PROBE_IMAGES, decide_augmentation, parse_augment, sample_paths
 
 logger = logging.getLogger(__name__)
 
 
 def augment_batch(batch: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Per image, a random horizontal flip ("flip") or any of the 8 flips and 90-degree
-    rotations ("d4"). For parts whose pose varies from image to image (screws, nuts,
-    textures) the student then learns every pose it will see; for aligned parts, where an
-    unusual pose is itself a defect, keep "none"."""
+    """Per image, a random horizontal flip ("flip"), any of the 8 flips and 90-degree
+    rotations ("d4"), or the identity or one of the named d4 transforms ("hflip,vflip,rot180":
+    what `--augment auto` keeps, stfpm.training.pose). For parts whose pose varies from image
+    to image (screws, nuts, textures) the student then learns every pose it will see; for
+    aligned parts, where an unusual pose is itself a defect, keep "none"."""
     if kind == "none":
         return batch
-    if kind not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
+    transforms = parse_augment(kind)
+    if transforms is None:
+        raise ValueError(f"augment must be one of none, flip, d4 or comma-separated d4 transforms, got {kind!r}")
     out = np.empty_like(batch)
     for i, image in enumerate(batch):  # (3, S, S)
-        if kind == "d4":
-            image = np.rot90(image, k=int(rng.integers(4)), axes=(1, 2))
-        out[i] = image[:, :, ::-1] if rng.integers(2) else image
+        if kind in ("flip", "d4"):  # the draws of the runs measured before "auto" (same students per seed)
+            if kind == "d4":
+                image = np.rot90(image, k=int(rng.integers(4)), axes=(1, 2))
+            out[i] = image[:, :, ::-1] if rng.integers(2) else image
+        else:
+            pick = int(rng.integers(len(transforms) + 1))
+            out[i] = image if pick == 0 else D4_TRANSFORMS[transforms[pick - 1]](image)
     return out
+
+
+def resolve_augment(cfg: TrainConfig, teacher, split) -> TrainConfig:
+    """`cfg` with augment "auto" replaced by the d4 transforms the good images are closed
+    under, decided with the frozen `teacher` on a few dozen of `split`'s images, and the
+    evidence (stfpm.training.pose); any other augment as it is."""
+    if cfg.augment != "auto":
+        return cfg
+    spec = backbone_spec(cfg.backbone)
+    probe_paths, bank_paths = sample_paths([s.image for s in split.train], [s.image for s in split.holdout], cfg.seed)
+    probe, _ = load_images(probe_paths, cfg.image_size, spec.mean, spec.std, cfg.tiling)
+    bank, _ = load_images(bank_paths, cfg.image_size, spec.mean, spec.std, cfg.tiling)
+    teacher.eval()
+    kind, evidence = decide_augmentation(teacher, probe[:PROBE_IMAGES * 4], bank[:BANK_IMAGES * 4], cfg.seed)
+    ratios = ", ".join(f"{name} {t['local']:.2f}/{t['layout']:.2f}" for name, t in evidence["transforms"].items())
+    logger.info(f"--augment auto: {kind} (distance to held-out good images, transformed / untransformed, local/"
+                f"layout, kept when local <= {evidence['safe_ratio']}: {ratios}; {evidence['seconds']:.0f} s)")
+    return dataclasses.replace(cfg, augment=kind, augment_evidence=evidence)
 
 
 def build_network(backbone: str, teacher_weights: str | None = None, seed: int = 0,
@@ -192,6 +218,7 @@ def train_stfpm(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True
                                                spec.std, cfg.tiling)
 
     network = build_network(cfg.backbone, cfg.teacher_weights, cfg.seed, cfg.student)
+    cfg = resolve_augment(cfg, network.teacher, split)
     optimizer = make_optimizer(network, cfg)
     cache = teacher_cache(network, cfg)
     rng = np.random.default_rng(cfg.seed)

@@ -54,9 +54,11 @@ TRAINING_OPTIONS = {
     "threshold_quantile": (float, typer.Option(0.99, help="Threshold = this quantile of held-out good scores")),
     "teacher_weights": (Optional[str], typer.Option(None, help="Teacher weights: PATH or s3:// URI (.pdparams, "
                                                                ".safetensors, legacy .pth)")),
-    "augment": (Optional[str], typer.Option(None, help="none | flip | d4 (flips and 90-degree rotations, for parts "
-                                                       "whose pose varies); default: d4 for the efficientnet_lite "
-                                                       "teachers, none for resnet18")),
+    "augment": (Optional[str], typer.Option(None, help="auto | none | flip | d4 (flips and 90-degree rotations, "
+                                                       "for parts whose pose varies); auto keeps the d4 transforms "
+                                                       "the good images are closed under, measured with the teacher "
+                                                       "and recorded in model.json; default: auto for the "
+                                                       "efficientnet_lite teachers, none for resnet18")),
     "layer_norm": (Optional[str], typer.Option(None, help="none | median | holdout | views: divide each layer's map "
                                                           "by its image median (or its held-out mean) before "
                                                           "combining; views: the larger of the plain and the median "
