@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -31,7 +30,7 @@ def test_user_errors_share_one_base_and_print_one_line_with_exit_2(tmp_path):
     assert issubclass(ModelDirError, UserError) and issubclass(DatasetError, UserError)
     with pytest.raises(UserError, match="no model.json"):
         read_card(tmp_path)
-    image = _images(tmp_path / "images", 1)[0]
+    image = write_textures(tmp_path / "images", 1)[0]
     result = CliRunner().invoke(app, ["predict", str(tmp_path), str(image), "--out", str(tmp_path / "o")])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "model.json" in lines[0]
@@ -50,34 +49,6 @@ def model(tmp_path_factory) -> Path:
     return _model(tmp_path_factory)
 
 
-def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    from test_scoring import encode, texture
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{i}.png" for i in range(n)]
-    for p in paths:
-        p.write_bytes(encode(texture(rng)))
-    return paths
-
-
-def _pipeline_rows(plan, status: list[str], kinds: list[str | None]) -> pa.Table:
-    """plan.pending as the stages would leave it: the given status and error kind per row,
-    scored with the plan's threshold (a row of another threshold is not "already scored")."""
-    from stfpm.scoring.table import set_columns
-
-    n = len(plan.pending)
-    threshold = next(iter(plan.models.values())).threshold
-    return set_columns(plan.pending, status=(status, pa.string()),
-                       error=([None if s == "ok" else "x: y" for s in status], pa.string()),
-                       error_kind=(kinds, pa.string()), raw_score=([1.0] * n, pa.float64()),
-                       score=([0.5] * n, pa.float64()), is_anomaly=([False] * n, pa.bool_()),
-                       threshold=([threshold] * n, pa.float64()), ood=([None] * n, pa.bool_()),
-                       ood_score=([None] * n, pa.float64()), device=(["cpu"] * n, pa.string()),
-                       width=([64] * n, pa.int32()), height=([64] * n, pa.int32()),
-                       map_uri=([None] * n, pa.string()), overlay_uri=([None] * n, pa.string()))
-
-
 def test_a_model_that_cannot_load_fails_the_run_before_any_row(model, tmp_path):
     """Item 2: one byte flipped in student.safetensors used to give an error row per input
     and exit 0; now the driver checks the weights and the CLI exits 2 with one line."""
@@ -86,7 +57,7 @@ def test_a_model_that_cannot_load_fails_the_run_before_any_row(model, tmp_path):
     weights = bytearray((broken / "student.safetensors").read_bytes())
     weights[-10] ^= 0xFF
     (broken / "student.safetensors").write_bytes(bytes(weights))
-    _images(tmp_path / "data", 2)
+    write_textures(tmp_path / "data", 2)
     with pytest.raises(UserError, match="student.safetensors does not match the sha256"):
         score(str(broken), str(tmp_path / "data"), str(tmp_path / "out"), verbose=False)
     assert not (tmp_path / "out" / "scores").exists()
@@ -103,7 +74,7 @@ def test_model_version_must_be_the_hash_of_the_weights_and_keys_stay_under_outpu
     meta = json.loads((edited / "model.json").read_text())
     meta["model_version"] = "../../ESCAPED"
     (edited / "model.json").write_text(json.dumps(meta))
-    _images(tmp_path / "data", 1)
+    write_textures(tmp_path / "data", 1)
     with pytest.raises(UserError, match=r"model_version.*'\.\./\.\./ESCAPED', but the weights"):
         score(str(edited), str(tmp_path / "data"), str(tmp_path / "out"), verbose=False)
     assert not (tmp_path / "ESCAPED").exists() and not (tmp_path / "out" / "maps").exists()
@@ -124,10 +95,10 @@ def test_input_errors_are_settled_and_transient_errors_retried(model, tmp_path):
     """Item 2: a bad file is not read again for the same content; a model or IO failure is."""
     from stfpm.scoring.sink import write_table_file
 
-    paths = _images(tmp_path / "data", 3)
+    paths = write_textures(tmp_path / "data", 3)
     out = str(tmp_path / "out")
     plan = plan_run(str(model), str(tmp_path / "data"), out)
-    rows = _pipeline_rows(plan, ["ok", "error", "error"], [None, "input", "transient"])
+    rows = pipeline_rows(plan, ["ok", "error", "error"], [None, "input", "transient"])
     write_table_file(rows, f"{out}/scores", plan.run_id, plan.schema)
     again = plan_run(str(model), str(tmp_path / "data"), out)
     assert again.pending["image_uri"].to_pylist() == [str(paths[2])] and again.n_skipped == 2
@@ -138,22 +109,22 @@ def test_an_input_is_its_canonical_uri_and_its_content_version(model, tmp_path):
     ways in a manifest is one input."""
     from stfpm.scoring.sink import write_table_file
 
-    paths = _images(tmp_path / "data" / "d", 2)
+    paths = write_textures(tmp_path / "data" / "d", 2)
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{tmp_path}/data/d/../d/0.png\n{paths[0]}\ndata/./d/1.png\n")
     out = str(tmp_path / "out")
     plan = plan_run(str(model), str(manifest), out)
     assert plan.pending["image_uri"].to_pylist() == [str(p) for p in paths]
-    write_table_file(_pipeline_rows(plan, ["ok", "ok"], [None, None]), f"{out}/scores", plan.run_id, plan.schema)
+    write_table_file(pipeline_rows(plan, ["ok", "ok"], [None, None]), f"{out}/scores", plan.run_id, plan.schema)
     assert len(plan_run(str(model), str(manifest), out).pending) == 0
     time.sleep(0.01)
-    _images(tmp_path / "replacement", 1, seed=5)[0].replace(paths[1])  # new content under the old name
+    write_textures(tmp_path / "replacement", 1, seed=5)[0].replace(paths[1])  # new content under the old name
     for source in (str(manifest), str(tmp_path / "data")):
         assert plan_run(str(model), source, out).pending["image_uri"].to_pylist() == [str(paths[1])]
     # rows from before input_version existed settle any content: an upgrade rescores nothing
     legacy = tmp_path / "legacy"
     plan = plan_run(str(model), str(manifest), str(legacy))
-    old_rows = _pipeline_rows(plan, ["ok", "ok"], [None, None])
+    old_rows = pipeline_rows(plan, ["ok", "ok"], [None, None])
     old_rows = old_rows.set_column(old_rows.column_names.index("input_version"), "input_version",
                                    pa.nulls(2, pa.string()))
     write_table_file(old_rows, f"{legacy}/scores", plan.run_id, plan.schema)
@@ -165,9 +136,9 @@ def test_table_files_are_flushed_by_time_as_well_as_rows(model, tmp_path):
     rows have waited flush_s, so a kill loses at most about that much work."""
     from stfpm.scoring.sink import TableWriter
 
-    _images(tmp_path / "data", 3)
+    write_textures(tmp_path / "data", 3)
     plan = plan_run(str(model), str(tmp_path / "data"), str(tmp_path / "out"))
-    rows = _pipeline_rows(plan, ["ok"] * 3, [None] * 3)
+    rows = pipeline_rows(plan, ["ok"] * 3, [None] * 3)
     writer = TableWriter(str(tmp_path / "out" / "scores"), plan.run_id, plan.schema, rows_per_file=4096, flush_s=0.5)
     files = lambda: sorted((tmp_path / "out" / "scores").rglob("part-*.parquet"))  # noqa: E731
     rows_in = lambda: sum(pq.read_table(f).num_rows for f in files())  # noqa: E731
@@ -188,7 +159,7 @@ def test_odd_files_become_error_rows_without_being_opened_or_quoted(tmp_path):
     from stfpm.scoring.stages import load_images
 
     data = tmp_path / "data"
-    good = _images(data, 1)[0]
+    good = write_textures(data, 1)[0]
     os.mkfifo(data / "fifo.png")
     (data / "dangling.png").symlink_to(data / "nowhere.png")
     (data / "loop.png").symlink_to(data / "loop.png")
@@ -217,7 +188,7 @@ def test_allow_roots_restricts_which_local_files_a_manifest_may_name(tmp_path):
     """Item 8: a manifest could make the workers read any file they can."""
     from stfpm.scoring.sources import list_inputs
 
-    allowed, elsewhere = _images(tmp_path / "images", 1)[0], _images(tmp_path / "private", 1)[0]
+    allowed, elsewhere = write_textures(tmp_path / "images", 1)[0], write_textures(tmp_path / "private", 1)[0]
     (tmp_path / "images" / "link.png").symlink_to(elsewhere)  # a symlink out of the allowed folder
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{allowed}\n{elsewhere}\n{tmp_path}/images/link.png\n")
@@ -245,7 +216,7 @@ def test_output_files_follow_the_umask(tmp_path):
 
 # ---------------------------------------------------------------------- on a local Ray
 
-from test_scoring import _ray_teardown, ray_local  # noqa: E402,F401 - the shared 2-CPU local Ray fixture
+from test_scoring import _ray_teardown, pipeline_rows, ray_local, write_textures  # noqa: E402,F401 - the shared 2-CPU local Ray fixture
 
 
 def test_reruns_retrains_and_switching_back(model, tmp_path, ray_local):  # noqa: F811
@@ -259,7 +230,7 @@ def test_reruns_retrains_and_switching_back(model, tmp_path, ray_local):  # noqa
 
     other = make_model(tmp_path / "other", seed=1)
     version = {m: json.loads((m / "model.json").read_text())["model_version"] for m in (model, other)}
-    _images(tmp_path / "data" / "k", 2)
+    write_textures(tmp_path / "data" / "k", 2)
     out = tmp_path / "out"
     args = [str(tmp_path / "data"), str(out), "--partitions", "kind"]
     assert score(str(model), *args[:2], partitions=["kind"], verbose=False)["counts"]["scored"] == 2
@@ -289,8 +260,8 @@ def test_transient_errors_are_retried_on_later_nights_and_fail_the_exit_code(mod
     from datetime import datetime, timedelta, timezone
 
     src = tmp_path / "incoming"
-    _images(src / "a", 1)
-    _images(src / "c", 1)
+    write_textures(src / "a", 1)
+    write_textures(src / "c", 1)
     (src / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     registry = tmp_path / "registry.yaml"
     registry.write_text(f"models:\n  a: {model}\n")

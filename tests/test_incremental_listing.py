@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_scoring import _ray_teardown, encode, make_model, ray_local, texture  # noqa: E402,F401
+from test_scoring import _ray_teardown, encode, make_model, ray_local, texture, write_textures  # noqa: E402,F401
 
 from stfpm.audit import run as audit  # noqa: E402
 from stfpm.audit.config import AuditConfig  # noqa: E402
@@ -33,14 +33,6 @@ D1, D2, D3, D4 = (date(2026, 12, d) for d in (1, 2, 3, 4))
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("dated") / "model", seed=0)
-
-
-def _images(folder: Path, names: list[str], seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (folder / name).write_bytes(encode(texture(rng)))
-    return [folder / name for name in names]
 
 
 def test_bad_date_templates_are_one_line_errors(tmp_path):
@@ -80,7 +72,7 @@ def test_which_days_a_run_lists(tmp_path):
 def test_a_dated_folder_source_lists_only_its_days(tmp_path, capsys):
     configure_logging()  # as the CLI and jobs do: the warning is a line on stderr, whatever ran before
     for d, names in ((D1, ["a.png"]), (D2, ["b.png", "c.png"]), (D3, ["d.png"])):
-        _images(tmp_path / "line3" / d.isoformat() / "cam1", names)
+        write_textures(tmp_path / "line3" / d.isoformat() / "cam1", names)
     source = str(tmp_path / "line3" / "{date}")
     table = list_inputs(source, ["day", "camera"], dates=[D2, D3, D4])
     assert [Path(u).name for u in table["image_uri"].to_pylist()] == ["b.png", "c.png", "d.png"]
@@ -143,7 +135,7 @@ def test_s3_inventory_manifests_give_the_listings_input_version(s3_env, tmp_path
 
 
 def test_bad_manifest_rows_and_files(tmp_path):
-    good = _images(tmp_path / "img", ["a.png", "b.png"])
+    good = write_textures(tmp_path / "img", ["a.png", "b.png"])
     pq.write_table(pa.table({"uri": [str(p) for p in good], "size": pa.array([None, 5], pa.int64()),
                              "mtime": ["not a time", "2026-12-03T02:10:00Z"]}), tmp_path / "m.parquet")
     table = list_inputs(str(tmp_path / "m.parquet"), [])
@@ -164,7 +156,7 @@ def test_a_manifest_fed_run_matches_a_listing_fed_run(model, tmp_path):
     """The same files scored from a listing, then planned from our own manifest (uri, size, mtime)
     and from a dated source: the same input_version, so the re-run skips everything."""
     day = tmp_path / "line3" / "2026-12-03"
-    paths = _images(day, ["a.png", "b.png", "c.png"])
+    paths = write_textures(day, ["a.png", "b.png", "c.png"])
     out = tmp_path / "out"
     summary = score(str(model), str(day), str(out), verbose=False)
     assert summary["counts"]["scored"] == 3
@@ -185,7 +177,7 @@ def test_the_audit_lists_the_days_since_its_last_run(tmp_path):
     """days_of_night: every existing day before the first finished run, then from the last cut-off's
     day less lookback_days; a day folder that does not exist is counted as missing, not an error."""
     for d in (D1, D2):
-        _images(tmp_path / "src" / d.isoformat(), ["x.png"])
+        write_textures(tmp_path / "src" / d.isoformat(), ["x.png"])
     cfg = AuditConfig(source=str(tmp_path / "src" / "{date}"), output=str(tmp_path / "out"), models=str(tmp_path),
                       lookback_days=1, partitions=["day"])
     cfg.check_paths()  # the template's root exists: accepted
@@ -209,21 +201,21 @@ def test_a_dated_audit_lists_only_recent_days_and_warns_of_a_missing_one(model, 
     now = datetime.now(timezone.utc)
     today, yesterday = now.date(), now.date() - timedelta(days=1)
     src = tmp_path / "src"
-    _images(src / (today - timedelta(days=2)).isoformat() / "cam1", ["a.png"])
-    _images(src / yesterday.isoformat() / "cam1", ["b.png"], seed=1)
+    write_textures(src / (today - timedelta(days=2)).isoformat() / "cam1", ["a.png"])
+    write_textures(src / yesterday.isoformat() / "cam1", ["b.png"], seed=1)
     cfg = AuditConfig(source=str(src / "{date}"), output=str(tmp_path / "audit"), models=str(model),
                       settle_minutes=0, partitions=["day", "camera"], alert=audit.AlertConfig(anomaly_rate=1.0))
     first = audit.run_audit(cfg, now=now, verbose=False)
     assert first.summary["listing"]["new"] == 2 and first.summary["totals"]["ok"] == 2
     assert first.summary["listing"]["days"]["listed"] == 2 and first.summary["listing"]["days"]["missing"] == []
-    _images(src / (today - timedelta(days=3)).isoformat() / "cam1", ["late.png"], seed=2)  # before the look-back
+    write_textures(src / (today - timedelta(days=3)).isoformat() / "cam1", ["late.png"], seed=2)  # before the look-back
     second = audit.run_audit(cfg, now=now + timedelta(minutes=30), verbose=False)
     listing = second.summary["listing"]
     assert listing["days"] == {"first": yesterday.isoformat(), "last": today.isoformat(), "listed": 1,
                                "missing": [today.isoformat()]}
     assert listing["listed"] == 1 and listing["seen"] == 1 and second.summary["totals"]["inputs"] == 0
     assert any("do not exist (yet)" in w and today.isoformat() in w for w in second.summary["warnings"])
-    _images(src / today.isoformat() / "cam2", ["c.png"], seed=3)
+    write_textures(src / today.isoformat() / "cam2", ["c.png"], seed=3)
     third = audit.run_audit(cfg, now=now + timedelta(minutes=60), verbose=False)
     assert third.summary["listing"]["new"] == 1 and third.summary["totals"]["ok"] == 1
     rows = pq.read_table(tmp_path / "audit" / "runs" / third.run_id / "inputs.parquet")

@@ -77,6 +77,33 @@ def encode(image: np.ndarray, ext: str = ".png") -> bytes:
     return cv2.imencode(ext, image)[1].tobytes()
 
 
+def write_textures(folder: Path, names: int | list[str], seed: int = 0) -> list[Path]:
+    """PNG textures under `folder` (made if missing): `names`, or 0.png .. n-1.png for a count."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / (f"{i}.png" if isinstance(names, int) else i) for i in (range(names) if isinstance(names, int) else names)]
+    for p in paths:
+        p.write_bytes(encode(texture(rng)))
+    return paths
+
+
+def pipeline_rows(plan, status: list[str], kinds: list[str | None], threshold: float | None = None) -> pa.Table:
+    """plan.pending as the stages would leave it: the given status and error kind per row, scored
+    at `threshold` (default: the plan's model's; a row of another threshold is not "already scored")."""
+    from stfpm.scoring.table import set_columns
+
+    n = len(plan.pending)
+    threshold = next(iter(plan.models.values())).threshold if threshold is None else threshold
+    return set_columns(plan.pending, status=(status, pa.string()),
+                       error=([None if s == "ok" else "x: y" for s in status], pa.string()),
+                       error_kind=(kinds, pa.string()), raw_score=([1.0] * n, pa.float64()),
+                       score=([0.5] * n, pa.float64()), is_anomaly=([False] * n, pa.bool_()),
+                       threshold=([threshold] * n, pa.float64()), ood=([None] * n, pa.bool_()),
+                       ood_score=([None] * n, pa.float64()), device=(["cpu"] * n, pa.string()),
+                       width=([64] * n, pa.int32()), height=([64] * n, pa.int32()),
+                       map_uri=([None] * n, pa.string()), overlay_uri=([None] * n, pa.string()))
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height over a few bytes of pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)

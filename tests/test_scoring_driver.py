@@ -9,19 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_scoring import _ray_teardown, encode, make_model, ray_local, texture  # noqa: E402,F401
+from test_scoring import _ray_teardown, encode, make_model, ray_local, pipeline_rows, texture, write_textures  # noqa: E402,F401
 
 from stfpm.scoring import read_scores  # noqa: E402
 from stfpm.scoring.plan import plan_run  # noqa: E402
 from stfpm.scoring.sink import remove_superseded, write_table_file  # noqa: E402
 from stfpm.scoring.sources import list_inputs, read_manifest  # noqa: E402
-from stfpm.scoring.table import read_index, set_columns  # noqa: E402
+from stfpm.scoring.table import read_index  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,32 +28,12 @@ def model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("driver") / "model", seed=0)
 
 
-def _images(folder: Path, n: int) -> list[Path]:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{i}.png" for i in range(n)]
-    for p in paths:
-        p.write_bytes(encode(texture(rng)))
-    return paths
-
-
-def _rows(plan, status: list[str], kinds: list, threshold: float) -> pa.Table:
-    n = len(plan.pending)
-    return set_columns(plan.pending, status=(status, pa.string()), error=([None] * n, pa.string()),
-                       error_kind=(kinds, pa.string()), raw_score=([1.0] * n, pa.float64()),
-                       score=([0.5] * n, pa.float64()), is_anomaly=([False] * n, pa.bool_()),
-                       threshold=([threshold] * n, pa.float64()), ood=([None] * n, pa.bool_()),
-                       ood_score=([None] * n, pa.float64()), device=(["cpu"] * n, pa.string()),
-                       width=([64] * n, pa.int32()), height=([64] * n, pa.int32()),
-                       map_uri=([None] * n, pa.string()), overlay_uri=([None] * n, pa.string()))
-
-
 def test_rows_of_another_threshold_are_not_already_scored(model, tmp_path):
-    _images(tmp_path / "data", 3)
+    write_textures(tmp_path / "data", 3)
     out = str(tmp_path / "out")
     plan = plan_run(str(model), str(tmp_path / "data"), out)
     threshold = plan.models[None].threshold
-    write_table_file(_rows(plan, ["ok", "error", "error"], [None, "input", "transient"], threshold),
+    write_table_file(pipeline_rows(plan, ["ok", "error", "error"], [None, "input", "transient"], threshold),
                      f"{out}/scores", plan.run_id, plan.schema)
     assert plan_run(str(model), str(tmp_path / "data"), out).n_skipped == 2
     # another threshold: the ok row is scored again; the bad file stays settled (no threshold in it)
@@ -64,14 +43,14 @@ def test_rows_of_another_threshold_are_not_already_scored(model, tmp_path):
 
 
 def test_compaction_looks_at_the_runs_files_and_those_of_its_inputs_only(model, tmp_path):
-    data = _images(tmp_path / "data", 4)
+    data = write_textures(tmp_path / "data", 4)
     out = tmp_path / "out"
     scores = str(out / "scores")
     first = plan_run(str(model), str(tmp_path / "data"), str(out))
     threshold = first.models[None].threshold
-    settled = write_table_file(_rows(first, ["ok"] * 4, [None] * 4, threshold).filter(pa.array(
+    settled = write_table_file(pipeline_rows(first, ["ok"] * 4, [None] * 4, threshold).filter(pa.array(
         [True, True, False, False])), scores, first.run_id, first.schema)["paths"]
-    failed = _rows(first, ["error"] * 4, ["transient"] * 4, threshold)
+    failed = pipeline_rows(first, ["error"] * 4, ["transient"] * 4, threshold)
     retried = sorted(write_table_file(failed.slice(i, 1), scores, first.run_id, first.schema)["paths"][0]
                      for i in (2, 3))
     (out / "_SUCCESS").write_text("{}")  # that run finished
@@ -79,7 +58,7 @@ def test_compaction_looks_at_the_runs_files_and_those_of_its_inputs_only(model, 
     assert again.pending["image_uri"].to_pylist() == [str(p) for p in data[2:]]
     assert again.table_files == retried  # the file of the settled inputs is not looked at
     before = [Path(f).stat().st_mtime_ns for f in settled]
-    rows = _rows(again, ["ok"] * 2, [None] * 2, threshold)
+    rows = pipeline_rows(again, ["ok"] * 2, [None] * 2, threshold)
     written = write_table_file(rows, scores, again.run_id, again.schema)["paths"]
     assert remove_superseded(scores, sorted({*again.table_files, *written})) == 2
     assert [Path(f).stat().st_mtime_ns for f in settled] == before and not any(Path(f).exists() for f in retried)
@@ -87,7 +66,7 @@ def test_compaction_looks_at_the_runs_files_and_those_of_its_inputs_only(model, 
     assert len(index) == 4 and index["status"].to_pylist() == ["ok"] * 4
     # a run killed before its compaction (no _SUCCESS) left two rows of one input: the next
     # run compacts the whole table
-    write_table_file(_rows(first, ["ok"] * 4, [None] * 4, threshold).slice(0, 1), scores, "killed", first.schema)
+    write_table_file(pipeline_rows(first, ["ok"] * 4, [None] * 4, threshold).slice(0, 1), scores, "killed", first.schema)
     (out / "_SUCCESS").unlink()
     later = plan_run(str(model), str(tmp_path / "data"), str(out))
     assert len(later.pending) == 0 and later.table_files is None
@@ -95,7 +74,7 @@ def test_compaction_looks_at_the_runs_files_and_those_of_its_inputs_only(model, 
 
 
 def test_manifests_and_listings_become_arrow_columns(tmp_path):
-    paths = _images(tmp_path / "d" / "line=l1" / "cam", 2)
+    paths = write_textures(tmp_path / "d" / "line=l1" / "cam", 2)
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"uri": [str(paths[1]), "d/./line=l1/cam/0.png", f"{tmp_path}//d/line=l1/cam/1.png",
                                      "s3://bucket/k/x.png"],
@@ -119,7 +98,7 @@ def test_a_copied_model_directory_and_a_new_threshold(model, tmp_path):
     from stfpm.scoring import score
 
     data = tmp_path / "data"
-    _images(data, 4)
+    write_textures(data, 4)
     out = str(tmp_path / "out")
     first = score(str(model), str(data), out, batch_size=2, verbose=False)
     assert first["counts"]["ok"] == 4

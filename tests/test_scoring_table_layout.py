@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_scoring import encode, make_model, texture  # noqa: E402
+from test_scoring import encode, make_model, texture, write_textures  # noqa: E402
 
 from stfpm.scoring import read_scores  # noqa: E402
 from stfpm.scoring.plan import plan_run  # noqa: E402
@@ -29,15 +29,6 @@ from stfpm.scoring.table import BUCKETS, bucket_of, read_index, scan_shards, set
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("layout") / "model", seed=0)
-
-
-def _images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{i}.png" for i in range(n)]
-    for p in paths:
-        p.write_bytes(encode(texture(rng)))
-    return paths
 
 
 def _rows(plan, score: float = 0.25) -> pa.Table:
@@ -76,7 +67,7 @@ def _flat_table(model: Path, data: Path, out: Path) -> pa.Table:
 
 
 def test_rows_lie_in_the_bucket_of_their_uri_and_pandas_reads_the_folders(model, tmp_path):
-    _images(tmp_path / "data", 12)
+    write_textures(tmp_path / "data", 12)
     out = tmp_path / "out"
     plan = plan_run(str(model), str(tmp_path / "data"), str(out))
     stats = write_table_file(_rows(plan), str(out / "scores"), plan.run_id, plan.schema)
@@ -97,7 +88,7 @@ def test_rows_lie_in_the_bucket_of_their_uri_and_pandas_reads_the_folders(model,
 
 def test_a_flat_table_is_read_as_it_is_then_moved_into_buckets(model, tmp_path):
     data = tmp_path / "data"
-    paths = _images(data, 6)
+    paths = write_textures(data, 6)
     out = tmp_path / "out"
     flat = _flat_table(model, data, out)
     top, bucketed = _files(out / "scores")
@@ -128,7 +119,7 @@ def test_a_flat_table_is_read_as_it_is_then_moved_into_buckets(model, tmp_path):
 
 
 def test_a_move_killed_midway_is_finished_without_duplicates(model, tmp_path):
-    _images(tmp_path / "data", 6)
+    write_textures(tmp_path / "data", 6)
     out = tmp_path / "out"
     flat = _flat_table(model, tmp_path / "data", out)
     top, _ = _files(out / "scores")
@@ -150,7 +141,7 @@ def test_the_plan_settles_each_input_by_its_own_models_rows(model, tmp_path):
     registry = tmp_path / "models" / "registry.yaml"
     registry.write_text(f"models:\n  a: {model}\n  b: {other}\n")
     for category, n in (("a", 5), ("b", 5), ("c", 2)):
-        _images(tmp_path / "data" / category, n, seed=ord(category))
+        write_textures(tmp_path / "data" / category, n, seed=ord(category))
     out = tmp_path / "out"
     args = (str(registry), str(tmp_path / "data"), str(out))
     first = plan_run(*args)
