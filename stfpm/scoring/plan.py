@@ -16,7 +16,7 @@ from stfpm.data.images import IMAGE_EXTENSIONS
 from stfpm.model.registry import is_registry
 from stfpm.scoring.sources import CATEGORY, ModelRef, list_inputs, resolve_models
 from stfpm.scoring.table import (INDEX_SCHEMA, bucket_of, INPUT_ERROR, SCORES, SUCCESS, TRANSIENT_ERROR, drop_columns,
-                                 is_bucketed, reserved_names, shards, table_files, table_schema)
+                                 file_bucket, is_bucketed, reserved_names, shards, table_files, table_schema)
 from stfpm.storage import filesystem_for, is_s3, join_uri
 
 
@@ -135,7 +135,7 @@ def pending_rows(scores_uri: str, success_uri: str, keys: pa.Table, model_of: np
         shard_of = {0: groups[0]}
         buckets = np.zeros(len(keys), np.int8)
     else:
-        shard_of = {int(g[0].rsplit("/", 2)[-2].split("=", 1)[1]): g for g in groups}
+        shard_of = {file_bucket(g[0]): g for g in groups}
         buckets = bucket_of(keys["image_uri"])
     found, compact = [], set()
     for bucket in np.unique(buckets):

@@ -111,8 +111,15 @@ def table_files(scores_uri: str) -> list[str]:
     return sorted(pads.dataset(path, filesystem=fs, format="parquet").files)
 
 
+def file_bucket(file: str) -> int | None:
+    """The bucket whose folder (bucket_folder) holds the table file `file`; None for a file at
+    the top of scores/ (a table written before buckets)."""
+    folder = file.rsplit("/", 2)[-2]
+    return int(folder.split("=", 1)[1]) if folder.startswith(BUCKET + "=") else None
+
+
 def is_bucketed(file: str) -> bool:
-    return file.rsplit("/", 2)[-2].startswith(BUCKET + "=")
+    return file_bucket(file) is not None
 
 
 def shards(files: Sequence[str]) -> list[list[str]]:
