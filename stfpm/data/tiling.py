@@ -12,6 +12,13 @@ The stitched map is at the tiles' model scale (input size / tile size of the sou
 source's own resolution when the two are equal); callers resize it to the image's size as they
 do an untiled map. The model directory records the tiling (`model.json` `input.tile`), so
 training, calibration, evaluate, predict, export and Ray scoring all cut the same tiles.
+
+With `whole` (the "whole+tiles" views, `model.json` `input.tile_whole`) the whole image,
+resized as an untiled model sees it, comes first and the tiles after: a missing or turned
+part shows in the whole view, a pinhole in the tiles. The two views' maps are each divided by
+their own scale (the median image score of that view over held-out good images, recorded at
+calibration as `map.tile_view_scale`) and the larger is kept at each pixel (`combine_views`):
+an image is anomalous when either view says so against what that view gives good images.
 """
 from __future__ import annotations
 
@@ -30,16 +37,30 @@ def starts(length: int, size: int, overlap: int) -> list[int]:
     return [round(i * (length - size) / (n - 1)) for i in range(n)]
 
 
-def tiling_of(size: int | None, overlap: int = 0) -> "Tiling | None":
-    """The Tiling of a (tile size, overlap) pair as cards, configs and plan rows store it;
-    a size of None means the image is not tiled (any other bad size is Tiling's error)."""
-    return None if size is None else Tiling(size, overlap)
+def tiling_of(size: int | None, overlap: int = 0, whole: bool = False) -> "Tiling | None":
+    """The Tiling of a (tile size, overlap, whole view) triple as cards, configs and plan rows
+    store it; a size of None means the image is not tiled (any other bad size is Tiling's error)."""
+    return None if size is None else Tiling(size, overlap, bool(whole))
+
+
+def two_by_two(height: int, width: int) -> int:
+    """The tile size that cuts an image into 2 x 2 tiles (2 x 3 and so on for an oblong one):
+    the "whole+tiles" views' default, as measured on held-back categories (MVTec capsule's
+    1000-px images at 512-px tiles, PCB's 640-px at 320; issue 26)."""
+    return max(16, math.ceil(min(height, width) / 2))
+
+
+def combine_views(whole: np.ndarray, tiles: np.ndarray, view_scale) -> np.ndarray:
+    """The "whole+tiles" map: the whole view's map (at the tiles' map shape) and the tiles'
+    stitched map, each divided by its `view_scale` entry, the larger kept at each pixel."""
+    return np.maximum(whole / np.float32(view_scale[0]), tiles / np.float32(view_scale[1]))
 
 
 @dataclass(frozen=True)
 class Tiling:
     size: int         # tile side, in pixels of the full-resolution image
     overlap: int = 0  # at least this many pixels shared by neighbouring tiles
+    whole: bool = False  # the whole image first, then the tiles: the "whole+tiles" views
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 16:
@@ -48,36 +69,60 @@ class Tiling:
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap <= self.size // 2:
             raise ValueError(f"tile overlap must be an integer from 0 to half the tile size ({self.size // 2}), "
                              f"not {self.overlap!r}")
+        if not isinstance(self.whole, bool):
+            raise ValueError(f"the whole view flag must be true or false, not {self.whole!r}")
 
     def boxes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(top, left) of each tile, row by row."""
         return [(y, x) for y in starts(height, self.size, self.overlap) for x in starts(width, self.size, self.overlap)]
 
     def count(self, height: int, width: int) -> int:
-        return len(starts(height, self.size, self.overlap)) * len(starts(width, self.size, self.overlap))
+        """The model inputs of an image: its tiles, and its whole view first when `whole`."""
+        return int(self.whole) + len(starts(height, self.size, self.overlap)) * len(starts(width, self.size, self.overlap))
 
     def cut(self, image: np.ndarray, model_size: int) -> np.ndarray:
         """BGR uint8 (H, W, 3) -> the tiles as the model sees them: BGR uint8 (K, S, S, 3),
-        S = model_size (stfpm.data.images.resize_for_model turns them to RGB)."""
+        S = model_size (stfpm.data.images.resize_for_model turns them to RGB); with `whole`,
+        the whole image resized to S first (as resize_for_model resizes it)."""
         h, w = image.shape[:2]
+        first = []
+        if self.whole:
+            shrink = h >= model_size and w >= model_size
+            first = [cv2.resize(image, (model_size, model_size),
+                                interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)]
         pad_h, pad_w = max(0, self.size - h), max(0, self.size - w)
         if pad_h or pad_w:  # numpy's "symmetric" mirrors repeatedly, so any shortfall is filled
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
         t, shrink = self.size, self.size >= model_size
         tiles = [image[y:y + t, x:x + t] for y, x in self.boxes(h, w)]
         if t == model_size:
-            return np.stack(tiles)
+            return np.stack(first + tiles)
         interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        return np.stack([cv2.resize(tile, (model_size, model_size), interpolation=interpolation) for tile in tiles])
+        return np.stack(first + [cv2.resize(tile, (model_size, model_size), interpolation=interpolation)
+                                 for tile in tiles])
 
     def map_shape(self, height: int, width: int, model_size: int) -> tuple[int, int]:
         """The stitched map's (h, w): the image at the tiles' model scale."""
         scale = model_size / self.size
         return max(1, round(height * scale)), max(1, round(width * scale))
 
-    def stitch(self, maps: np.ndarray, height: int, width: int) -> np.ndarray:
-        """(K, S, S) float32 tile maps of an (height, width) image -> its map, `map_shape`;
-        overlapping tiles are averaged, the mirrored padding of a short side is cropped off."""
+    def stitch(self, maps: np.ndarray, height: int, width: int, view_scale=None) -> np.ndarray:
+        """(K, S, S) float32 maps of an (height, width) image's inputs (`cut`) -> its map,
+        `map_shape`: overlapping tiles averaged, the mirrored padding of a short side cropped
+        off; with `whole`, the two views combined by `view_scale` (`combine_views`)."""
+        if self.whole:
+            if view_scale is None:
+                raise ValueError("whole+tiles views need their view scale (model.json map.tile_view_scale)")
+            return combine_views(*self.views(maps, height, width), view_scale)
+        return self._stitch(maps, height, width)
+
+    def views(self, maps: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """With `whole`: the whole view's map resized to `map_shape`, and the tiles' stitched map."""
+        out_h, out_w = self.map_shape(height, width, maps.shape[-1])
+        whole = cv2.resize(np.ascontiguousarray(maps[0], np.float32), (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        return whole, self._stitch(maps[1:], height, width)
+
+    def _stitch(self, maps: np.ndarray, height: int, width: int) -> np.ndarray:
         model_size = maps.shape[-1]
         scale = model_size / self.size
         out_h, out_w = self.map_shape(height, width, model_size)

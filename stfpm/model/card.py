@@ -36,27 +36,31 @@ class ModelDirError(UserError):
 class InputSpec:
     """What the network takes: RGB images resized to size x size, then (x / 255 - mean) / std.
     With `tile_size`, tiles of tile_size pixels of the full-resolution image, sharing at least
-    `tile_overlap` pixels, are what is resized (stfpm.data.tiling)."""
+    `tile_overlap` pixels, are what is resized (stfpm.data.tiling); with `tile_whole` too, the
+    whole image comes first (the "whole+tiles" views, combined by MapSpec.tile_view_scale)."""
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     color: str = "RGB"
     tile_size: int | None = None
     tile_overlap: int = 0
+    tile_whole: bool = False
 
     @property
     def tiling(self):
         from stfpm.data.tiling import tiling_of
 
-        return tiling_of(self.tile_size, self.tile_overlap)
+        return tiling_of(self.tile_size, self.tile_overlap, self.tile_whole)
 
     @classmethod
-    def for_backbone(cls, backbone: str, size: int, tile_size: int | None = None, tile_overlap: int = 0) -> "InputSpec":
+    def for_backbone(cls, backbone: str, size: int, tiling=None) -> "InputSpec":
+        """The backbone's input at `size`, cut by `tiling` (stfpm.data.tiling.Tiling, or None)."""
         from stfpm.nn import backbone_spec
 
         spec = backbone_spec(backbone)
-        return cls(size=int(size), mean=tuple(spec.mean), std=tuple(spec.std), tile_size=tile_size,
-                   tile_overlap=tile_overlap if tile_size else 0)
+        return cls(size=int(size), mean=tuple(spec.mean), std=tuple(spec.std),
+                   tile_size=tiling.size if tiling else None, tile_overlap=tiling.overlap if tiling else 0,
+                   tile_whole=bool(tiling and tiling.whole))
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,16 @@ class MapSpec:
     before an option existed get the paper's map. `layer_scale`: each layer map's mean over the
     held-out good images (training records it; layer_norm "holdout" divides by it).
     `view_scale`: the median over the held-out good images of the image score under the
-    paper's map and under the median map (training records it; layer_norm "views" divides by it)."""
+    paper's map and under the median map (training records it; layer_norm "views" divides by it).
+    `tile_view_scale`: for the "whole+tiles" views (InputSpec.tile_whole), the median over the
+    held-out good images of the whole view's image score and of the tiles' (calibration
+    records it; stfpm.data.tiling.combine_views divides by it)."""
     layer_norm: str = "none"
     smooth_sigma: float = 0.0
     combine: str = "product"
     layer_scale: tuple[float, ...] | None = None
     view_scale: tuple[float, float] | None = None
+    tile_view_scale: tuple[float, float] | None = None
 
     def options(self) -> dict:
         """anomaly_map's keyword arguments."""
@@ -336,15 +344,17 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     inp = f.sub("input")
     spec = InputSpec(size=inp.positive_int("size"), mean=inp.triple("mean"), std=inp.triple("std", nonzero=True),
                      color=inp.string("color", default="RGB"), tile_size=inp.doc.get("tile_size"),
-                     tile_overlap=inp.doc.get("tile_overlap", 0))
+                     tile_overlap=inp.doc.get("tile_overlap", 0), tile_whole=inp.doc.get("tile_whole", False))
     if not spec.size <= MAX_INPUT_SIZE:  # 100,000 made every row a decode "Insufficient memory" input error
         f.fail("input.size", f"is {spec.size}; at most {MAX_INPUT_SIZE} pixels (tile large images: input.tile_size)")
     if spec.tile_size is None and spec.tile_overlap != 0:
         f.fail("input.tile_overlap", f"is {spec.tile_overlap!r} without an input.tile_size")
+    if spec.tile_size is None and spec.tile_whole is not False:
+        f.fail("input.tile_whole", f"is {spec.tile_whole!r} without an input.tile_size")
     try:
-        spec.tiling  # noqa: B018 - Tiling checks the size and overlap
+        spec.tiling  # noqa: B018 - Tiling checks the size, overlap and whole flag
     except ValueError as e:
-        f.fail("input.tile_size", f"or input.tile_overlap is wrong: {e}")
+        f.fail("input.tile_size", f"or input.tile_overlap or input.tile_whole is wrong: {e}")
     map_fields = f.sub("map", optional=True)
     map_doc = map_fields.doc
     layer_norm, smooth_sigma = map_doc.get("layer_norm", "none"), map_doc.get("smooth_sigma", 0.0)
@@ -362,6 +372,10 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     if layer_norm == "views" and (view_scale is None or combine != "product"):
         f.fail("map.view_scale" if view_scale is None else "map.combine",
                "layer_norm 'views' needs view_scale (two numbers) and combine 'product'")
+    tile_view_scale = map_fields.positive_numbers("tile_view_scale", "must be a list of two positive numbers or absent",
+                                                  length=2)
+    if spec.tile_whole and tile_view_scale is None:
+        f.fail("map.tile_view_scale", "is missing; input.tile_whole (the whole+tiles views) divides each view's map by it")
     patchcore = _patchcore(f) if model_name == "PatchCore" else None
     weights = _weights(f, model_name)
     version = f.string("model_version")
@@ -375,7 +389,7 @@ def parse_card(text: str | bytes, source: str) -> ModelCard:
     return ModelCard(
         model_name=model_name, backbone=f.string("backbone"), input=spec,
         calibration=_calibration(f.sub("threshold", THRESHOLD_FIX)), map=MapSpec(
-            layer_norm, float(smooth_sigma), combine, layer_scale, view_scale),
+            layer_norm, float(smooth_sigma), combine, layer_scale, view_scale, tile_view_scale),
         weights=weights, model_version=version, taps=taps, patchcore=patchcore, student=_student(f, model_name),
         **{k: f.optional_dict(k) for k in ("recipe", "training", "metrics", "versions", "export", "validation")},
         extra={k: v for k, v in doc.items() if k not in known})

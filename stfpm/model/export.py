@@ -310,7 +310,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, format: str = "padd
         "PreProcess": {"transform_ops": [
             {"ReadImage": {"format": "RGB"}},
             *([{"Tile": {"size": card.input.tile_size, "overlap": card.input.tile_overlap,
-                         "doc": "tiles of the full-resolution image, stitched after (stfpm.data.tiling)"}}]
+                         "whole": card.input.tile_whole, "view_scale": card.map.tile_view_scale,
+                         "doc": "tiles of the full-resolution image, stitched after; with whole, the whole image "
+                                "resized first, and the two views' maps divided by view_scale and the larger kept "
+                                "(stfpm.data.tiling)"}}]
               if card.input.tile_size else []),
             {"Resize": {"target_size": [size, size]}},
             {"Normalize": {"mean": list(card.input.mean), "std": list(card.input.std), "scale": 1.0 / 255}},

@@ -1,8 +1,9 @@
 """The one per-image path (prepare, infer, calibrate, encode) used by predict, evaluate,
 training's calibration and batch scoring.
 
-A batch of prepared images (or of their tiles, for a tiled model: `stfpm.data.tiling`) goes
-through batched forwards; a tiled image's tile maps are stitched; each map is then resized back to
+A batch of prepared images (or of their tiles, for a tiled model: `stfpm.data.tiling`; its
+whole view and tiles, for the "whole+tiles" views) goes through batched forwards; a tiled
+image's tile maps are stitched (and the two views combined); each map is then resized back to
 its own image's size, scored (max of the map), normalised (0.5 at the threshold, docs/design.md §3)
 and thresholded into a 0/255 mask; the forward's feature profile gives the in-distribution
 check (`stfpm.model.ood`: `ood`, `ood_score`).
@@ -91,6 +92,7 @@ class Predictor:
         self.threshold = card.calibration.threshold if threshold is None else check_threshold(threshold)
         self.smooth_sigma = card.map.smooth_sigma
         self.tiling = card.input.tiling  # None, or the tiles every image is cut into (stfpm.data.tiling)
+        self.tile_view_scale = card.map.tile_view_scale  # the "whole+tiles" views' scales (tiling.whole)
         bank = card.patchcore  # PatchCore: its (patches x bank) distances bound the images per forward
         self.forward_batch = images_per_forward(bank["bank_size"], bank["patches_per_image"]) if bank else None
 
@@ -211,11 +213,13 @@ class Predictor:
 
     def stitch(self, maps: np.ndarray, counts: list[int], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
         """The maps of consecutive images' tiles (`counts` each) -> each image's map: its tiles'
-        stitched (stfpm.data.tiling, at the tiles' model scale), or its own (S, S) one untiled."""
+        stitched (stfpm.data.tiling, at the tiles' model scale; with the "whole+tiles" views, the
+        two views combined), or its own (S, S) one untiled."""
         starts = np.cumsum([0, *counts])
         if self.tiling is None:
             return list(maps)
-        return [self.tiling.stitch(maps[a:b], h, w) for a, b, (h, w) in zip(starts[:-1], starts[1:], sizes)]
+        return [self.tiling.stitch(maps[a:b], h, w, self.tile_view_scale)
+                for a, b, (h, w) in zip(starts[:-1], starts[1:], sizes)]
 
     def image_maps(self, tiles: list[np.ndarray], sizes: list[tuple[int, int]]) -> tuple[list, list]:
         """Each image's RGB uint8 (K, S, S, 3) tiles (`ModelInput.tiles`; K = 1 untiled) and

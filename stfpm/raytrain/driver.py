@@ -18,17 +18,20 @@ import numpy as np
 from stfpm.noise import ACTOR_ARGS_IN_OBJECT_STORE, dataset_cpu_warning_dropped, init_ray, native_lines_dropped
 from stfpm.training.calibration import finalize
 from stfpm.training.config import TrainConfig, TrainResult, split_dataset
+from stfpm.training.views import resolve_views
 
 CHECKPOINT_STATE = "state.json"
 
 
-def _decode_resize(batch: dict, size: int, tile_size: int | None = None, tile_overlap: int = 0) -> dict:
-    """Each file's model input; a tiled model's tiles, one row each, keyed "path#k" as in
-    one-process training (stfpm.training.config.load_images)."""
+def _decode_resize(batch: dict, size: int, tile_size: int | None = None, tile_overlap: int = 0,
+                   tile_whole: bool = False) -> dict:
+    """Each file's model input; a tiled model's tiles (after its whole view, for the
+    "whole+tiles" views), one row each, keyed "path#k" as in one-process training
+    (stfpm.training.config.load_images)."""
     from stfpm.data import prepare_input
     from stfpm.data.tiling import tiling_of
 
-    tiling = tiling_of(tile_size, tile_overlap)
+    tiling = tiling_of(tile_size, tile_overlap, tile_whole)
     tiles = [prepare_input(bytes(data), size, str(path), tiling=tiling).tiles
              for data, path in zip(batch["bytes"], batch["path"])]
     keys = [str(p) if tiling is None else f"{p}#{k}" for p, t in zip(batch["path"], tiles) for k in range(len(t))]
@@ -45,7 +48,7 @@ def image_dataset(uris: list[str], size: int, tiling=None):
     filesystem, _ = filesystem_for(uris[0])
     paths = sorted(filesystem_for(u)[1] for u in uris)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem)
-    tile = {"tile_size": tiling.size, "tile_overlap": tiling.overlap} if tiling else {}
+    tile = {"tile_size": tiling.size, "tile_overlap": tiling.overlap, "tile_whole": tiling.whole} if tiling else {}
     return ds.map_batches(_decode_resize, fn_kwargs={"size": size, **tile}, batch_format="numpy").materialize()
 
 
@@ -197,6 +200,7 @@ def train_distributed(data: str, out_dir: str, cfg: TrainConfig, num_workers: in
     if cfg.model == "patchcore":
         return train(data, out_dir, cfg)
     split = split_dataset(data, cfg)
+    cfg = resolve_views(cfg, [s.image for s in split.train])  # once here, as augment below
     if cfg.augment == "auto":  # decided once here, so every worker (and a resumed run) trains with the same
         from stfpm.training.loop import resolve_augment
 

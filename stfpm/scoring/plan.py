@@ -105,7 +105,8 @@ def plan_run(model: str, source: str, output: str, partitions: list[str] | None 
                "_model_key": per_input([r.name if registry else "" for r in refs], pa.string()),
                "_size": per_input([r.input_size for r in refs], pa.int32()).fill_null(0),
                "_tile": per_input([r.tile_size for r in refs], pa.int32()),
-               "_tile_overlap": per_input([r.tile_overlap for r in refs], pa.int32()).fill_null(0)}
+               "_tile_overlap": per_input([r.tile_overlap for r in refs], pa.int32()).fill_null(0),
+               "_tile_whole": per_input([r.tile_whole for r in refs], pa.bool_()).fill_null(False)}
     for name, values in columns.items():
         pending = pending.append_column(pa.field(name, values.type), values)
     run_id = run_id or new_run_id()

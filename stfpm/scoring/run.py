@@ -367,7 +367,8 @@ def _summary(plan: Plan, totals: dict, removed: int, counts: dict, layout: dict 
         "models": {str(k or ref.name): {"uri": ref.uri, "model_version": ref.version, "threshold": ref.threshold,
                                         "log_scale": ref.log_scale,
                                         "input_size": ref.input_size, "tile_size": ref.tile_size,
-                                        "tile_overlap": ref.tile_overlap} for k, ref in plan.models.items()},
+                                        "tile_overlap": ref.tile_overlap, "tile_whole": ref.tile_whole}
+                   for k, ref in plan.models.items()},
         "counts": {"listed": plan.n_listed, "skipped_already_scored": plan.n_skipped, "scored": rows,
                    "ok": totals["ok"], "error": totals["error"], "error_input": totals["error_input"],
                    "error_transient": totals["error_transient"], "anomalous": totals["anomalous"],

@@ -576,6 +576,7 @@ class ModelRef:
     log_scale: float  # of the normalised score (stfpm.model.score_scale)
     tile_size: int | None = None  # the model's tiling (model.json input.tile_size, stfpm.data.tiling)
     tile_overlap: int = 0
+    tile_whole: bool = False  # the "whole+tiles" views (model.json input.tile_whole)
 
     @classmethod
     def read(cls, name: str, uri: str, threshold: float | None = None) -> "ModelRef":
@@ -598,7 +599,7 @@ class ModelRef:
         return cls(name=name, uri=uri, version=card.model_version, input_size=card.input.size,
                    threshold=cal.threshold if threshold is None else check_threshold(threshold),
                    log_scale=cal.scale.log_scale, tile_size=card.input.tile_size,
-                   tile_overlap=card.input.tile_overlap)
+                   tile_overlap=card.input.tile_overlap, tile_whole=card.input.tile_whole)
 
 
 def resolve_models(model: str, threshold: float | None = None) -> dict[str | None, ModelRef]:

@@ -118,8 +118,9 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
     t_read = t_decode = 0.0
     cache: dict = {}
     tiled = "_tile" in batch.column_names  # the plan's columns of a tiled model (stfpm.data.tiling)
-    tiles = zip(batch["_tile"].to_pylist(), batch["_tile_overlap"].to_pylist()) if tiled else itertools.repeat((None, 0))
-    for row, (tile, overlap) in zip(batch.select(["image_uri", "status", "error", "error_kind", "_size"]).to_pylist(),
+    tiles = (zip(batch["_tile"].to_pylist(), batch["_tile_overlap"].to_pylist(), batch["_tile_whole"].to_pylist())
+             if tiled else itertools.repeat((None, 0, False)))
+    for row, (tile, overlap, whole) in zip(batch.select(["image_uri", "status", "error", "error_kind", "_size"]).to_pylist(),
                                     tiles):
         height = width = image = kept = note = None
         error, kind = row["error"], row["error_kind"]
@@ -135,7 +136,7 @@ def load_images(batch: pa.Table, max_pixels: int, max_bytes: int, keep_images: b
             t1 = time.perf_counter()
             if data is not None:
                 try:
-                    tiling = tiling_of(tile, overlap)
+                    tiling = tiling_of(tile, overlap, whole)
                     prepared = prepare_input(data, row["_size"], row["image_uri"], max_pixels, keep_images, tiling)
                     height, width, image = prepared.height, prepared.width, prepared.pixels.tobytes()
                     note = frames_note(data)  # on an ok row, as overlay notes are

@@ -62,6 +62,32 @@ def calibrate_on_good_images(network: STFPM, card: ModelCard, holdout_paths: lis
                                details={**calibration.details, "n_ood_reference": len(reference)})
 
 
+def fit_tile_view_scale(network, card: ModelCard, holdout_paths: list[str]) -> ModelCard:
+    """`card` with map.tile_view_scale for the "whole+tiles" views (input.tile_whole): the
+    median over the held-out good images of the whole view's image score and of the tiles'
+    (stfpm.data.tiling.combine_views divides each view's map by its own); `card` as it is
+    for any other input. Scored by predict's path, as the threshold is after it."""
+    tiling = card.input.tiling
+    if tiling is None or not tiling.whole:
+        return card
+    from stfpm.model.inference import Predictor
+
+    predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
+    whole, tiles = [], []
+    for i in range(0, len(holdout_paths), 64):
+        inputs = [predictor.prepare(Path(p).read_bytes(), p) for p in holdout_paths[i:i + 64]]
+        maps, _ = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]))
+        start = 0
+        for x in inputs:
+            whole_map, tile_map = tiling.views(maps[start:start + len(x.tiles)], x.height, x.width)
+            whole.append(float(whole_map.max()))
+            tiles.append(float(tile_map.max()))
+            start += len(x.tiles)
+    scale = (max(float(np.median(whole)), 1e-12), max(float(np.median(tiles)), 1e-12))
+    logger.info(f"whole+tiles views: median held-out score {scale[0]:.4g} whole, {scale[1]:.4g} in tiles")
+    return dataclasses.replace(card, map=dataclasses.replace(card.map, tile_view_scale=scale))
+
+
 def feature_profiles(predictor, paths: list[str], chunk: int = 64) -> np.ndarray:
     """The forward's feature profiles of the images (tiles) at `paths`, `chunk` images at a time."""
     return np.concatenate([predictor.forward(load_images(paths[i:i + chunk], predictor.size, predictor.mean,
@@ -82,7 +108,7 @@ def finalize(network: STFPM, cfg: TrainConfig, split: TrainSplit, holdout_images
     spec = backbone_spec(cfg.backbone)
     card = ModelCard(
         model_name="STFPM", backbone=cfg.backbone, student=cfg.student, input=InputSpec.for_backbone(
-            cfg.backbone, cfg.image_size, cfg.tile_size, cfg.tile_overlap),
+            cfg.backbone, cfg.image_size, cfg.tiling),
         calibration=UNCALIBRATED,
         map=MapSpec(layer_norm=cfg.layer_norm, combine=cfg.combine), taps=list(spec.channels), recipe=asdict(cfg),
         training={"data": str(dataset.root), "layout": dataset.layout,
@@ -120,6 +146,7 @@ def calibrate_and_save(network, card: ModelCard, split: TrainSplit, out_dir: str
     network.eval()
     dataset = split.dataset
     logger.info(f"calibrating the threshold on {len(split.holdout)} held-out good images")
+    card = fit_tile_view_scale(network, card, [s.image for s in split.holdout])
     card = dataclasses.replace(card, calibration=calibrate_on_good_images(
         network, card, [s.image for s in split.holdout], cfg.threshold_quantile, [s.image for s in split.train]))
     with tempfile.TemporaryDirectory() as tmp:

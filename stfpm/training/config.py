@@ -18,6 +18,7 @@ from stfpm.nn import COMBINES, LAYER_NORMS, backbone_spec
 from stfpm.errors import UserError
 from stfpm.storage import fetch_to_cache, is_s3
 from stfpm.training.pose import D4_TRANSFORMS, parse_augment
+from stfpm.training.views import VIEWS
 
 AUGMENTATIONS = ("auto", "none", "flip", "d4")  # or comma-separated d4 transforms (stfpm.training.pose)
 MODELS = ("stfpm", "patchcore")  # what `--model` chooses; STFPM is the default
@@ -55,6 +56,8 @@ class TrainConfig:
     teacher_cache_mb: int = 2048  # memory for TeacherCache (unaugmented training only); 0 disables it
     tile_size: int | None = None  # train, calibrate and predict on tiles of this many source pixels (stfpm.data.tiling)
     tile_overlap: int = 0
+    views: str = "auto"  # whole | tiles | whole+tiles; "auto": decided from the images' sizes (stfpm.training.views)
+    views_evidence: dict | None = None  # with "auto": the sizes measured and the rule (model.json's recipe)
     student: str | None = None  # the student's backbone; default the teacher's (stfpm.nn.build_student)
 
     def __post_init__(self):
@@ -65,7 +68,7 @@ class TrainConfig:
     def tiling(self):
         from stfpm.data.tiling import tiling_of
 
-        return tiling_of(self.tile_size, self.tile_overlap)
+        return tiling_of(self.tile_size, self.tile_overlap, self.views == "whole+tiles")
 
     def resolved(self) -> "TrainConfig":
         from stfpm.nn.patchcore import PATCHCORE_RECIPE
@@ -98,6 +101,14 @@ class TrainConfig:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
         if cfg.tile_size is None and cfg.tile_overlap:
             raise ValueError("tile_overlap needs tile_size")
+        if cfg.views not in VIEWS:
+            raise ValueError(f"views must be one of {', '.join(VIEWS)}, got {cfg.views!r}")
+        if cfg.views == "auto" and cfg.tile_size:  # an explicit --tile keeps the tiles-only model it always made
+            cfg.views = "tiles"
+        if cfg.views == "tiles" and not cfg.tile_size:
+            raise ValueError("views 'tiles' needs tile_size (--tile N)")
+        if cfg.views == "whole" and cfg.tile_size:
+            raise ValueError("views 'whole' does not tile; drop tile_size (--tile) or choose views 'whole+tiles'")
         if cfg.student is not None:
             if cfg.model != "stfpm":
                 raise ValueError(f"student applies to model 'stfpm' only, not {cfg.model!r}")

@@ -18,6 +18,7 @@ from stfpm.runtime import configure_threads
 from stfpm.training.calibration import finalize
 from stfpm.training.config import TrainConfig, TrainResult, load_images, split_dataset
 from stfpm.training.pose import BANK_IMAGES, D4_TRANSFORMS, PROBE_IMAGES, decide_augmentation, parse_augment, sample_paths
+from stfpm.training.views import resolve_views
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,27 @@ def train_step(network, optimizer, batch: np.ndarray, teacher_feats=None) -> flo
 
 
 def iterate_batches(images: np.ndarray, batch_size: int, rng: np.random.Generator | None = None,
-                    keys: list[str] | None = None):
-    """(batch, the batch's keys or None) in random order when `rng` is given."""
-    order = np.arange(len(images)) if rng is None else rng.permutation(len(images))
+                    keys: list[str] | None = None, rows: np.ndarray | None = None):
+    """(batch, the batch's keys or None) in random order when `rng` is given; of the `rows`
+    given (default all)."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    order = rows if rng is None else rng.permutation(rows)
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         yield images[index], None if keys is None else [keys[i] for i in index]
+
+
+def epoch_rows(keys: list[str], tiling, rng: np.random.Generator) -> np.ndarray | None:
+    """The rows an epoch trains on: all of them (None), except with the "whole+tiles" views,
+    where each image gives its whole view and one of its tiles drawn at random, so an epoch
+    costs twice an untiled one rather than 1 + tiles times, and over the epochs every tile is
+    seen (keys "path#k", k = 0 the whole view: stfpm.training.config.load_images)."""
+    if tiling is None or not tiling.whole:
+        return None
+    images: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        images.setdefault(key.rsplit("#", 1)[0], []).append(row)
+    return np.array([r for rows in images.values() for r in (rows[0], rows[1 + int(rng.integers(len(rows) - 1))])])
 
 
 def run_epoch(network, optimizer, batches: Iterable[tuple[np.ndarray, list | None]],
@@ -212,6 +228,7 @@ def train_stfpm(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True
     configure_threads()
     spec = backbone_spec(cfg.backbone)
     split = split_dataset(data, cfg)
+    cfg = resolve_views(cfg, [s.image for s in split.train])
     train_images, train_keys = load_images([s.image for s in split.train], cfg.image_size, spec.mean, spec.std,
                                            cfg.tiling)
     holdout_images, holdout_keys = load_images([s.image for s in split.holdout], cfg.image_size, spec.mean,
@@ -223,14 +240,17 @@ def train_stfpm(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True
     cache = teacher_cache(network, cfg)
     rng = np.random.default_rng(cfg.seed)
     log = ProgressLog(cfg.epochs, enabled=progress)
-    log.begin(f"training the {cfg.backbone} student on {len(train_images)} images ({len(holdout_images)} held out) "
+    views = "" if cfg.tiling is None else f" as {len(train_images)} {cfg.views} views"
+    log.begin(f"training the {cfg.backbone} student on {len(split.train)} images{views} ({len(split.holdout)} held out) "
               f"for {cfg.epochs} epochs")
     best_loss, best_state, history = float("inf"), None, []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
+        rows = epoch_rows(train_keys, cfg.tiling, rng)
         batches = ((augment_batch(b, cfg.augment, rng), keys)
-                   for b, keys in iterate_batches(train_images, cfg.batch_size, rng, train_keys))
-        loss, seen = run_epoch(network, optimizer, batches, cache, log.within(epoch, len(train_images)))
+                   for b, keys in iterate_batches(train_images, cfg.batch_size, rng, train_keys, rows))
+        loss, seen = run_epoch(network, optimizer, batches, cache,
+                               log.within(epoch, len(train_images) if rows is None else len(rows)))
         holdout = mean_loss(network, holdout_images, cfg.batch_size, cache, holdout_keys)
         record = {"epoch": epoch, "loss": loss, "holdout_loss": holdout,
                   "images_per_s": seen / (time.time() - t0), "best": holdout < best_loss}

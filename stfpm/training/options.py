@@ -49,6 +49,12 @@ TRAINING_OPTIONS = {
                                                                 "predict, score and export tile alike")),
     "tile_overlap": (int, typer.Option(0, help="With --tile: pixels shared by neighbouring tiles (their maps are "
                                                "averaged there)")),
+    "views": (str, typer.Option("auto", help="auto | whole | tiles | whole+tiles: how the model sees an image. "
+                                             "whole+tiles scores the whole image and its 2x2 tiles (or --tile N), "
+                                             "each against its own held-out good images, and keeps the larger: a "
+                                             "missing part shows whole, a pinhole in the tiles. auto: whole+tiles "
+                                             "for images at least twice --image-size, else whole; an explicit --tile "
+                                             "alone means tiles. Recorded in model.json")),
     "holdout": (Optional[float], typer.Option(None, help="Fraction of train/good held out (default 0.2)")),
     "seed": (int, typer.Option(0)),
     "threshold_quantile": (float, typer.Option(0.99, help="Threshold = this quantile of held-out good scores")),

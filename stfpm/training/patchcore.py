@@ -22,6 +22,7 @@ from stfpm.nn.patchcore import PatchCore, greedy_coreset, subsample_patches
 from stfpm.runtime import configure_threads
 from stfpm.training.calibration import UNCALIBRATED, calibrate_and_save
 from stfpm.training.config import TrainConfig, TrainResult, fingerprint, load_images, split_dataset
+from stfpm.training.views import resolve_views
 from stfpm.model.weights import apply_state, load_teacher_state
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,12 @@ def build_bank(network: PatchCore, paths: list[str], cfg: TrainConfig, batch_siz
             done = start + len(chunk)
             emit(f"memory bank: features of {done}/{len(paths)} images, {done / (last - t0):.1f} img/s")
     pool = np.concatenate(pool)
-    n_bank = min(len(pool), math.ceil(cfg.bank_fraction * n_rows * patches_per_image))
+    # the bank's share of the rows' patches; with the "whole+tiles" views an image counts twice
+    # (its whole view, and its tiles together), not 1 + tiles times: each view keeps the bank
+    # an untiled model has, and the nearest-patch search per input stays at twice its cost
+    tiling = cfg.tiling
+    units = 2 * len(paths) if tiling is not None and tiling.whole else n_rows
+    n_bank = min(len(pool), math.ceil(cfg.bank_fraction * units * patches_per_image))
     emit(f"memory bank: choosing {n_bank} of {len(pool)} patches (greedy coreset)")
     bank = pool[greedy_coreset(pool, n_bank, seed=cfg.seed)]
     return bank, {"bank_size": int(len(bank)), "pool_size": int(len(pool)), "patches_per_image": int(patches_per_image)}
@@ -63,6 +69,7 @@ def train_patchcore(data: str, out_dir: str, cfg: TrainConfig, progress: bool = 
     configure_threads()
     spec = backbone_spec(cfg.backbone)
     split = split_dataset(data, cfg)
+    cfg = resolve_views(cfg, [s.image for s in split.train])
     network = PatchCore(cfg.backbone)
     apply_state(network.teacher, load_teacher_state(cfg.backbone, cfg.teacher_weights))
     t0 = time.time()
@@ -78,14 +85,14 @@ def train_patchcore(data: str, out_dir: str, cfg: TrainConfig, progress: bool = 
     dataset = split.dataset
     card = ModelCard(
         model_name="PatchCore", backbone=cfg.backbone, input=InputSpec.for_backbone(
-            cfg.backbone, cfg.image_size, cfg.tile_size, cfg.tile_overlap),
+            cfg.backbone, cfg.image_size, cfg.tiling),
         calibration=UNCALIBRATED, map=MapSpec(layer_norm="none", smooth_sigma=SMOOTH_SIGMA),
         taps=[spec.channels[t] for t in network.taps],
         patchcore={"taps": list(network.taps), "feature_dim": network.feature_dim,
                    "bank_fraction": cfg.bank_fraction, "bank_pool": cfg.bank_pool, **stats},
         recipe={k: getattr(cfg, k) for k in ("model", "backbone", "image_size", "holdout_fraction", "seed",
                                              "threshold_quantile", "teacher_weights", "bank_fraction", "bank_pool",
-                                             "tile_size", "tile_overlap")},
+                                             "tile_size", "tile_overlap", "views", "views_evidence")},
         training={"data": str(dataset.root), "layout": dataset.layout,
                   "n_train": len(split.train), "n_holdout": len(split.holdout),
                   "data_fingerprint": fingerprint([s.image for s in dataset.train]),
