@@ -153,8 +153,11 @@ def evaluate_variants(model_dir: str, data: Path, variants: list[dict], holdout:
     for variant in variants:
         card = dataclasses.replace(model.card, map=dataclasses.replace(model.card.map, **variant))
         predictor = Predictor(card, forward_once)
+        t0 = time.perf_counter()  # the first variant runs the network: its time per image is the model's cost
         metrics = evaluate_model(model, dataset, predictor=predictor)["metrics"]
+        seconds = time.perf_counter() - t0
         out.append({k: metrics[k] for k in METRICS} | {"per_type": metrics["per_defect_type_image_auroc"],
+                                                        "eval_ms_per_image": round(1000 * seconds / len(dataset.test), 1),
                                                         "proxy": proxy_auroc(predictor, holdout, defective)})
     return out
 
@@ -162,15 +165,16 @@ def evaluate_variants(model_dir: str, data: Path, variants: list[dict], holdout:
 def run_category(kind: str, data: Path, recipe: dict, subset: int | None, seeds: list[int],
                  variants: list[dict], models: Path | None) -> dict:
     """Per variant, the per-seed metrics; plus training time and epochs."""
-    runs, times, resolved, augments = [], [], dict(recipe), []
+    runs, times, resolved, augments, views = [], [], dict(recipe), [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             model_dir, train_s, resolved = trained_model(kind, data, recipe, subset, seed, models or Path(tmp))
             runs.append(evaluate_variants(model_dir, data, variants, holdout_images(model_dir, data, subset, seed)))
             times.append(train_s)
             augments.append(augmentation_chosen(model_dir))
+            views.append(views_chosen(model_dir))
     return {"runs": runs, "train_s": float(np.mean(times)), "epochs": resolved.get("epochs"), "recipe": resolved,
-            "augment": augments}
+            "augment": augments, "views": views}
 
 
 def augmentation_chosen(model_dir: str) -> dict | None:
@@ -182,6 +186,18 @@ def augmentation_chosen(model_dir: str) -> dict | None:
     evidence = recipe.get("augment_evidence") or {}
     return {"augment": recipe["augment"],
             "ratios": {name: [t["local"], t["layout"]] for name, t in evidence.get("transforms", {}).items()} or None}
+
+
+def views_chosen(model_dir: str) -> dict:
+    """How the model sees an image (model.json's input and recipe; stfpm.training.views): the
+    views, the tile size, and with --views auto the sizes it decided from. A model from before
+    views existed sees images whole, or in tiles when it has a tile size."""
+    card = read_card(model_dir)
+    recipe = card.recipe or {}
+    views = recipe.get("views") or ("tiles" if card.input.tile_size else "whole")
+    if views == "auto":  # a recipe that records the option as given, not its decision
+        views = "whole+tiles" if card.input.tile_whole else "tiles" if card.input.tile_size else "whole"
+    return {"views": views, "tile_size": card.input.tile_size, "evidence": recipe.get("views_evidence")}
 
 
 def mean_or_none(values: list) -> float | None:
@@ -201,7 +217,8 @@ def main() -> None:
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("image-size", int),
                        ("momentum", float), ("weight-decay", float), ("optimizer", str), ("augment", str),
                        ("layer-norm", str), ("combine", str), ("map-selection", str), ("bank-fraction", float),
-                       ("bank-pool", int), ("tile-size", int), ("tile-overlap", int), ("student", str)):
+                       ("bank-pool", int), ("tile-size", int), ("tile-overlap", int), ("student", str),
+                       ("views", str)):
         ap.add_argument(f"--{name}", type=kind, default=None)
     args = ap.parse_args()
     categories = [Path(c) for c in args.categories] or [DEV_ROOT / name for name in DEV_SETS]
@@ -212,7 +229,7 @@ def main() -> None:
     recipe = {"backbone": args.backbone}
     recipe.update({k: v for k, v in vars(args).items() if v is not None and k in (
         "epochs", "batch_size", "lr", "image_size", "momentum", "weight_decay", "optimizer", "augment", "layer_norm",
-        "combine", "map_selection", "bank_fraction", "bank_pool", "tile_size", "tile_overlap", "student")})
+        "combine", "map_selection", "bank_fraction", "bank_pool", "tile_size", "tile_overlap", "student", "views")})
     args.out = args.out or str(Path(__file__).with_name(
         "accuracy.json" if args.model == "stfpm" else f"accuracy_{args.model}.json"))
     variants = [parse_map_variant(m) for m in args.map] or [{}]
@@ -231,7 +248,9 @@ def main() -> None:
             rows.append((data.name, variant, means, per_seed, outcome["train_s"]))
             if v == 0:
                 results[data.name] = {**{k: means[k] for k in METRICS}, "train_s": round(outcome["train_s"], 1),
+                                      "eval_ms_per_image": float(np.mean([r["eval_ms_per_image"] for r in per_seed])),
                                       "epochs": outcome["epochs"]}
+                results[data.name]["views"] = outcome["views"] if len(args.seeds) > 1 else outcome["views"][0]
                 if any(outcome["augment"]):
                     results[data.name]["augment"] = outcome["augment"] if len(args.seeds) > 1 else outcome["augment"][0]
         print_table(rows)
