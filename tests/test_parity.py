@@ -2,7 +2,8 @@
 some with an EXIF orientation, most large enough to be decoded at reduced scale) scored by
 `predict`, `evaluate` and `stfpm score` give the same raw scores, and the threshold stored in
 model.json decides in all three; also for a tiled model (model.json input.tile_size), whose
-images are cut into tiles at full resolution and whose maps are stitched."""
+images are cut into tiles at full resolution and whose maps are stitched, and for the
+whole+tiles views (input.tile_whole), whose whole-image and tile maps are combined."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from stfpm.model.artifact import save_model
-from stfpm.model.card import Calibration, InputSpec, ModelCard, read_card, write_card
+from stfpm.model.card import Calibration, InputSpec, MapSpec, ModelCard, read_card, write_card
+from stfpm.data.tiling import tiling_of
 from stfpm.cli import app
 from stfpm.data import decode_image, load_dataset
 from stfpm.evaluate import evaluate_model
@@ -46,10 +48,10 @@ def picture(rng, width: int, height: int, defect: bool) -> np.ndarray:
     return image
 
 
-@pytest.fixture(scope="module", params=[None, (256, 32)], ids=["whole", "tiled"])
+@pytest.fixture(scope="module", params=[None, (256, 32), (256, 32, True)], ids=["whole", "tiled", "whole+tiles"])
 def workspace(tmp_path_factory, request) -> Path:
-    """An MVTec-layout folder of JPEGs and a random-weight Lite0 model (input 64; untiled, or
-    tiles of 256 px sharing 32) whose stored threshold is the median of the test images'
+    """An MVTec-layout folder of JPEGs and a random-weight Lite0 model (input 64; untiled,
+    tiles of 256 px sharing 32, or the whole image and those tiles) whose stored threshold is the median of the test images'
     scores (so decisions are mixed)."""
     import paddle
 
@@ -71,7 +73,8 @@ def workspace(tmp_path_factory, request) -> Path:
     model = root / "model"
     save_model(STFPM("efficientnet_lite0"), model, ModelCard(
         model_name="STFPM", backbone="efficientnet_lite0",
-        input=InputSpec.for_backbone("efficientnet_lite0", SIZE, *(request.param or ())),
+        input=InputSpec.for_backbone("efficientnet_lite0", SIZE, tiling_of(*request.param) if request.param else None),
+        map=MapSpec(tile_view_scale=(1.0, 2.0) if request.param and len(request.param) == 3 else None),
         calibration=Calibration(0.0, 0.0, 1.0)))
     paths = [str(data / "test" / name) for name, *_ in JPEGS]
     scores = [p.score for p in Predictor.open(model).predict([Path(p).read_bytes() for p in paths], paths)]
