@@ -112,7 +112,9 @@ def load_model(model_dir: str | Path) -> LoadedModel:
     card = read_card(model_dir)
     verify_weights(model_dir, card)
     if card.model_name == "PatchCore":
-        network = PatchCore(card.backbone, tuple(card.patchcore["taps"]), card.patchcore["bank_size"])
+        views = card.patchcore.get("view_banks")  # [whole, tiles] patches: a bank per view
+        network = PatchCore(card.backbone, tuple(card.patchcore["taps"]), card.patchcore["bank_size"],
+                            views[0] if views else None)
     else:
         network = STFPM(card.backbone, card.student)
     for part, filename in WEIGHT_FILES[card.model_name].items():

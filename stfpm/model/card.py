@@ -321,8 +321,13 @@ def _patchcore(f: _Fields) -> dict:
     if not (isinstance(taps, list) and len(taps) == 2 and all(isinstance(t, int) and 0 <= t <= 2 for t in taps)
             and taps[0] < taps[1]):
         bank.fail("taps", f"must be two of the backbone's taps 0, 1, 2, finer first, got {taps!r}")
-    bank.positive_int("bank_size", "patches")
+    size = bank.positive_int("bank_size", "patches")
     bank.positive_int("patches_per_image", "patches")
+    views = bank.doc.get("view_banks")
+    if views is not None and not (isinstance(views, list) and len(views) == 2 and sum(views) == size
+                                  and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in views)):
+        bank.fail("view_banks", f"must be two positive patch counts (whole view, tiles) adding up to bank_size, "
+                                f"got {views!r}")
     return dict(bank.doc)
 
 

@@ -28,7 +28,7 @@ from stfpm.model.artifact import LoadedModel
 from stfpm.model.card import ModelCard, check_threshold
 from stfpm.data.images import ModelInput, normalize_batch, prepare_input
 from stfpm.model.engines import LayerForward
-from stfpm.nn.maps import anomaly_map, images_per_forward, smooth_map
+from stfpm.nn.maps import anomaly_map, images_per_forward, smooth_map, view_maps
 
 ENGINES = ("auto", "onednn", "dygraph", "onnxruntime", "openvino")
 
@@ -95,6 +95,7 @@ class Predictor:
         self.tile_view_scale = card.map.tile_view_scale  # the "whole+tiles" views' scales (tiling.whole)
         bank = card.patchcore  # PatchCore: its (patches x bank) distances bound the images per forward
         self.forward_batch = images_per_forward(bank["bank_size"], bank["patches_per_image"]) if bank else None
+        self.view_banks = bool(bank and bank.get("view_banks"))  # a bank per view: two maps per input
 
     @classmethod
     def from_model(cls, model: LoadedModel, threshold: float | None = None, engine: str = "auto",
@@ -175,24 +176,36 @@ class Predictor:
         """File bytes or a BGR array -> this model's input (`stfpm.data.images.prepare_input`)."""
         return prepare_input(source, self.size, name, max_pixels, keep_image, self.tiling)
 
-    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def forward(self, batch: np.ndarray, whole_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 3, S, S) float32 normalised input -> (N, S, S) float32 anomaly maps and the (N, D)
         feature profiles (None from an export made before the in-distribution check). A
-        PatchCore model runs `forward_batch` images at a time and smooths its maps."""
+        PatchCore model runs `forward_batch` images at a time and smooths its maps; with a
+        bank per view, each input is searched in its own view's (`whole_rows`, `view_rows`)."""
         step = self.forward_batch or max(len(batch), 1)
         size = (batch.shape[2], batch.shape[3])
         maps, profiles = [], []
         for i in range(0, len(batch), step):
             layer_maps, profile = self.layer_forward(batch[i:i + step])
+            if self.view_banks:
+                layer_maps = view_maps(layer_maps, None if whole_rows is None else whole_rows[i:i + step])
             maps.append(anomaly_map(layer_maps, size, **self.card.map.options()))
             profiles.append(profile)
         join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
         return smooth_map(join(maps), self.smooth_sigma), None if profiles[0] is None else join(profiles)
 
-    def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def infer(self, pixels: np.ndarray, whole_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """RGB uint8 (N, S, S, 3) model inputs (`ModelInput.pixels`) -> (N, S, S) float32 maps
         and (N, D) feature profiles."""
-        return self.forward(normalize_batch(pixels, self.mean, self.std))
+        return self.forward(normalize_batch(pixels, self.mean, self.std), whole_rows)
+
+    def view_rows(self, counts: list[int]) -> np.ndarray | None:
+        """For images of `counts` inputs each (`ModelInput.tiles`), True at each image's whole
+        view (its first input) under the whole+tiles views; None for any other model."""
+        if self.tiling is None or not self.tiling.whole:
+            return None
+        rows = np.zeros(int(sum(counts)), bool)
+        rows[np.cumsum([0, *counts[:-1]]).astype(int)] = True
+        return rows
 
     def ood_scores(self, profiles: np.ndarray | None, n: int) -> list[float | None]:
         """Each image's in-distribution score, or None where the model or export has no check."""
@@ -200,12 +213,13 @@ class Predictor:
             return [None] * n
         return [float(v) for v in self.calibration.ood.score(profiles)]
 
-    def tile_forward(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def tile_forward(self, tiles: np.ndarray, whole_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """RGB uint8 (M, S, S, 3) tiles or whole images -> their (M, S, S) maps and (M, D)
-        feature profiles, TILES_PER_FORWARD at a time."""
+        feature profiles, TILES_PER_FORWARD at a time (`whole_rows`: `view_rows`)."""
         maps, profiles = [], []
         for i in range(0, len(tiles), TILES_PER_FORWARD):
-            chunk_maps, chunk_profiles = self.infer(tiles[i:i + TILES_PER_FORWARD])
+            chunk_maps, chunk_profiles = self.infer(tiles[i:i + TILES_PER_FORWARD],
+                                                    None if whole_rows is None else whole_rows[i:i + TILES_PER_FORWARD])
             maps.append(chunk_maps)
             profiles.append(chunk_profiles)
         join = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731
@@ -225,7 +239,7 @@ class Predictor:
         """Each image's RGB uint8 (K, S, S, 3) tiles (`ModelInput.tiles`; K = 1 untiled) and
         full (h, w) -> its anomaly map (`stitch`) and in-distribution score (its tiles' largest)."""
         counts = [len(t) for t in tiles]
-        maps, profiles = self.tile_forward(np.concatenate(tiles) if len(tiles) > 1 else tiles[0])
+        maps, profiles = self.tile_forward(np.concatenate(tiles) if len(tiles) > 1 else tiles[0], self.view_rows(counts))
         oods, starts = self.ood_scores(profiles, len(maps)), np.cumsum([0, *counts])
         image_oods = [None if oods[a] is None else max(oods[a:b]) for a, b in zip(starts[:-1], starts[1:])]
         return self.stitch(maps, counts, sizes), image_oods

@@ -92,6 +92,17 @@ def view_scale(layer_maps, size: tuple[int, int]) -> tuple[float, float]:
     return float(np.median(scores)), float(np.median(scores / levels))
 
 
+def view_maps(layer_maps: list, whole_rows: np.ndarray | None) -> list:
+    """A PatchCore forward with per-view banks gives two distance maps per input, to the whole
+    view's bank and to the tiles'; each input keeps its own view's (`whole_rows`: True where
+    the input is an image's whole view). Where the views are not known (None), the nearer of
+    the two, as one bank of both would give."""
+    whole, tiles = (np.asarray(m, np.float32) for m in layer_maps)
+    if whole_rows is None:
+        return [np.minimum(whole, tiles)]
+    return [np.where(np.asarray(whole_rows, bool)[:, None, None], whole, tiles)]
+
+
 def images_per_forward(bank_size: int, patches_per_image: int, budget_bytes: int = 64 << 20) -> int:
     """How many images one forward may hold so that the (patches x bank) distance matrix
     stays within `budget_bytes` (float32)."""

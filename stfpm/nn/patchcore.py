@@ -63,17 +63,20 @@ class MemoryBank(nn.Layer):
     exact nearest-neighbour search against it: one matmul + min, which Paddle Inference runs
     (bench/patchcore_nn.py compares it with faiss)."""
 
-    def __init__(self, size: int, dim: int):
+    def __init__(self, size: int, dim: int, view_split: int | None = None):
         super().__init__()
         self.register_buffer("patches", paddle.zeros([size, dim]))
+        self.view_split = view_split  # per-view banks: the first view_split patches are the whole view's
 
-    def forward(self, queries: paddle.Tensor) -> paddle.Tensor:
-        """(P, C) -> (P,) Euclidean distance of each query to its nearest bank patch."""
+    def forward(self, queries: paddle.Tensor) -> list[paddle.Tensor]:
+        """(P, C) -> [(P,)] Euclidean distance of each query to its nearest bank patch; with
+        per-view banks (the whole+tiles views) two: to the whole view's bank, to the tiles'."""
         bank = self.patches
         # |q - b|^2 = |q|^2 + (|b|^2 - 2 q.b): |q|^2 is added after the min, one pass less
         partial = paddle.sum(bank * bank, axis=1).unsqueeze(0) - 2.0 * paddle.matmul(queries, bank, transpose_y=True)
-        d2 = paddle.min(partial, axis=1) + paddle.sum(queries * queries, axis=1)
-        return paddle.sqrt(paddle.clip(d2, min=0.0))
+        norms = paddle.sum(queries * queries, axis=1)
+        parts = [partial] if self.view_split is None else [partial[:, :self.view_split], partial[:, self.view_split:]]
+        return [paddle.sqrt(paddle.clip(paddle.min(p, axis=1) + norms, min=0.0)) for p in parts]
 
 
 class PatchCore(nn.Layer):
@@ -81,7 +84,8 @@ class PatchCore(nn.Layer):
 
     model_name = "PatchCore"
 
-    def __init__(self, backbone: str, taps: tuple[int, int] = PATCHCORE_TAPS, bank_size: int = 1):
+    def __init__(self, backbone: str, taps: tuple[int, int] = PATCHCORE_TAPS, bank_size: int = 1,
+                 view_split: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.taps = tuple(int(t) for t in taps)
@@ -91,7 +95,7 @@ class PatchCore(nn.Layer):
         for p in self.teacher.parameters():
             p.stop_gradient = True
         self.teacher.eval()
-        self.memory = MemoryBank(bank_size, self.feature_dim)
+        self.memory = MemoryBank(bank_size, self.feature_dim, view_split)
 
     @property
     def feature_dim(self) -> int:
@@ -103,8 +107,10 @@ class PatchCore(nn.Layer):
         self.teacher.eval()
         return self
 
-    def set_bank(self, bank: np.ndarray) -> None:
-        self.memory = MemoryBank(len(bank), self.feature_dim)
+    def set_bank(self, bank: np.ndarray, view_split: int | None = None) -> None:
+        """The bank's patches; with `view_split`, the whole view's bank (its first view_split
+        rows) and the tiles' bank after it, each searched on its own (`view_maps`)."""
+        self.memory = MemoryBank(len(bank), self.feature_dim, view_split)
         self.memory.patches.set_value(np.ascontiguousarray(bank, dtype=np.float32))
 
     def features(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -113,12 +119,14 @@ class PatchCore(nn.Layer):
     def inference_outputs(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         """What inference runs: [(N, h, w) distance of each patch to its nearest bank patch (one
         "layer", so the Predictor forms the map as it does from STFPM's layer maps), the
-        teacher's (N, D) feature profile for the in-distribution check (stfpm.model.ood)]."""
+        teacher's (N, D) feature profile for the in-distribution check (stfpm.model.ood)].
+        With per-view banks two maps come first, to each view's bank: the Predictor keeps each
+        input's own view's (`stfpm.nn.maps.view_maps`)."""
         taps = self.teacher(x)
         feats = locally_aware_features(taps, self.taps)
         c, h, w = feats.shape[1:]
         nearest = self.memory(feats.transpose([0, 2, 3, 1]).reshape([-1, c]))
-        return [nearest.reshape([-1, h, w]), feature_profile(taps)]
+        return [*(d.reshape([-1, h, w]) for d in nearest), feature_profile(taps)]
 
 
 def subsample_patches(features: np.ndarray, per_image: int, rng: np.random.Generator) -> np.ndarray:

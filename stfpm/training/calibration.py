@@ -51,7 +51,8 @@ def calibrate_on_good_images(network: STFPM, card: ModelCard, holdout_paths: lis
     scores, profiles = [], []
     for i in range(0, len(holdout_paths), 64):
         inputs = [predictor.prepare(Path(p).read_bytes(), p) for p in holdout_paths[i:i + 64]]
-        maps, chunk_profiles = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]))
+        maps, chunk_profiles = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]),
+                                                      predictor.view_rows([len(x.tiles) for x in inputs]))
         scores += [float(m.max()) for m in predictor.stitch(maps, [len(x.tiles) for x in inputs],
                                                             [(x.height, x.width) for x in inputs])]
         profiles.append(chunk_profiles)
@@ -76,7 +77,8 @@ def fit_tile_view_scale(network, card: ModelCard, holdout_paths: list[str]) -> M
     whole, tiles = [], []
     for i in range(0, len(holdout_paths), 64):
         inputs = [predictor.prepare(Path(p).read_bytes(), p) for p in holdout_paths[i:i + 64]]
-        maps, _ = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]))
+        maps, _ = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]),
+                                         predictor.view_rows([len(x.tiles) for x in inputs]))
         start = 0
         for x in inputs:
             whole_map, tile_map = tiling.views(maps[start:start + len(x.tiles)], x.height, x.width)

@@ -32,35 +32,49 @@ PROGRESS_EVERY_S = 10.0  # a line this often during the feature pass: minutes on
 def build_bank(network: PatchCore, paths: list[str], cfg: TrainConfig, batch_size: int = 16,
                progress: bool = False) -> tuple[np.ndarray, dict]:
     """The coreset of the training images' patch features, and what it was built from.
+    With the whole+tiles views, a bank per view (the whole views' coreset first, then the
+    tiles': `stats["view_banks"]`), each of an untiled bank's size, so the whole view is
+    searched exactly as a whole-only model's and a tile patch never answers for a whole-image
+    patch (one bank of both cost the whole view up to 0.2 image AUROC: bench/RESULTS.md).
     `progress`: a line every PROGRESS_EVERY_S seconds of the feature pass, one before the coreset."""
     emit = logger.info if progress else logger.debug
     t0 = last = time.time()
     spec = backbone_spec(cfg.backbone)
     rng = np.random.default_rng(cfg.seed)
     per_image = max(1, cfg.bank_pool // len(paths))
-    pool, patches_per_image, n_rows = [], 0, 0
+    views = cfg.tiling is not None and cfg.tiling.whole
+    pools: dict[str, list] = {"whole": [], "tiles": []} if views else {"all": []}
+    patches_per_image, n_rows = 0, 0
     network.eval()
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        batch, _ = load_images(chunk, cfg.image_size, spec.mean, spec.std, cfg.tiling)  # a tiled image: its tiles
+        batch, keys = load_images(chunk, cfg.image_size, spec.mean, spec.std, cfg.tiling)  # a tiled image: its tiles
         with paddle.no_grad():
             features = network.features(paddle.to_tensor(batch)).numpy()
         patches_per_image, n_rows = features.shape[2] * features.shape[3], n_rows + len(batch)
-        pool.append(subsample_patches(features, max(1, per_image * len(chunk) // len(batch)), rng))
+        if views:  # keys "path#0" are the whole views (stfpm.training.config.load_images)
+            whole = np.array([k.endswith("#0") for k in keys])
+            pools["whole"].append(subsample_patches(features[whole], per_image, rng))
+            pools["tiles"].append(subsample_patches(features[~whole], max(1, per_image * len(chunk) // int((~whole).sum())),
+                                                    rng))
+        else:
+            pools["all"].append(subsample_patches(features, max(1, per_image * len(chunk) // len(batch)), rng))
         if time.time() - last >= PROGRESS_EVERY_S:
             last = time.time()
             done = start + len(chunk)
             emit(f"memory bank: features of {done}/{len(paths)} images, {done / (last - t0):.1f} img/s")
-    pool = np.concatenate(pool)
-    # the bank's share of the rows' patches; with the "whole+tiles" views an image counts twice
-    # (its whole view, and its tiles together), not 1 + tiles times: each view keeps the bank
-    # an untiled model has, and the nearest-patch search per input stays at twice its cost
-    tiling = cfg.tiling
-    units = 2 * len(paths) if tiling is not None and tiling.whole else n_rows
-    n_bank = min(len(pool), math.ceil(cfg.bank_fraction * units * patches_per_image))
-    emit(f"memory bank: choosing {n_bank} of {len(pool)} patches (greedy coreset)")
-    bank = pool[greedy_coreset(pool, n_bank, seed=cfg.seed)]
-    return bank, {"bank_size": int(len(bank)), "pool_size": int(len(pool)), "patches_per_image": int(patches_per_image)}
+    units = len(paths) if views else n_rows  # a view's bank: the share of one input per image
+    banks, pool_size = [], 0
+    for name, parts in pools.items():
+        pool = np.concatenate(parts)
+        pool_size += len(pool)
+        n_bank = min(len(pool), math.ceil(cfg.bank_fraction * units * patches_per_image))
+        emit(f"memory bank{'' if name == 'all' else ' of the ' + name + ' view'}: choosing {n_bank} of "
+             f"{len(pool)} patches (greedy coreset)")
+        banks.append(pool[greedy_coreset(pool, n_bank, seed=cfg.seed)])
+    bank = np.concatenate(banks)
+    stats = {"bank_size": int(len(bank)), "pool_size": int(pool_size), "patches_per_image": int(patches_per_image)}
+    return bank, {**stats, "view_banks": [len(b) for b in banks]} if views else stats
 
 
 def train_patchcore(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -77,7 +91,7 @@ def train_patchcore(data: str, out_dir: str, cfg: TrainConfig, progress: bool = 
         f"building the {cfg.backbone} memory bank from {len(split.train)} images ({len(split.holdout)} held out "
         "for the threshold): one pass, no epochs")
     bank, stats = build_bank(network, [s.image for s in split.train], cfg, progress=progress)
-    network.set_bank(bank)
+    network.set_bank(bank, stats["view_banks"][0] if "view_banks" in stats else None)
     record = {**stats, "seconds": round(time.time() - t0, 2)}
     if progress:
         sys.stderr.write(f"memory bank: {stats['bank_size']} patches chosen from {stats['pool_size']} "
