@@ -139,10 +139,39 @@ def test_whole_plus_tiles_find_what_either_view_alone_misses(parts, tmp_path):
     assert (card.input.tile_size, card.input.tile_whole) == (128, True)  # 256 px at a 64-px input: 4x
     assert card.recipe["views"] == "whole+tiles" and card.recipe["views_evidence"]["ratio"] == 4.0
     assert len(card.map.tile_view_scale) == 2
+    whole_bank, tiles_bank = card.patchcore["view_banks"]  # a bank per view, each an untiled bank's size
+    assert whole_bank + tiles_bank == card.patchcore["bank_size"]
+    assert whole_bank == read_card(tmp_path / "whole").patchcore["bank_size"]
     whole, tiles, both = auroc["whole"], auroc["tiles"], auroc["auto"]
     assert whole["swap"] >= 0.95 and tiles["swap"] <= 0.8, auroc      # the layout shows only whole
     assert tiles["pinhole"] >= 0.7 and whole["pinhole"] <= 0.6, auroc  # the pinhole only in tiles
     assert both["swap"] >= 0.95 and both["pinhole"] >= whole["pinhole"] + 0.15, auroc
+
+
+def test_a_patchcore_model_with_a_bank_per_view_exports_and_searches_each_view_in_its_own(parts, tmp_path):
+    """The ONNX export of a per-view-bank model gives the model directory's scores, and a
+    forward that does not say which inputs are whole views falls back to the nearer bank."""
+    from typer.testing import CliRunner
+
+    from stfpm.cli import app
+    from stfpm.model.inference import Predictor
+    from stfpm.training.run import train
+
+    model = tmp_path / "model"
+    train(str(parts), str(model), TrainConfig(model="patchcore", image_size=INPUT, bank_fraction=0.1), progress=False)
+    images = [f.read_bytes() for kind in ("good", "pinhole") for f in sorted((parts / "test" / kind).iterdir())[:3]]
+    predictor = Predictor.open(model)
+    ours = [p.score for p in predictor.predict(images)]
+    done = CliRunner().invoke(app, ["export", str(model), "--out", str(tmp_path / "onnx"), "--format", "onnx"])
+    assert done.exit_code == 0, done.output
+    np.testing.assert_allclose([p.score for p in Predictor.open(tmp_path / "onnx").predict(images)], ours, rtol=1e-4)
+    inputs = [predictor.prepare(b) for b in images[:2]]
+    tiles = np.concatenate([x.tiles for x in inputs])
+    rows = predictor.view_rows([len(x.tiles) for x in inputs])
+    assert rows.tolist() == [True] + [False] * 4 + [True] + [False] * 4
+    own, _ = predictor.tile_forward(tiles, rows)
+    nearer, _ = predictor.tile_forward(tiles)
+    assert np.all(nearer <= own + 1e-5)  # the views' patches lie far apart: the nearer bank is mostly the own one
 
 
 def test_an_stfpm_model_with_both_views_trains_records_and_exports_alike(parts, tmp_path):
