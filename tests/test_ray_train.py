@@ -135,3 +135,28 @@ def test_rerun_with_the_same_name_resumes(data, tmp_path, local_ray):
     with pytest.raises(Exception, match="another --name"):
         train_distributed(str(data), str(tmp_path / "other"), TrainConfig(**{**CFG, "lr": 0.05}), num_workers=2,
                           storage=str(tmp_path / "storage"), name="resume", threads_per_worker=1)
+
+
+def test_ray_train_epochs_pick_the_whole_views_and_tiles_one_process_training_does(tmp_path, local_ray):
+    """With the whole+tiles views (128-px images at a 64-px input: auto picks them) a worker
+    keeps each image's whole view and its epoch's tile, the rows one-process training takes
+    (`epoch_rows`), regrouped into full batches; the model records the views."""
+    from stfpm.raytrain.driver import _decode_resize, epoch_batches
+    from stfpm.data.tiling import Tiling
+    from stfpm.training.loop import epoch_rows
+
+    root = tmp_path / "data"
+    make_synthetic_dataset(root, n_train=10, n_test=4, size=128, seed=2)
+    paths = sorted(str(p) for p in (root / "train" / "good").iterdir())[:5]
+    rows = _decode_resize({"bytes": [Path(p).read_bytes() for p in paths], "path": paths}, 64, 64, 0, True)
+    assert rows["image"].shape == (25, 64, 64, 3) and rows["tiles"].tolist() == [4] * 25
+    chunks = [{k: v[i:i + 7] for k, v in rows.items()} for i in range(0, 25, 7)]  # batches cut across images
+    for epoch in (1, 2, 3):
+        kept = [(images, keys) for images, keys in epoch_batches(chunks, 4, epoch, seed=0)]
+        assert [len(k) for _, k in kept] == [4, 4, 2]
+        expected = [rows["path"][r] for r in epoch_rows(list(rows["path"]), Tiling(64, 0, True), epoch, 0)]
+        assert [str(k) for _, keys in kept for k in keys] == expected
+    result = train_distributed(str(root), str(tmp_path / "model"), TrainConfig(**{**CFG, "epochs": 1}),
+                               num_workers=2, storage=str(tmp_path / "storage"), threads_per_worker=1)
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["input"]["tile_whole"] and card["recipe"]["views"] == "whole+tiles" and len(result.history) == 1

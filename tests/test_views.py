@@ -214,13 +214,14 @@ def test_an_stfpm_epoch_trains_on_each_image_whole_and_one_tile():
     from stfpm.training.loop import epoch_rows
 
     keys = [f"{name}#{k}" for name in ("a.png", "b.png", "c#1.png") for k in range(5)]
-    rng = np.random.default_rng(0)
     seen = set()
-    for _ in range(40):
-        rows = epoch_rows(keys, Tiling(128, 0, whole=True), rng)
+    for epoch in range(1, 41):
+        rows = epoch_rows(keys, Tiling(128, 0, whole=True), epoch, seed=0)
         picked = [keys[r] for r in rows]
         assert [k.rsplit("#", 1)[0] for k in picked] == ["a.png", "a.png", "b.png", "b.png", "c#1.png", "c#1.png"]
         assert all(k.endswith("#0") for k in picked[::2]) and not any(k.endswith("#0") for k in picked[1::2])
         seen.update(picked)
+        shuffled = keys[::-1]  # a Ray Train worker sees its rows in any order: the picks do not depend on it
+        assert {shuffled[r] for r in epoch_rows(shuffled, Tiling(128, 0, whole=True), epoch, 0)} == set(picked)
     assert seen == set(keys)  # over the epochs every tile is trained on
-    assert epoch_rows(keys, Tiling(128, 0), rng) is None and epoch_rows(keys, None, rng) is None
+    assert epoch_rows(keys, Tiling(128, 0), 1, 0) is None and epoch_rows(keys, None, 1, 0) is None

@@ -35,7 +35,30 @@ def _decode_resize(batch: dict, size: int, tile_size: int | None = None, tile_ov
     tiles = [prepare_input(bytes(data), size, str(path), tiling=tiling).tiles
              for data, path in zip(batch["bytes"], batch["path"])]
     keys = [str(p) if tiling is None else f"{p}#{k}" for p, t in zip(batch["path"], tiles) for k in range(len(t))]
+    if tiling is not None and tiling.whole:  # each row's image's tile count: what an epoch picks from
+        return {"image": np.concatenate(tiles), "path": np.array(keys),
+                "tiles": np.array([len(t) - 1 for t in tiles for _ in range(len(t))])}
     return {"image": np.concatenate(tiles), "path": np.array(keys)}
+
+
+def epoch_batches(batches, size: int, epoch: int, seed: int):
+    """A worker's batches of an epoch: as they come, except with the whole+tiles views, where
+    only each image's whole view and its epoch's tile are kept (`stfpm.training.loop.trains_on`,
+    the rows one-process training picks) and regrouped into batches of `size`."""
+    from stfpm.training.loop import trains_on
+
+    pending: list[tuple] = []
+    for batch in batches:
+        if "tiles" not in batch:
+            yield batch["image"], batch["path"]
+            continue
+        pending += [(image, path) for image, path, tiles in zip(batch["image"], batch["path"], batch["tiles"])
+                    if trains_on(str(path), int(tiles), epoch, seed)]
+        while len(pending) >= size:
+            chunk, pending = pending[:size], pending[size:]
+            yield np.stack([c[0] for c in chunk]), [c[1] for c in chunk]
+    if pending:
+        yield np.stack([c[0] for c in pending]), [c[1] for c in pending]
 
 
 def image_dataset(uris: list[str], size: int, tiling=None):
@@ -142,11 +165,11 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, epoch, rank])
-        batches = ((augment_batch(normalize_batch(b["image"], spec.mean, spec.std), cfg.augment, rng),
-                    [str(p) for p in b["path"]])
-                   for b in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
-                                               local_shuffle_buffer_size=4 * per_worker_batch,
-                                               local_shuffle_seed=cfg.seed * 1000 + epoch + rank))
+        batches = ((augment_batch(normalize_batch(images, spec.mean, spec.std), cfg.augment, rng),
+                    [str(p) for p in paths])
+                   for images, paths in epoch_batches(shard.iter_batches(
+                       batch_size=per_worker_batch, batch_format="numpy", local_shuffle_buffer_size=4 * per_worker_batch,
+                       local_shuffle_seed=cfg.seed * 1000 + epoch + rank), per_worker_batch, epoch, cfg.seed))
         loss, seen = run_epoch(model, optimizer, batches, cache, log.within(epoch))
         loss = _all_reduce_mean(loss, seen)
         _average_batchnorm_statistics(network.student)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import zlib
 from typing import Callable, Iterable
 
 import numpy as np
@@ -137,17 +138,32 @@ def iterate_batches(images: np.ndarray, batch_size: int, rng: np.random.Generato
         yield images[index], None if keys is None else [keys[i] for i in index]
 
 
-def epoch_rows(keys: list[str], tiling, rng: np.random.Generator) -> np.ndarray | None:
-    """The rows an epoch trains on: all of them (None), except with the "whole+tiles" views,
-    where each image gives its whole view and one of its tiles drawn at random, so an epoch
-    costs twice an untiled one rather than 1 + tiles times, and over the epochs every tile is
-    seen (keys "path#k", k = 0 the whole view: stfpm.training.config.load_images)."""
+def picked_tile(image: str, tiles: int, epoch: int, seed: int) -> int:
+    """Which of an image's `tiles` (1..tiles; 0 is its whole view) an epoch of the whole+tiles
+    views trains on: a hash of the image, epoch and seed, so one-process training and every
+    Ray Train worker pick alike without talking to each other, and over the epochs every tile
+    comes up."""
+    return 1 + zlib.crc32(f"{seed}:{epoch}:{image}".encode()) % max(tiles, 1)
+
+
+def trains_on(key: str, tiles: int, epoch: int, seed: int) -> bool:
+    """Whether the row keyed "path#k" (stfpm.training.config.load_images) of an image with
+    `tiles` tiles after its whole view is in this epoch: the whole view, and `picked_tile`."""
+    image, k = key.rsplit("#", 1)
+    return k == "0" or int(k) == picked_tile(image, tiles, epoch, seed)
+
+
+def epoch_rows(keys: list[str], tiling, epoch: int, seed: int) -> np.ndarray | None:
+    """The rows an epoch trains on: all of them (None), except with the whole+tiles views,
+    where each image gives its whole view and one of its tiles (`trains_on`), so an epoch
+    costs twice an untiled one rather than 1 + tiles times."""
     if tiling is None or not tiling.whole:
         return None
-    images: dict[str, list[int]] = {}
-    for row, key in enumerate(keys):
-        images.setdefault(key.rsplit("#", 1)[0], []).append(row)
-    return np.array([r for rows in images.values() for r in (rows[0], rows[1 + int(rng.integers(len(rows) - 1))])])
+    tiles: dict[str, int] = {}
+    for key in keys:
+        image = key.rsplit("#", 1)[0]
+        tiles[image] = tiles.get(image, -1) + 1
+    return np.array([r for r, key in enumerate(keys) if trains_on(key, tiles[key.rsplit("#", 1)[0]], epoch, seed)])
 
 
 def run_epoch(network, optimizer, batches: Iterable[tuple[np.ndarray, list | None]],
@@ -246,7 +262,7 @@ def train_stfpm(data: str, out_dir: str, cfg: TrainConfig, progress: bool = True
     best_loss, best_state, history = float("inf"), None, []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.time()
-        rows = epoch_rows(train_keys, cfg.tiling, rng)
+        rows = epoch_rows(train_keys, cfg.tiling, epoch, cfg.seed)
         batches = ((augment_batch(b, cfg.augment, rng), keys)
                    for b, keys in iterate_batches(train_images, cfg.batch_size, rng, train_keys, rows))
         loss, seen = run_epoch(network, optimizer, batches, cache,
