@@ -37,55 +37,62 @@ def calibrate_threshold(holdout_scores: np.ndarray, quantile: float) -> Calibrat
                        score_scale=ScoreScale.fit(holdout_scores, threshold))
 
 
+def holdout_scores(predictor, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image scores of the good images at `paths`, scored by predict's own path
+    (`Predictor.prepare`, `tile_forward`, `stitch`), and their inputs' feature profiles: (N, 1)
+    the stitched map's max, or with the whole+tiles views (N, 2) each view's own, whole first
+    (`Tiling.views`), which `combine_views` turns into the map's max by the views' scales."""
+    tiling = predictor.tiling
+    scores, profiles = [], []
+    for i in range(0, len(paths), 64):
+        inputs = [predictor.prepare(Path(p).read_bytes(), p) for p in paths[i:i + 64]]
+        counts = [len(x.tiles) for x in inputs]
+        maps, chunk_profiles = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]),
+                                                      predictor.view_rows(counts))
+        if tiling is not None and tiling.whole:
+            starts = np.cumsum([0, *counts])
+            scores += [[float(m.max()) for m in tiling.views(maps[a:b], x.height, x.width)]
+                       for a, b, x in zip(starts[:-1], starts[1:], inputs)]
+        else:
+            scores += [[float(m.max())] for m in predictor.stitch(maps, counts, [(x.height, x.width) for x in inputs])]
+        profiles.append(chunk_profiles)
+    return np.array(scores, np.float64), None if profiles[0] is None else np.concatenate(profiles)
+
+
 def calibrate_on_good_images(network: STFPM, card: ModelCard, holdout_paths: list[str], quantile: float,
                              reference_paths: list[str]) -> Calibration:
     """The calibration of `network` (with `card`'s input and map settings; its calibration is
     not used): threshold and score scale from the scores of the good images at `holdout_paths`
-    it was not trained on, scored by predict's own path (`Predictor.prepare`, `tile_forward`,
-    `stitch`), the in-distribution check's statistics from the good images at
-    `reference_paths` (the training split) with its cell level and limit from the held-out
-    ones (tiles, for a tiled model; stfpm.model.ood). Training's calibration, also used on import."""
+    it was not trained on (`holdout_scores`; the whole+tiles views combined by the card's
+    map.tile_view_scale, `fit_tile_view_scale`), the in-distribution check's statistics from
+    the good images at `reference_paths` (the training split) with its cell level and limit
+    from the held-out ones (tiles, for a tiled model; stfpm.model.ood). Training's
+    calibration, also used on import."""
     from stfpm.model.inference import Predictor
 
     predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
-    scores, profiles = [], []
-    for i in range(0, len(holdout_paths), 64):
-        inputs = [predictor.prepare(Path(p).read_bytes(), p) for p in holdout_paths[i:i + 64]]
-        maps, chunk_profiles = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]),
-                                                      predictor.view_rows([len(x.tiles) for x in inputs]))
-        scores += [float(m.max()) for m in predictor.stitch(maps, [len(x.tiles) for x in inputs],
-                                                            [(x.height, x.width) for x in inputs])]
-        profiles.append(chunk_profiles)
-    calibration = calibrate_threshold(np.array(scores), quantile)
+    scores, profiles = holdout_scores(predictor, holdout_paths)
+    if scores.shape[1] == 2:  # the max of the combined map is the larger of the views' scaled maxima
+        scores = scores / np.asarray(card.map.tile_view_scale, np.float64)
+    calibration = calibrate_threshold(scores.max(axis=1), quantile)
     reference = feature_profiles(predictor, reference_paths)
-    check = InDistribution.fit(reference, np.concatenate(profiles), *profile_layout(card.backbone))
+    check = InDistribution.fit(reference, profiles, *profile_layout(card.backbone))
     return dataclasses.replace(calibration, ood=check,
                                details={**calibration.details, "n_ood_reference": len(reference)})
 
 
 def fit_tile_view_scale(network, card: ModelCard, holdout_paths: list[str]) -> ModelCard:
-    """`card` with map.tile_view_scale for the "whole+tiles" views (input.tile_whole): the
+    """`card` with map.tile_view_scale for the whole+tiles views (input.tile_whole): the
     median over the held-out good images of the whole view's image score and of the tiles'
     (stfpm.data.tiling.combine_views divides each view's map by its own); `card` as it is
-    for any other input. Scored by predict's path, as the threshold is after it."""
+    for any other input."""
     tiling = card.input.tiling
     if tiling is None or not tiling.whole:
         return card
     from stfpm.model.inference import Predictor
 
-    predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
-    whole, tiles = [], []
-    for i in range(0, len(holdout_paths), 64):
-        inputs = [predictor.prepare(Path(p).read_bytes(), p) for p in holdout_paths[i:i + 64]]
-        maps, _ = predictor.tile_forward(np.concatenate([x.tiles for x in inputs]),
-                                         predictor.view_rows([len(x.tiles) for x in inputs]))
-        start = 0
-        for x in inputs:
-            whole_map, tile_map = tiling.views(maps[start:start + len(x.tiles)], x.height, x.width)
-            whole.append(float(whole_map.max()))
-            tiles.append(float(tile_map.max()))
-            start += len(x.tiles)
-    scale = (max(float(np.median(whole)), 1e-12), max(float(np.median(tiles)), 1e-12))
+    scores, _ = holdout_scores(Predictor.from_model(LoadedModel(network=network, card=card, path="")), holdout_paths)
+    scale = tuple(max(float(v), 1e-12) for v in np.median(scores, axis=0))
     logger.info(f"whole+tiles views: median held-out score {scale[0]:.4g} whole, {scale[1]:.4g} in tiles")
     return dataclasses.replace(card, map=dataclasses.replace(card.map, tile_view_scale=scale))
 
