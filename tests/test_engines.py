@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from stfpm.cli import app
+from test_cli import invoke  # the one CLI-runner helper of the tests
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -23,11 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"paddle": ("inference.json", "inference.pdiparams"), "onnx": ("model.onnx",),
            "openvino": ("model.xml", "model.bin")}
 MODELS = ("stfpm", "stfpm_tiled", "patchcore", "patchcore_tiled")
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

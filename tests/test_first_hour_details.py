@@ -17,19 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from stfpm import create_model
-from stfpm.cli import app
 from stfpm.training.config import TrainConfig
+from test_cli import invoke  # the one CLI-runner helper of the tests
 
 REPO = Path(__file__).resolve().parents[1]
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

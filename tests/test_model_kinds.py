@@ -13,18 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from stfpm import create_model
-from stfpm.cli import app
+from test_cli import invoke  # the one CLI-runner helper of the tests
 
 REPO = Path(__file__).resolve().parents[1]
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 from paddle import nn
-from typer.testing import CliRunner
 
 from stfpm.model.artifact import load_model
-from stfpm.cli import app
 from stfpm.data import load_dataset, make_synthetic_dataset
 from stfpm.model.inference import Predictor
 from stfpm.training.config import load_images
+from test_cli import invoke  # the one CLI-runner helper of the tests
 
 SIZE = 64
 
@@ -77,11 +76,6 @@ def good_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("good")
     make_synthetic_dataset(root / "data", n_train=6, n_test=4, size=SIZE, seed=3)
     return root / "data"
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def test_imported_model_gives_paddleseg_maps(paddleseg_checkpoint, good_images, tmp_path):

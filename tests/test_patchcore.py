@@ -9,17 +9,10 @@ import paddle.nn.functional as F
 import pandas as pd
 import pytest
 import ray
-from typer.testing import CliRunner
 
 from stfpm.nn.maps import images_per_forward
 from stfpm.nn.patchcore import _upsample2x, greedy_coreset, subsample_patches
-
-
-def invoke(*args):
-    from stfpm.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
+from test_cli import invoke  # the one CLI-runner helper of the tests
 
 
 def test_upsampling_is_bilinear_with_half_pixel_centres():
