@@ -100,7 +100,7 @@ def test_predict_accepts_paddlex_inputs_and_batches(trained, synth_data, monkeyp
     model = create_model(model_name="STFPM", model_dir=str(trained[0]))
     calls = []
     forward = model.predictor.forward
-    monkeypatch.setattr(model.predictor, "forward", lambda b: calls.append(len(b)) or forward(b))
+    monkeypatch.setattr(model.predictor, "forward", lambda b, *rest: calls.append(len(b)) or forward(b, *rest))
     good = sorted((synth_data / "test" / "good").glob("*.png"))
     array = cv2.resize(cv2.imread(str(good[0])), (200, 150))  # non-square, not the model size
     inputs = [str(good[1]), str(synth_data / "test" / "good"), array, {"img": str(good[2])}]
