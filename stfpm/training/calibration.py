@@ -60,41 +60,29 @@ def holdout_scores(predictor, paths: list[str]) -> tuple[np.ndarray, np.ndarray 
 
 
 def calibrate_on_good_images(network: STFPM, card: ModelCard, holdout_paths: list[str], quantile: float,
-                             reference_paths: list[str]) -> Calibration:
-    """The calibration of `network` (with `card`'s input and map settings; its calibration is
-    not used): threshold and score scale from the scores of the good images at `holdout_paths`
-    it was not trained on (`holdout_scores`; the whole+tiles views combined by the card's
-    map.tile_view_scale, `fit_tile_view_scale`), the in-distribution check's statistics from
-    the good images at `reference_paths` (the training split) with its cell level and limit
-    from the held-out ones (tiles, for a tiled model; stfpm.model.ood). Training's
-    calibration, also used on import."""
+                             reference_paths: list[str]) -> ModelCard:
+    """`card` calibrated for `network` (its input and map settings are used, its calibration is
+    not), from one pass over the good images at `holdout_paths` it was not trained on
+    (`holdout_scores`): the threshold and score scale from their scores and, for the
+    whole+tiles views, first map.tile_view_scale, the median of each view's scores
+    (stfpm.data.tiling.combine_views divides each view's map by its own); the
+    in-distribution check's statistics from the good images at `reference_paths` (the
+    training split) with its cell level and limit from the held-out ones (tiles, for a tiled
+    model; stfpm.model.ood). Training's calibration, also used on import."""
     from stfpm.model.inference import Predictor
 
     predictor = Predictor.from_model(LoadedModel(network=network, card=card, path=""))
     scores, profiles = holdout_scores(predictor, holdout_paths)
     if scores.shape[1] == 2:  # the max of the combined map is the larger of the views' scaled maxima
-        scores = scores / np.asarray(card.map.tile_view_scale, np.float64)
+        scale = tuple(max(float(v), 1e-12) for v in np.median(scores, axis=0))
+        logger.info(f"whole+tiles views: median held-out score {scale[0]:.4g} whole, {scale[1]:.4g} in tiles")
+        card = dataclasses.replace(card, map=dataclasses.replace(card.map, tile_view_scale=scale))
+        scores = scores / np.asarray(scale, np.float64)
     calibration = calibrate_threshold(scores.max(axis=1), quantile)
     reference = feature_profiles(predictor, reference_paths)
     check = InDistribution.fit(reference, profiles, *profile_layout(card.backbone))
-    return dataclasses.replace(calibration, ood=check,
-                               details={**calibration.details, "n_ood_reference": len(reference)})
-
-
-def fit_tile_view_scale(network, card: ModelCard, holdout_paths: list[str]) -> ModelCard:
-    """`card` with map.tile_view_scale for the whole+tiles views (input.tile_whole): the
-    median over the held-out good images of the whole view's image score and of the tiles'
-    (stfpm.data.tiling.combine_views divides each view's map by its own); `card` as it is
-    for any other input."""
-    tiling = card.input.tiling
-    if tiling is None or not tiling.whole:
-        return card
-    from stfpm.model.inference import Predictor
-
-    scores, _ = holdout_scores(Predictor.from_model(LoadedModel(network=network, card=card, path="")), holdout_paths)
-    scale = tuple(max(float(v), 1e-12) for v in np.median(scores, axis=0))
-    logger.info(f"whole+tiles views: median held-out score {scale[0]:.4g} whole, {scale[1]:.4g} in tiles")
-    return dataclasses.replace(card, map=dataclasses.replace(card.map, tile_view_scale=scale))
+    return dataclasses.replace(card, calibration=dataclasses.replace(
+        calibration, ood=check, details={**calibration.details, "n_ood_reference": len(reference)}))
 
 
 def feature_profiles(predictor, paths: list[str], chunk: int = 64) -> np.ndarray:
@@ -155,9 +143,8 @@ def calibrate_and_save(network, card: ModelCard, split: TrainSplit, out_dir: str
     network.eval()
     dataset = split.dataset
     logger.info(f"calibrating the threshold on {len(split.holdout)} held-out good images")
-    card = fit_tile_view_scale(network, card, [s.image for s in split.holdout])
-    card = dataclasses.replace(card, calibration=calibrate_on_good_images(
-        network, card, [s.image for s in split.holdout], cfg.threshold_quantile, [s.image for s in split.train]))
+    card = calibrate_on_good_images(network, card, [s.image for s in split.holdout], cfg.threshold_quantile,
+                                    [s.image for s in split.train])
     with tempfile.TemporaryDirectory() as tmp:
         local_dir = Path(tmp) if is_s3(str(out_dir)) else Path(out_dir)
         card = save_model(network, local_dir, card)

@@ -102,7 +102,7 @@ def import_paddlex(path: str | Path, out_dir: str | Path, good: str | Path, imag
                      calibration=UNCALIBRATED, map=MapSpec(layer_norm="none"), taps=list(spec.channels),
                      training={"imported_from": str(checkpoint), "format": "paddlex_stfpm_pdparams"})
     # the same good images give the in-distribution statistics and their limit (none to spare for a split)
-    calibration = calibrate_on_good_images(network, card, good_paths, threshold_quantile, good_paths)
+    calibration = calibrate_on_good_images(network, card, good_paths, threshold_quantile, good_paths).calibration
     calibration = dataclasses.replace(calibration, source="imported_good_quantile", details={
         **calibration.details, "data": str(good), "data_fingerprint": fingerprint(good_paths)})
     card = save_model(network, out_dir, dataclasses.replace(card, calibration=calibration))
