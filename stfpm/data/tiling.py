@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from stfpm.data.images import resize_for_model
+
 
 def starts(length: int, size: int, overlap: int) -> list[int]:
     """Tile offsets along one side: 0 and length - size included, neighbours sharing >= overlap."""
@@ -82,14 +84,10 @@ class Tiling:
 
     def cut(self, image: np.ndarray, model_size: int) -> np.ndarray:
         """BGR uint8 (H, W, 3) -> the tiles as the model sees them: BGR uint8 (K, S, S, 3),
-        S = model_size (stfpm.data.images.resize_for_model turns them to RGB); with `whole`,
-        the whole image resized to S first (as resize_for_model resizes it)."""
+        S = model_size (stfpm.data.images.prepare_input turns them to RGB); with `whole`, the
+        whole image first, resized as an untiled model's (resize_for_model)."""
         h, w = image.shape[:2]
-        first = []
-        if self.whole:
-            shrink = h >= model_size and w >= model_size
-            first = [cv2.resize(image, (model_size, model_size),
-                                interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)]
+        first = [resize_for_model(image, model_size)[..., ::-1]] if self.whole else []  # back to BGR, as the tiles
         pad_h, pad_w = max(0, self.size - h), max(0, self.size - w)
         if pad_h or pad_w:  # numpy's "symmetric" mirrors repeatedly, so any shortfall is filled
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")

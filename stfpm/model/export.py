@@ -9,8 +9,9 @@ the dev sets in bench/RESULTS.md).
 
 The program maps the normalised input (N, 3, S, S) to the per-layer distance maps
 (N, h_i, w_i) (for PatchCore one map, the nearest-bank-patch distances: the bank is in the
-program's parameters) followed by the (N, D) feature profile of the in-distribution check
-(`stfpm.model.ood`; exports from before it return the maps only); `stfpm.nn.anomaly_map`
+program's parameters; two with a bank per view, stfpm.nn.maps.view_maps) followed by the
+(N, D) feature profile of the in-distribution check (`stfpm.model.ood`; exports from before
+it return the maps only); `stfpm.nn.anomaly_map`
 upsamples and multiplies them outside the graph (oneDNN cannot run Paddle 3.3's bilinear-interpolate attributes). An export holds
 `inference.json` + `inference.pdiparams` (paddle.jit.save) or the ONNX / IR files, a PaddleX-style
 `inference.yml`, and our `model.json` so threshold and normalisation travel with it."""
