@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from stfpm.audit.config import AuditConfig, iso, utc_now
 from stfpm.scoring.sources import CATEGORY
-from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, TableShards, winning_rows
+from stfpm.scoring.table import INPUT_ERROR, TRANSIENT_ERROR, TableShards, split_by_code, winning_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ALERT, EXIT_ERRORS = 0, 1, 2, 3, 4
 HISTOGRAM_BINS = 20
@@ -133,13 +133,9 @@ def _by_category(rows: pa.Table, failed: pa.ChunkedArray):
     encoded = pc.dictionary_encode(_category_of(rows)).combine_chunks()
     labels = encoded.dictionary.to_pylist()
     key = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64) * 2 + failed.to_numpy(zero_copy_only=False)
-    order = np.argsort(key, kind="stable")
-    rows = rows.take(pa.array(order, pa.int64()))
-    counts = np.bincount(key, minlength=2 * len(labels))
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    groups = split_by_code(rows, key, 2 * len(labels))
     for code, label in enumerate(labels):
-        yield (label, rows.slice(starts[2 * code], counts[2 * code]),
-               rows.slice(starts[2 * code + 1], counts[2 * code + 1]))
+        yield label, groups[2 * code], groups[2 * code + 1]
 
 
 def _first(rows: pa.Table, keys: list[tuple[str, str]], k: int) -> pa.Table:

@@ -14,7 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stfpm.scoring.table import (BUCKETS, INPUT_ERROR, TRANSIENT_ERROR, bucket_folder, bucket_of, codes, is_bucketed,
-                                 read_index, set_columns, shards, table_files, winning_rows, with_image_ids)
+                                 read_index, set_columns, shards, split_by_code, table_files, winning_rows,
+                                 with_image_ids)
 from stfpm.storage import filesystem_for, is_s3, join_uri, write_bytes
 
 ROWS_PER_FILE = 4096
@@ -91,13 +92,9 @@ def by_bucket(rows: pa.Table):
     if (buckets == buckets[0]).all():
         yield int(buckets[0]), rows
         return
-    order = np.argsort(buckets, kind="stable")
-    rows = rows.take(pa.array(order, pa.int64()))
-    counts = np.bincount(buckets, minlength=BUCKETS)
-    start = 0
-    for bucket in np.flatnonzero(counts):
-        yield int(bucket), rows.slice(start, int(counts[bucket]))
-        start += int(counts[bucket])
+    for bucket, group in enumerate(split_by_code(rows, buckets, BUCKETS)):
+        if len(group):
+            yield bucket, group
 
 
 def table_file_name(table: pa.Table) -> str:
