@@ -195,8 +195,6 @@ def views_chosen(model_dir: str) -> dict:
     card = read_card(model_dir)
     recipe = card.recipe or {}
     views = recipe.get("views") or ("tiles" if card.input.tile_size else "whole")
-    if views == "auto":  # a recipe that records the option as given, not its decision
-        views = "whole+tiles" if card.input.tile_whole else "tiles" if card.input.tile_size else "whole"
     return {"views": views, "tile_size": card.input.tile_size, "evidence": recipe.get("views_evidence")}
 
 
